@@ -1,0 +1,194 @@
+"""Command line: ``meeting-gateway serve | simulate | bot-config``.
+
+This is the only module that reads flags and the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from . import __version__, tokens
+from .config import SUPPORTED_RATES, Settings
+from .errors import GatewayError
+
+SERVE_FLAGS = [f.name for f in dataclasses.fields(Settings)]
+
+
+def _setup_logging(settings: Settings) -> None:
+    if settings.log_format == "json":
+        fmt = '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
+    else:
+        fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(settings: Settings) -> None:
+    from .server import Gateway
+
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("gateway").info("signal received; draining sessions")
+    await gateway.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_sources(args)
+    _setup_logging(settings)
+    _install_uvloop()
+    asyncio.run(_serve(settings))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatedBot, read_wav
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
+    samples, rate = read_wav(Path(args.wav), args.rate)
+    roster = json.loads(Path(args.roster).read_text()) if args.roster else []
+    bot = SimulatedBot(
+        url=args.url,
+        samples=samples,
+        rate=rate,
+        frame_ms=args.frame_ms,
+        speed=args.speed,
+        roster=roster,
+        reconnect_after=args.reconnect_after,
+        bot_id=args.bot_id or str(uuid.uuid4()),
+    )
+    _install_uvloop()
+    asyncio.run(bot.run())
+    print(
+        json.dumps(
+            {
+                "bot_id": bot.bot_id,
+                "frames": bot.frames_sent,
+                "samples": bot.samples_sent,
+                "seconds": round(bot.samples_sent / rate, 3),
+                "connections": bot.connections,
+            }
+        )
+    )
+    return 0
+
+
+def bot_config(
+    public_url: str, rate: int, secret: str, ttl: float, dual: bool, key: str | None = None
+) -> dict[str, Any]:
+    """The streaming objects to paste into a Meeting BaaS bot request."""
+    key = key or uuid.uuid4().hex
+    base = public_url.rstrip("/")
+
+    def url(path: str, role: tokens.Role) -> str:
+        query: dict[str, str] = {"rate": str(rate)} if role in ("output", "input") else {}
+        if secret:
+            query["token"] = tokens.mint(secret, role, key, ttl)
+        return f"{base}{path}?{urlencode(query)}" if query else f"{base}{path}"
+
+    output = url(f"/bots/{key}", "output")
+    input_ = output if dual else url(f"/bots/{key}/input", "input")
+    config: dict[str, Any] = {
+        "key": key,
+        "v2": {
+            "streaming_enabled": True,
+            "streaming_config": {
+                "output_url": output,
+                "input_url": input_,
+                "audio_frequency": rate,
+            },
+        },
+    }
+    if rate in (16000, 24000):
+        config["v1"] = {
+            "streaming": {
+                "output": output,
+                "input": input_,
+                "audio_frequency": f"{rate // 1000}khz",
+            }
+        }
+    http = base.replace("wss://", "https://").replace("ws://", "http://")
+    config["transcripts_url"] = url(f"/bots/{key}/transcripts", "read")
+    config["control_url"] = url(f"/bots/{key}/control", "control")
+    config["sessions_url"] = f"{http}/sessions"
+    return config
+
+
+def cmd_bot_config(args: argparse.Namespace) -> int:
+    settings = Settings.from_sources(args)
+    public = settings.public_url or f"ws://localhost:{settings.port}"
+    rate = int(args.rate)
+    if rate not in SUPPORTED_RATES:
+        raise GatewayError(f"--rate {rate}: must be one of {SUPPORTED_RATES}")
+    config = bot_config(public, rate, settings.secret, settings.token_ttl, args.dual, args.key)
+    print(json.dumps(config, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meeting-gateway", description="Audio streaming gateway for Meeting BaaS bots."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    Settings.add_arguments(serve, SERVE_FLAGS)
+    serve.set_defaults(func=cmd_serve)
+
+    sim = sub.add_parser("simulate", help="play a WAV file into a gateway like a bot")
+    sim.add_argument("--url", required=True, help="the bot's output URL")
+    sim.add_argument("--wav", required=True, help="16-bit WAV file to stream")
+    sim.add_argument("--rate", type=int, default=24000, help="rate to stream at (resampled)")
+    sim.add_argument("--frame-ms", type=int, default=10, help="audio per message, ms")
+    sim.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
+    sim.add_argument("--roster", help="JSON roster script: [{at, roster: [...]}, ...]")
+    sim.add_argument("--reconnect-after", type=float, help="drop and reconnect after S seconds")
+    sim.add_argument("--bot-id", help="bot_id for the handshake (default: a new UUID)")
+    sim.set_defaults(func=cmd_simulate)
+
+    cfg = sub.add_parser("bot-config", help="print streaming settings for a bot request")
+    Settings.add_arguments(cfg, ["public_url", "secret", "token_ttl", "port"])
+    cfg.add_argument("--rate", default="24000", help="audio_frequency: 16000/24000/32000/48000")
+    cfg.add_argument("--dual", action="store_true", help="one socket for output and input")
+    cfg.add_argument("--key", help="session key (default: a new random key)")
+    cfg.set_defaults(func=cmd_bot_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except GatewayError as exc:
+        print(f"meeting-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""One frozen settings object for the whole process.
+
+Every setting is declared once, below, as a dataclass field with its help text. The
+command line flag (``--data-dir``) and the environment variable (``GATEWAY_DATA_DIR``)
+are derived from the field name, so the two never drift apart. Flags win over the
+environment, the environment over defaults. :meth:`Settings.validate` is the one place
+that checks values; its messages name the setting and the bad value.
+
+Only :mod:`gateway.__main__` reads flags and the environment; everything else receives
+a :class:`Settings` explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "GATEWAY_"
+
+#: Rates a Meeting BaaS bot can stream at (API v2 allows all four; v1 only 16k and 24k).
+SUPPORTED_RATES = (16000, 24000, 32000, 48000)
+
+
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- server
+    host: str = _setting("0.0.0.0", "interface to listen on")
+    port: int = _setting(8080, "TCP port for WebSockets, health, metrics and sessions")
+    data_dir: Path = _setting(Path("data"), "where recordings, transcripts and metadata go")
+    public_url: str = _setting("", "URL bots reach this gateway at (bot-config default)")
+    log_level: str = _setting(
+        "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    log_format: str = _setting("text", "log line format", choices=("text", "json"))
+    # --- security and limits
+    secret: str = _setting("", "HMAC secret; when set, every bot and client URL needs a token")
+    token_ttl: float = _setting(86400.0, "lifetime of tokens minted by bot-config, seconds")
+    max_connections: int = _setting(2000, "connections accepted at once, all clients")
+    max_connections_per_ip: int = _setting(500, "connections accepted at once from one address")
+    max_message_bytes: int = _setting(1 << 20, "largest message accepted; larger closes with 1009")
+    compression: bool = _setting(
+        False, "accept permessage-deflate (PCM barely compresses; it costs CPU per frame)"
+    )
+    # --- sessions and audio
+    default_rate: int = _setting(24000, "sample rate when neither handshake nor URL gives one")
+    linger: float = _setting(90.0, "seconds a session waits for its bot to reconnect")
+    ring_seconds: float = _setting(30.0, "audio kept in memory per session, seconds")
+    pipelines: str = _setting(
+        "recording,transcription", "comma-separated pipelines run for every session"
+    )
+    pipeline_queue: int = _setting(256, "events queued per pipeline before drops are counted")
+    bot_name: str = _setting("", "the bot's display name in rosters, to recognise its own voice")
+    vad_aggressiveness: int = _setting(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
+    vad_frame_ms: int = _setting(30, "webrtcvad frame length: 10, 20 or 30 ms")
+    vad_min_speech_ms: int = _setting(90, "voiced audio needed to start speech, ms")
+    vad_hangover_ms: int = _setting(300, "unvoiced audio needed to end speech, ms")
+    wav_refresh: float = _setting(2.0, "seconds between WAV header refreshes while recording")
+    # --- transcription
+    model: str = _setting("tiny.en", "Whisper model: tiny.en, base, or a CTranslate2 directory")
+    model_cache: Path = _setting(
+        Path.home() / ".cache" / "meeting-gateway", "where assembled models are kept"
+    )
+    asr_threads: int = _setting(0, "threads for speech recognition; 0 leaves one core free")
+    partial_interval: float = _setting(1.0, "seconds between partial results while speaking")
+    max_utterance: float = _setting(15.0, "longest utterance before a final is forced, seconds")
+    bot_speech: str = _setting(
+        "label", "what transcription does with the bot's own voice", choices=("label", "drop")
+    )
+    webhook_url: str = _setting("", "POST finals and the final transcript here")
+    # --- speech
+    playback_lead_ms: int = _setting(100, "how far playback runs ahead of real time, ms")
+    playback_frame_ms: int = _setting(20, "audio per message sent to the bot, ms")
+    barge_in: str = _setting(
+        "stop", "what human speech does to the bot's speech", choices=("stop", "duck", "ignore")
+    )
+    on_input_drop: str = _setting(
+        "resume",
+        "an utterance cut by a dropped input socket",
+        choices=("resume", "drop"),
+    )
+
+    def validate(self) -> Settings:
+        """Return ``self`` if every value is usable, else raise :class:`ConfigError`."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            value = getattr(self, name)
+            return ConfigError(f"{name}={value!r}: {why} (flag --{_flag(name)}, env {_env(name)})")
+
+        if not 0 <= self.port <= 65535:
+            raise bad("port", "must be between 0 and 65535")
+        if self.default_rate not in SUPPORTED_RATES:
+            raise bad("default_rate", f"must be one of {SUPPORTED_RATES}")
+        for name in ("linger", "ring_seconds", "token_ttl", "wav_refresh", "partial_interval"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be positive")
+        if self.ring_seconds < 1:
+            raise bad("ring_seconds", "must be at least 1 second")
+        if self.max_utterance < 2:
+            raise bad("max_utterance", "must be at least 2 seconds")
+        for name in (
+            "max_connections",
+            "max_connections_per_ip",
+            "max_message_bytes",
+            "pipeline_queue",
+        ):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if self.asr_threads < 0:
+            raise bad("asr_threads", "must be 0 (automatic) or more")
+        if self.vad_aggressiveness not in (0, 1, 2, 3):
+            raise bad("vad_aggressiveness", "must be 0, 1, 2 or 3")
+        if self.vad_frame_ms not in (10, 20, 30):
+            raise bad("vad_frame_ms", "webrtcvad takes only 10, 20 or 30 ms frames")
+        if self.vad_min_speech_ms < self.vad_frame_ms or self.vad_hangover_ms < self.vad_frame_ms:
+            raise bad("vad_min_speech_ms", "speech and hangover must be at least one VAD frame")
+        if not 20 <= self.playback_lead_ms <= 1000:
+            raise bad("playback_lead_ms", "must be between 20 and 1000")
+        if self.playback_frame_ms not in (10, 20, 40):
+            raise bad("playback_frame_ms", "must be 10, 20 or 40")
+        for name in ("public_url", "webhook_url"):
+            url = getattr(self, name)
+            if url and "://" not in url:
+                raise bad(name, "must be an absolute URL")
+        for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)):
+            choices = _choices(name)
+            if choices is not None and value not in choices:
+                raise bad(name, f"must be one of {', '.join(choices)}")
+        if not self.pipeline_names:
+            raise bad("pipelines", "name at least one pipeline")
+        return self
+
+    @property
+    def pipeline_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.pipelines.split(",") if n.strip())
+
+    @property
+    def open(self) -> bool:
+        """Whether the gateway runs without authentication."""
+        return not self.secret
+
+    @classmethod
+    def from_sources(
+        cls,
+        args: argparse.Namespace | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Build settings from defaults, then ``environ``, then parsed flags."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw: Any = None
+            if args is not None and getattr(args, f.name, None) is not None:
+                raw = getattr(args, f.name)
+            elif _env(f.name) in environ:
+                raw = environ[_env(f.name)]
+            if raw is not None:
+                values[f.name] = _convert(f.name, f.default, raw)
+        return cls(**values).validate()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+        """Add ``--flag`` options for the settings in ``names`` (defaults stay None)."""
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        for name in names:
+            f = by_name[name]
+            parser.add_argument(
+                f"--{_flag(name)}",
+                dest=name,
+                default=None,
+                choices=f.metadata["choices"],
+                help=f"{f.metadata['help']} (env {_env(name)}, default {f.default!s})",
+            )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _choices(name: str) -> Sequence[str] | None:
+    for f in dataclasses.fields(Settings):
+        if f.name == name:
+            choices: Sequence[str] | None = f.metadata["choices"]
+            return choices
+    return None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, default: Any, raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw).expanduser()
+    except ValueError:
+        kind = type(default).__name__
+        raise ConfigError(
+            f"{name}={raw!r}: not a valid {kind} (flag --{_flag(name)}, env {_env(name)})"
+        ) from None
+    return raw

@@ -1,0 +1,106 @@
+"""Prometheus metrics, built once on an injected registry.
+
+Label values are bounded: close codes, rejection reasons from a fixed list, pipeline
+names from the deployment's configuration. Never a session key or a speaker name.
+
+Per-frame counters are not touched per frame: sessions count in plain integers and
+flush into these counters every audio block (see :meth:`Session._flush_counts`), which
+keeps the hot path to a few attribute updates.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Close codes reported by name; anything else is counted as "other".
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013}
+)
+
+
+def close_label(code: int | None) -> str:
+    if code is None:
+        return "none"
+    return str(code) if code in KNOWN_CLOSE_CODES else "other"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("gateway_sessions", "Sessions by state", ["state"], registry=r)
+        self.connections = Gauge(
+            "gateway_connections", "Open WebSocket connections by role", ["role"], registry=r
+        )
+        self.connections_closed = Counter(
+            "gateway_connections_closed",
+            "Closed connections by role and close code",
+            ["role", "code"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "gateway_connections_refused",
+            "Connections refused before their first message, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.audio_bytes = Counter(
+            "gateway_audio_received_bytes", "PCM bytes received from bots", registry=r
+        )
+        self.audio_seconds = Counter(
+            "gateway_audio_received_seconds", "Audio received from bots, seconds", registry=r
+        )
+        self.frames = Counter(
+            "gateway_audio_frames_received", "Binary audio messages received", registry=r
+        )
+        self.rejected = Counter(
+            "gateway_messages_rejected",
+            "Messages skipped or refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.ring_overruns = Counter(
+            "gateway_ring_overruns",
+            "Times a pipeline fell a whole ring behind and lost audio",
+            ["pipeline"],
+            registry=r,
+        )
+        self.ring_overrun_seconds = Counter(
+            "gateway_ring_overrun_seconds",
+            "Audio a pipeline lost to ring overruns, seconds",
+            ["pipeline"],
+            registry=r,
+        )
+        self.pipeline_queue = Gauge(
+            "gateway_pipeline_queue_depth",
+            "Events waiting, summed over sessions, by pipeline",
+            ["pipeline"],
+            registry=r,
+        )
+        self.pipeline_drops = Counter(
+            "gateway_pipeline_dropped_events",
+            "Events dropped because a pipeline's queue was full",
+            ["pipeline"],
+            registry=r,
+        )
+        self.pipeline_errors = Counter(
+            "gateway_pipeline_errors",
+            "Pipelines stopped by an exception",
+            ["pipeline"],
+            registry=r,
+        )
+        self.speech_seconds = Counter(
+            "gateway_vad_speech_seconds", "Speech detected by the VAD, seconds", registry=r
+        )
+        self.resumes = Counter(
+            "gateway_session_resumes", "Reconnections that resumed a session", registry=r
+        )
+        self.gap_seconds = Counter(
+            "gateway_gap_seconds", "Meeting time lost while bots were disconnected", registry=r
+        )
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop woke a periodic timer",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )

@@ -1,0 +1,340 @@
+"""The gateway server: WebSockets and HTTP on one port.
+
+Routes (the bot uses its URLs verbatim, so identity and tokens live in path and query):
+
+=========================  ==================================================
+``/bots/{key}``            the bot's output socket (also the dual socket)
+``/bots/{key}/input``      the bot's separate input socket, paired by ``key``
+``/``                      output socket keyed by the handshake's ``bot_id``
+``/bots/{key}/{name}``     an endpoint a pipeline factory serves (per session)
+``/{name}``                the same endpoint across every session
+``GET /healthz``           the process is up
+``GET /readyz``            pipelines are loaded and the gateway is not draining
+``GET /metrics``           Prometheus text format
+``GET /sessions``          JSON list of sessions
+=========================  ==================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from pipelines.base import Environment, PipelineFactory, RouteHandler, load_factory
+
+from . import tokens
+from .config import SUPPORTED_RATES, Settings
+from .errors import AuthError, OverloadError, ProtocolError, RouteError
+from .metrics import Metrics, close_label
+from .protocol import Audio, Handshake, OutputDecoder, Rejected, Roster
+from .session import ConnectionRecord, Session, SessionManager, key_from_bot_id, valid_key
+
+logger = logging.getLogger("gateway.server")
+
+LAG_INTERVAL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: str  # "output", "input" or an extra endpoint's name
+    key: str | None
+    params: Mapping[str, str]
+
+
+def parse_route(target: str) -> Route:
+    """Map a request target to a route; raise :class:`RouteError` for anything else."""
+    url = urlsplit(target)
+    params = dict(parse_qsl(url.query, keep_blank_values=True))
+    parts = [p for p in url.path.split("/") if p]
+    if not parts:
+        return Route("output", None, params)
+    if parts[0] == "bots" and len(parts) in (2, 3):
+        key = parts[1]
+        if not valid_key(key):
+            raise RouteError(f"invalid session key {key[:40]!r}")
+        return Route("output" if len(parts) == 2 else parts[2], key, params)
+    if len(parts) == 1:
+        return Route(parts[0], None, params)
+    raise RouteError(f"no route for {url.path[:80]!r}")
+
+
+def _remote_ip(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+class Gateway:
+    """Owns the settings, metrics, pipeline factories, sessions and the listening socket."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.env = Environment(settings, self.metrics.registry)
+        self.factories: dict[str, PipelineFactory] = {
+            name: load_factory(name, self.env) for name in settings.pipeline_names
+        }
+        self.sessions = SessionManager(settings, self.metrics, self.factories)
+        self.routes: dict[str, tuple[str, RouteHandler]] = {}
+        for factory in self.factories.values():
+            self.routes.update(factory.routes())
+        self.ready = False
+        self._server: Server | None = None
+        self._per_ip: Counter[str] = Counter()
+        self._open = 0
+        self._lag_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        """Load the pipelines, then listen. Returns the bound host and port."""
+        s = self.settings
+        if s.open:
+            logger.warning(
+                "no GATEWAY_SECRET set: the gateway is open, any client can stream or read"
+            )
+        for factory in self.factories.values():
+            await factory.startup()
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            max_size=s.max_message_bytes,
+            compression="deflate" if s.compression else None,
+            server_header=None,
+        )
+        self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
+        self.ready = True
+        sock = next(iter(self._server.sockets))
+        host, port = sock.getsockname()[:2]
+        logger.info("listening on %s:%d with pipelines %s", host, port, ",".join(self.factories))
+        return host, port
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, close bot sockets, finalize every session."""
+        self.ready = False
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        await self.sessions.finalize_all()
+        for factory in self.factories.values():
+            await factory.shutdown()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+        logger.info("stopped")
+
+    async def _watch_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_INTERVAL)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LAG_INTERVAL))
+            self.sessions.refresh()
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return _response(200, "text/plain", b"ok\n")
+        if path == "/readyz":
+            if self.ready:
+                return _response(200, "text/plain", b"ready\n")
+            return _response(503, "text/plain", b"not ready\n")
+        if path == "/metrics":
+            return _response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
+        if path == "/sessions":
+            body = json.dumps([s.summary() for s in self.sessions], indent=1).encode()
+            return _response(200, "application/json", body)
+        if "upgrade" not in request.headers.get("Connection", "").lower():
+            return _response(404, "text/plain", b"not found\n")
+        return None
+
+    # -- WebSockets -----------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        ip = _remote_ip(ws)
+        role = "unknown"
+        try:
+            assert ws.request is not None
+            route = parse_route(ws.request.path)
+            role = route.kind if route.kind in ("output", "input") else "subscriber"
+            self._admit(ip)
+        except ProtocolError as exc:
+            await self._refuse(ws, exc, role)
+            return
+        self.metrics.connections.labels(role).inc()
+        try:
+            await self._dispatch(ws, route)
+        except ProtocolError as exc:
+            await self._refuse(ws, exc, role)
+        finally:
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
+            self._open -= 1
+            self.metrics.connections.labels(role).dec()
+            self.metrics.connections_closed.labels(role, close_label(ws.close_code)).inc()
+
+    def _admit(self, ip: str) -> None:
+        s = self.settings
+        if self._open >= s.max_connections:
+            raise OverloadError(f"{self._open} connections open, limit {s.max_connections}")
+        if self._per_ip[ip] >= s.max_connections_per_ip:
+            raise OverloadError(f"{ip} has {self._per_ip[ip]} connections open")
+        self._open += 1
+        self._per_ip[ip] += 1
+
+    async def _refuse(self, ws: ServerConnection, exc: ProtocolError, role: str) -> None:
+        self.metrics.refused.labels(exc.metric_reason).inc()
+        logger.warning("closing %s connection from %s: %s", role, _remote_ip(ws), exc)
+        if role == "unknown":
+            self.metrics.connections_closed.labels(role, str(exc.close_code)).inc()
+        await ws.close(exc.close_code, exc.reason)
+
+    def _authorize(self, route: Route, role: tokens.Role, key: str | None) -> None:
+        if self.settings.open:
+            return
+        tokens.verify(self.settings.secret, route.params.get("token"), role, key or tokens.ANY_KEY)
+
+    async def _dispatch(self, ws: ServerConnection, route: Route) -> None:
+        if route.kind == "output":
+            if route.key is None and not self.settings.open:
+                # A token binds a key; the bare URL has none until the handshake.
+                raise AuthError("the bare URL is not available when a secret is set")
+            self._authorize(route, "output", route.key)
+            await self._output(ws, route)
+        elif route.kind == "input" and route.key is not None:
+            self._authorize(route, "input", route.key)
+            await self._input(ws, route.key, route.params)
+        elif route.kind in self.routes:
+            token_role, handler = self.routes[route.kind]
+            if token_role not in tokens.ROLES:
+                raise RouteError(f"endpoint {route.kind} declares unknown role {token_role}")
+            self._authorize(route, token_role, route.key)
+            await handler(ws, route.key)
+        else:
+            raise RouteError(f"no endpoint {route.kind[:40]!r}")
+
+    async def _output(self, ws: ServerConnection, route: Route) -> None:
+        url_rate = _url_rate(route.params)
+        record = ConnectionRecord("output", _remote_ip(ws), time.time())
+        session: Session | None = None
+        if route.key is not None:
+            session = self._attach(ws, route.key, route.params, record)
+        decoder = OutputDecoder()
+        try:
+            async for message in ws:
+                event = decoder.receive(message)
+                if type(event) is Audio:
+                    if session is None:
+                        key = f"conn-{id(ws):x}"
+                        session = self._attach(ws, key, route.params, record)
+                    session.receive_audio(event.samples, time.time())
+                elif type(event) is Handshake:
+                    if session is None:
+                        key = key_from_bot_id(event.bot_id)
+                        session = self._attach(ws, key, route.params, record)
+                    session.handshake(event, url_rate)
+                elif type(event) is Roster:
+                    if session is None:
+                        session = self._attach(ws, f"conn-{id(ws):x}", route.params, record)
+                    session.roster(event, time.time())
+                else:
+                    assert isinstance(event, Rejected)
+                    self._reject(session, event)
+        except ConnectionClosed:
+            pass  # 1005 and 1006 are how bots end a meeting, not errors
+        finally:
+            record.closed_at = time.time()
+            if session is not None:
+                if decoder.pending_odd_byte:
+                    session.count_bytes(1)
+                self._detach(ws, session, record)
+
+    def _reject(self, session: Session | None, event: Rejected) -> None:
+        if session is None:
+            self.metrics.rejected.labels(event.reason).inc()
+            logger.warning("rejected message before handshake: %s", event.detail)
+            return
+        first = event.reason not in session.rejected
+        session.count_rejected(event.reason)
+        if first:  # once per session and reason: a bad bot must not flood the log
+            session.log.warning("rejected message (%s): %s", event.reason, event.detail)
+
+    def _attach(
+        self, ws: ServerConnection, key: str, params: Mapping[str, str], record: ConnectionRecord
+    ) -> Session:
+        session = self.sessions.open(key, params)
+        replaced = session.attach_output(ws, record)
+        session.log.info("bot output connected from %s", record.remote)
+        if replaced is not None:
+            # The bot only reconnects after it gave the old socket up.
+            asyncio.get_running_loop().create_task(replaced.close(1001, "replaced"))
+        return session
+
+    def _detach(self, ws: ServerConnection, session: Session, record: ConnectionRecord) -> None:
+        record.close_code = ws.close_code
+        if session.detach_output(ws, record.closed_at or time.time()):
+            session.log.info("bot output disconnected (code %s)", ws.close_code)
+            self.sessions.linger(session)
+        if session.ended_at is None and session.clock.started:
+            session.write_metadata()
+
+    async def _input(self, ws: ServerConnection, key: str, params: Mapping[str, str]) -> None:
+        session = self.sessions.open(key, params)
+        record = ConnectionRecord("input", _remote_ip(ws), time.time())
+        session.connections.append(record)
+        old, session.input = session.input, ws
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close(1001, "replaced"))
+        session.log.info("bot input connected from %s", record.remote)
+        try:
+            async for _ in ws:
+                # Nothing is expected from the bot here; count it and move on.
+                session.count_rejected("input_message")
+        except ConnectionClosed:
+            pass
+        finally:
+            record.closed_at = time.time()
+            record.close_code = ws.close_code
+            if session.input is ws:
+                session.input = None
+            session.log.info("bot input disconnected (code %s)", ws.close_code)
+            if session.output is None and session.ended_at is None:
+                self.sessions.linger(session)
+
+
+def _url_rate(params: Mapping[str, str]) -> int | None:
+    for name in ("sample_rate", "rate"):
+        value = params.get(name, "")
+        if value.isdigit() and int(value) in SUPPORTED_RATES:
+            return int(value)
+    return None
+
+
+def _response(status: int, content_type: str, body: bytes) -> Response:
+    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status, reason, headers, body)

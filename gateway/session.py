@@ -1,0 +1,510 @@
+"""Sessions: one per meeting, surviving the bot's connections.
+
+A session is keyed by the URL key (``/bots/{key}``), else by the handshake's ``bot_id``.
+The bot reconnects with backoff (1 s doubling to 60 s) after any drop; each reconnect
+resumes the same session, and the time the bot was away becomes a gap on the audio
+clock. A session whose bot has not come back within ``linger`` seconds is finalized:
+its pipelines drain and stop, and ``session.json`` is written.
+
+The audio hot path (:meth:`Session.receive_audio`) does one copy into the ring and a
+few integer updates; VAD, metrics and pipeline wake-ups run once per audio block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipelines.base import Gap, PipelineEvent, PipelineFactory
+
+from .audio.ring import RingBuffer
+from .audio.vad import VoiceActivity
+from .clock import AudioClock
+from .config import Settings
+from .metrics import Metrics
+from .protocol import Handshake, Roster
+from .runner import PipelineRunner
+from .speakers import SpeakerTimeline
+
+Samples = npt.NDArray[np.int16]
+
+logger = logging.getLogger("gateway.session")
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+#: VAD and pipeline bookkeeping run every this much audio.
+BLOCK_MS = 60
+
+
+def valid_key(key: str) -> bool:
+    """A key from a URL is used as a directory name: accept only a safe alphabet."""
+    return bool(_KEY_OK.match(key))
+
+
+def key_from_bot_id(bot_id: str) -> str:
+    """A safe key derived from a bot_id (which arrives from the network)."""
+    key = _KEY_BAD_CHARS.sub("_", bot_id)[:128].lstrip("._-")
+    return key or "bot"
+
+
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the session key."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session'] if self.extra else '-'}] {msg}", kwargs
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    role: str
+    remote: str
+    connected_at: float
+    closed_at: float | None = None
+    close_code: int | None = None
+
+
+@dataclass(slots=True)
+class GapRecord:
+    sample: int
+    seconds: float
+    wall_start: float
+    wall_end: float
+
+
+@dataclass(slots=True)
+class _Counts:
+    bytes: int = 0
+    frames: int = 0
+    samples: int = 0
+
+
+@dataclass
+class Session:
+    """One meeting's state. Created and finalized by :class:`SessionManager`."""
+
+    key: str
+    directory: Path
+    settings: Settings
+    metrics: Metrics
+    factories: Mapping[str, PipelineFactory]
+    params: Mapping[str, str] = field(default_factory=dict)
+    bot_id: str | None = None
+    protocol_version: int | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.log: logging.LoggerAdapter[logging.Logger] = SessionLog(logger, {"session": self.key})
+        self.sample_rate = 0
+        self.clock = AudioClock(self.settings.default_rate)
+        self.speakers = SpeakerTimeline(self.clock, self.settings.bot_name)
+        self.ring: RingBuffer | None = None
+        self.vad: VoiceActivity | None = None
+        self.runners: list[PipelineRunner] = []
+        self.connections: list[ConnectionRecord] = []
+        self.gaps: list[GapRecord] = []
+        self.rejected: dict[str, int] = {}
+        self.reconnects = 0
+        self.ended_at: float | None = None
+        self.output: Any = None  # the live output connection, if any
+        self.input: Any = None  # the live separate input connection, if any
+        self._away_since: float | None = None
+        self._last_audio_wall = 0.0
+        self._total = _Counts()
+        self._unflushed = _Counts()
+        self._vad_pos = 0
+        self._block = 0
+        self._started = False
+
+    # -- SessionContext -------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.ended_at is not None:
+            return "ended"
+        if self.output is None:
+            return "lingering" if self._started else "waiting"
+        return "live" if self.clock.started else "waiting"
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.ring.written / self.sample_rate if self.ring is not None else 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self, rate: int) -> None:
+        """Fix the session's rate and start its pipelines (on handshake or first audio)."""
+        if self._started:
+            return
+        self._started = True
+        self.sample_rate = rate
+        self.clock.rate = rate
+        s = self.settings
+        self.ring = RingBuffer(max(1, int(s.ring_seconds * rate)))
+        self.vad = VoiceActivity(
+            rate,
+            aggressiveness=s.vad_aggressiveness,
+            frame_ms=s.vad_frame_ms,
+            min_speech_ms=s.vad_min_speech_ms,
+            hangover_ms=s.vad_hangover_ms,
+        )
+        self._block = rate * BLOCK_MS // 1000
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name in self._pipeline_names():
+            pipeline = self.factories[name].create(self)
+            runner = PipelineRunner(
+                name, pipeline, self, self.ring, self.metrics, s.pipeline_queue, self.log
+            )
+            self.runners.append(runner)
+            runner.start()
+        self.write_metadata()
+        self.log.info(
+            "session started at %d Hz with pipelines %s",
+            rate,
+            ",".join(r.name for r in self.runners) or "none",
+        )
+
+    def _pipeline_names(self) -> list[str]:
+        asked = self.params.get("pipelines")
+        if asked is None:
+            return list(self.factories)
+        names = []
+        for name in (n.strip() for n in asked.split(",")):
+            if name in self.factories:
+                names.append(name)
+            elif name:
+                self.count_rejected("unknown_pipeline")
+                self.log.warning("URL asks for pipeline %r, which is not enabled", name[:64])
+        return names
+
+    def handshake(self, hs: Handshake, url_rate: int | None) -> None:
+        if self.bot_id is not None and hs.bot_id != self.bot_id:
+            self.log.warning("bot_id changed from %s to %s", self.bot_id, hs.bot_id)
+        self.bot_id = hs.bot_id
+        self.protocol_version = hs.protocol_version
+        self.start(hs.sample_rate or url_rate or self.settings.default_rate)
+
+    def attach_output(self, conn: Any, record: ConnectionRecord) -> Any:
+        """A bot's output socket connected; returns the connection it replaces, if any."""
+        replaced, self.output = self.output, conn
+        self.connections.append(record)
+        if self._away_since is not None or replaced is not None:
+            self.reconnects += 1
+            self.metrics.resumes.inc()
+            self.log.info("bot reconnected (reconnect %d)", self.reconnects)
+        return replaced
+
+    def detach_output(self, conn: Any, now: float) -> bool:
+        """The output socket closed; True if the session is now without its bot."""
+        if self.output is not conn:
+            return False
+        self.output = None
+        self._away_since = now
+        if self.vad is not None and self.ring is not None:
+            self._process_block()
+            self._post_all(self.vad.interrupt(self.ring.written))
+        return True
+
+    # -- ingest -------------------------------------------------------------------------
+
+    def receive_audio(self, samples: Samples, now: float) -> None:
+        """Hot path: one copy into the ring, counters, and a block check."""
+        ring = self.ring
+        if ring is None:
+            self.start(self.settings.default_rate)
+            ring = self.ring
+            assert ring is not None
+        if self._away_since is not None:
+            self._close_gap(now, len(samples))
+        elif not self.clock.started:
+            self.clock.start(now, len(samples))
+        ring.write(samples)
+        n = len(samples)
+        c = self._unflushed
+        c.samples += n
+        c.frames += 1
+        self._last_audio_wall = now
+        if ring.written - self._vad_pos >= self._block:
+            self._process_block()
+
+    def _close_gap(self, now: float, arriving: int) -> None:
+        assert self.ring is not None and self.vad is not None
+        away_since, self._away_since = self._away_since, None
+        if not self.clock.started:
+            self.clock.start(now, arriving)
+            return
+        # Where the clock says this audio belongs, by the wall clock, versus where the
+        # ring is: the difference is meeting time the bot did not send.
+        expected = self.clock.at_wall(now) - arriving
+        missing = expected - self.ring.written
+        if missing <= 0:
+            return
+        at = self.ring.written
+        self._process_block()
+        self._post_all(self.vad.interrupt(at + missing))
+        self._post_all([Gap(at, missing, "disconnected")])
+        self.ring.advance(missing)
+        self._vad_pos = self.ring.written
+        seconds = missing / self.sample_rate
+        self.gaps.append(GapRecord(at, seconds, away_since or now, now))
+        self.metrics.gap_seconds.inc(seconds)
+        self.log.info("bot was away; %.2f s of silence inserted at %d", seconds, at)
+
+    def _process_block(self) -> None:
+        ring, vad = self.ring, self.vad
+        assert ring is not None and vad is not None
+        if ring.written > self._vad_pos:
+            start = max(self._vad_pos, ring.oldest)
+            events = []
+            for view in ring.read(start, ring.written):
+                events.extend(vad.feed(view))
+            self._vad_pos = ring.written
+            if events:
+                self._post_all(events)
+        self._flush_counts()
+        for runner in self.runners:
+            runner.poke()
+
+    def _flush_counts(self) -> None:
+        c, t, m = self._unflushed, self._total, self.metrics
+        if c.frames:
+            nbytes = 2 * c.samples
+            m.frames.inc(c.frames)
+            m.audio_bytes.inc(nbytes)
+            m.audio_seconds.inc(c.samples / self.sample_rate)
+            t.frames += c.frames
+            t.samples += c.samples
+            t.bytes += nbytes
+            c.frames = c.samples = 0
+        if self.vad is not None and self.vad.speech_samples:
+            m.speech_seconds.inc(self.vad.speech_samples / self.sample_rate)
+            self.vad.speech_samples = 0
+
+    def count_bytes(self, n: int) -> None:
+        """Bytes received that did not become samples (a carried odd byte)."""
+        self._total.bytes += n
+
+    def roster(self, roster: Roster, now: float) -> None:
+        self._post_all(self.speakers.update(roster, now))
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.metrics.rejected.labels(reason).inc()
+
+    def _post_all(self, events: list[Any]) -> None:
+        for event in events:
+            for runner in self.runners:
+                runner.post(event.sample, event)
+
+    def post(self, event: PipelineEvent) -> None:
+        self._post_all([event])
+
+    # -- end ----------------------------------------------------------------------------
+
+    async def finalize(self) -> None:
+        """Drain and stop every pipeline, then write the final metadata."""
+        if self.ended_at is not None:
+            return
+        now = time.time()
+        if self.ring is not None and self.vad is not None:
+            self._process_block()
+            self._post_all(self.vad.interrupt(self.ring.written))
+        self._post_all(self.speakers.close(now))
+        await asyncio.gather(*(r.close() for r in self.runners))
+        self._flush_counts()
+        self.ended_at = now
+        if self._started:
+            self.write_metadata()
+        self.log.info(
+            "session ended: %.1f s of audio, %d reconnects, %d gaps",
+            self.audio_seconds,
+            self.reconnects,
+            len(self.gaps),
+        )
+
+    # -- views ----------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """What ``GET /sessions`` shows."""
+        return {
+            "key": self.key,
+            "bot_id": self.bot_id,
+            "state": self.state,
+            "sample_rate": self.sample_rate or None,
+            "connected": self.output is not None,
+            "input_connected": self.input is not None,
+            "audio_seconds": round(self.audio_seconds, 3),
+            "speakers": [s.name for s in self.speakers.speakers],
+            "gaps": [
+                {"at": round(g.sample / self.sample_rate, 3), "seconds": round(g.seconds, 3)}
+                for g in self.gaps
+            ],
+            "reconnects": self.reconnects,
+            "pipelines": {r.name: ("failed" if r.failed else "running") for r in self.runners},
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        t = self._total
+        return {
+            "key": self.key,
+            "bot_id": self.bot_id,
+            "sample_rate": self.sample_rate,
+            "protocol_version": self.protocol_version,
+            "created_at": self.created_at,
+            "audio_started_at": self.clock.origin,
+            "ended_at": self.ended_at,
+            "audio_seconds": round(self.audio_seconds, 6),
+            "bytes_received": t.bytes,
+            "frames_received": t.frames,
+            "reconnects": self.reconnects,
+            "gaps": [
+                {
+                    "sample": g.sample,
+                    "at": round(g.sample / self.sample_rate, 6),
+                    "seconds": round(g.seconds, 6),
+                    "wall_start": g.wall_start,
+                    "wall_end": g.wall_end,
+                }
+                for g in self.gaps
+            ],
+            "connections": [
+                {
+                    "role": c.role,
+                    "remote": c.remote,
+                    "connected_at": c.connected_at,
+                    "closed_at": c.closed_at,
+                    "close_code": c.close_code,
+                }
+                for c in self.connections
+            ],
+            "speakers": [
+                {"key": s.key, "id": s.id, "name": s.name, "is_bot": s.is_bot}
+                for s in self.speakers.speakers
+            ],
+            "pipelines": {
+                r.name: {"failed": r.failed, "dropped_events": r.dropped} for r in self.runners
+            },
+            "rejected": dict(self.rejected),
+        }
+
+    def write_metadata(self) -> None:
+        """Write ``session.json`` atomically (a crash leaves the old or the new file)."""
+        path = self.directory / "session.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.metadata(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class SessionManager:
+    """All sessions of the process, with the linger timers that end them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        factories: Mapping[str, PipelineFactory],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.factories = factories
+        self._sessions: dict[str, Session] = {}
+        self._linger: dict[str, asyncio.TimerHandle] = {}
+        self._finalizing: set[asyncio.Task[None]] = set()
+        self._time = clock
+        self.root = settings.data_dir / "sessions"
+
+    def __iter__(self) -> Any:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, key: str) -> Session | None:
+        return self._sessions.get(key)
+
+    def open(self, key: str, params: Mapping[str, str]) -> Session:
+        """The live session for ``key``, or a new one."""
+        session = self._sessions.get(key)
+        if session is not None:
+            handle = self._linger.pop(key, None)
+            if handle is not None:
+                handle.cancel()
+            return session
+        session = Session(
+            key=key,
+            directory=self._directory(key),
+            settings=self.settings,
+            metrics=self.metrics,
+            factories=self.factories,
+            params=dict(params),
+        )
+        self._sessions[key] = session
+        self._update_gauge()
+        session.log.info("session opened")
+        return session
+
+    def _directory(self, key: str) -> Path:
+        """A fresh directory: an earlier session with the same key keeps its files."""
+        path = self.root / key
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.root / f"{key}.{n}"
+        return path
+
+    def linger(self, session: Session) -> None:
+        """The bot is gone; finalize unless it comes back within the linger time."""
+        loop = asyncio.get_running_loop()
+        old = self._linger.pop(session.key, None)
+        if old is not None:
+            old.cancel()
+        self._linger[session.key] = loop.call_later(self.settings.linger, self._expire, session.key)
+        self._update_gauge()
+
+    def _expire(self, key: str) -> None:
+        self._linger.pop(key, None)
+        session = self._sessions.get(key)
+        if session is not None and session.output is None:
+            session.log.info("bot did not come back within %.0f s", self.settings.linger)
+            task = asyncio.create_task(self.finalize(session))
+            self._finalizing.add(task)
+            task.add_done_callback(self._finalizing.discard)
+
+    async def finalize(self, session: Session) -> None:
+        handle = self._linger.pop(session.key, None)
+        if handle is not None:
+            handle.cancel()
+        try:
+            await session.finalize()
+        finally:
+            if self._sessions.get(session.key) is session:
+                del self._sessions[session.key]
+            self._update_gauge()
+
+    async def finalize_all(self) -> None:
+        await asyncio.gather(*(self.finalize(s) for s in list(self._sessions.values())))
+        if self._finalizing:
+            await asyncio.gather(*self._finalizing, return_exceptions=True)
+
+    def _update_gauge(self) -> None:
+        counts = {"waiting": 0, "live": 0, "lingering": 0}
+        for s in self._sessions.values():
+            if s.state in counts:
+                counts[s.state] += 1
+        for state, n in counts.items():
+            self.metrics.sessions.labels(state).set(n)
+
+    def refresh(self) -> None:
+        self._update_gauge()

@@ -1,0 +1,162 @@
+"""Who is speaking when: rosters diffed into per-speaker intervals on the session clock.
+
+The bot sends the full roster on every change. :class:`SpeakerTimeline` compares each
+roster with the last one and emits :class:`SpeakerChange` events for every speaker who
+started or stopped speaking (or left while speaking). Intervals are kept in wall time
+(the roster's own clock) and converted to session-clock positions through the
+:class:`~gateway.clock.AudioClock`, so rosters that arrive before the first audio
+sample are placed correctly once audio starts.
+
+A roster timestamp is trusted when it is within ``max_skew`` seconds of the roster's
+arrival; otherwise the bot's clock is off and the arrival time is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import AudioClock
+from .protocol import Roster, RosterEntry
+
+#: Roster timestamps further than this from the arrival time are not trusted.
+MAX_SKEW = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Speaker:
+    key: str
+    """Stable identity within the meeting: ``"id:3"`` or, without an id, ``"name:Alice"``."""
+    id: int | None
+    name: str
+    is_bot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerChange:
+    sample: int
+    """Session-clock position of the change (0 if it happened before any audio)."""
+    time: float
+    """Wall time of the change, epoch seconds."""
+    speaker: Speaker
+    speaking: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sample": self.sample,
+            "time": round(self.time, 3),
+            "speaker": self.speaker.name,
+            "speaker_id": self.speaker.id,
+            "speaker_key": self.speaker.key,
+            "is_bot": self.speaker.is_bot,
+            "speaking": self.speaking,
+        }
+
+
+def _identity(entry: RosterEntry) -> str:
+    return f"id:{entry.id}" if entry.id else f"name:{entry.name}"
+
+
+class SpeakerTimeline:
+    def __init__(self, clock: AudioClock, bot_name: str = "", max_skew: float = MAX_SKEW) -> None:
+        self.clock = clock
+        self._bot_name = bot_name.casefold()
+        self._max_skew = max_skew
+        self._speakers: dict[str, Speaker] = {}
+        self._speaking: dict[str, float] = {}  # key -> wall start of the open interval
+        self._intervals: dict[str, list[tuple[float, float]]] = {}
+
+    @property
+    def speakers(self) -> list[Speaker]:
+        """Everyone seen in a roster so far, in order of first appearance."""
+        return list(self._speakers.values())
+
+    def speaker(self, key: str) -> Speaker | None:
+        return self._speakers.get(key)
+
+    @property
+    def bot(self) -> Speaker | None:
+        return next((s for s in self._speakers.values() if s.is_bot), None)
+
+    def _learn(self, entry: RosterEntry) -> Speaker:
+        key = _identity(entry)
+        old = self._speakers.get(key)
+        is_bot = entry.is_self or (bool(self._bot_name) and entry.name.casefold() == self._bot_name)
+        name = entry.name
+        if old is not None:
+            is_bot = is_bot or old.is_bot
+            if name == "Unknown":  # names resolve late; never regress to the placeholder
+                name = old.name
+            if old.name == name and old.is_bot == is_bot:
+                return old
+        speaker = Speaker(key, entry.id, name, is_bot)
+        self._speakers[key] = speaker
+        return speaker
+
+    def _when(self, entry: RosterEntry | None, arrival: float) -> float:
+        if entry is not None and entry.timestamp is not None:  # noqa: SIM102 - reads clearer
+            if abs(entry.timestamp - arrival) <= self._max_skew:
+                return entry.timestamp
+        return arrival
+
+    def update(self, roster: Roster, arrival: float) -> list[SpeakerChange]:
+        """Apply a full roster received at wall time ``arrival``; return what changed."""
+        changes: list[SpeakerChange] = []
+        present = set()
+        for entry in roster.entries:
+            speaker = self._learn(entry)
+            present.add(speaker.key)
+            was = speaker.key in self._speaking
+            if entry.is_speaking and not was:
+                changes.append(self._start(speaker, self._when(entry, arrival)))
+            elif was and not entry.is_speaking:
+                changes.append(self._stop(speaker, self._when(entry, arrival)))
+        gone = [k for k in self._speaking if k not in present]
+        changes.extend(self._stop(self._speakers[key], arrival) for key in gone)
+        return changes
+
+    def _start(self, speaker: Speaker, when: float) -> SpeakerChange:
+        self._speaking[speaker.key] = when
+        return SpeakerChange(self.clock.at_wall(when), when, speaker, True)
+
+    def _stop(self, speaker: Speaker, when: float) -> SpeakerChange:
+        began = self._speaking.pop(speaker.key)
+        self._intervals.setdefault(speaker.key, []).append((began, max(began, when)))
+        return SpeakerChange(self.clock.at_wall(when), when, speaker, False)
+
+    def close(self, when: float) -> list[SpeakerChange]:
+        """End every open interval at ``when`` (the session is ending)."""
+        return [self._stop(self._speakers[key], when) for key in list(self._speaking)]
+
+    def intervals(self, key: str) -> list[tuple[float, float | None]]:
+        """Wall-time intervals of one speaker; the open one ends in ``None``."""
+        done: list[tuple[float, float | None]] = list(self._intervals.get(key, []))
+        if key in self._speaking:
+            done.append((self._speaking[key], None))
+        return done
+
+    def attribute(self, start: int, end: int, lag: float = 0.0) -> Speaker | None:
+        """The speaker whose speaking overlaps session-clock ``[start, end)`` the most.
+
+        ``lag`` shifts the window later: rosters trail the audio by up to a second or
+        two, so the roster's view of audio at ``t`` is the roster at ``t + lag``.
+        Returns ``None`` when nobody was marked speaking then.
+        """
+        t0 = self.clock.wall(start)
+        t1 = self.clock.wall(end)
+        if t0 is None or t1 is None:
+            return None
+        t0, t1 = t0 + lag, max(t1, t0 + 1e-3) + lag
+        best: tuple[float, float] | None = None
+        best_key = None
+        for key in self._speakers:
+            overlap, latest = 0.0, float("-inf")
+            for a, b in self.intervals(key):
+                b_ = t1 if b is None else b
+                o = min(t1, b_) - max(t0, a)
+                if o > 0:
+                    overlap += o
+                    latest = max(latest, a)
+            if overlap > 0 and (best is None or (overlap, latest) > best):
+                best, best_key = (overlap, latest), key
+        return None if best_key is None else self._speakers[best_key]

@@ -1,0 +1,1 @@
+"""Pipelines: what the gateway does with a session's audio (record, transcribe, ...)."""
