@@ -98,6 +98,12 @@ class Metrics:
         self.gap_seconds = Counter(
             "gateway_gap_seconds", "Meeting time lost while bots were disconnected", registry=r
         )
+        self.ingest_lag = Histogram(
+            "gateway_ingest_lag_seconds",
+            "Arrival of the newest sample in the ring behind the session's real-time clock",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How late the event loop woke a periodic timer",

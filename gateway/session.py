@@ -237,6 +237,11 @@ class Session:
         self._last_audio_wall = now
         if ring.written - self._vad_pos >= self._block:
             self._process_block()
+            # How far behind real time the newest sample landed in the ring (the bot
+            # sends in real time, so this is transport and scheduling delay).
+            wall = self.clock.wall(ring.written)
+            if wall is not None:
+                self.metrics.ingest_lag.observe(max(0.0, now - wall))
 
     def _close_gap(self, now: float, arriving: int) -> None:
         assert self.ring is not None and self.vad is not None
