@@ -91,6 +91,7 @@ class Gateway:
         for factory in self.factories.values():
             self.routes.update(factory.routes())
         self.ready = False
+        self._stopped = False
         self._server: Server | None = None
         self._per_ip: Counter[str] = Counter()
         self._open = 0
@@ -124,7 +125,10 @@ class Gateway:
         return host, port
 
     async def stop(self) -> None:
-        """Drain: refuse new work, close bot sockets, finalize every session."""
+        """Drain: refuse new work, close bot sockets, finalize every session. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.ready = False
         if self._server is not None:
             self._server.close(close_connections=True)

@@ -1,0 +1,82 @@
+"""Shared fixtures: real speech, and real gateways on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.config import Settings
+from gateway.server import Gateway
+
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    path: Path
+    text: str
+
+
+def _librivox() -> list[Utterance]:
+    lines = (LIBRIVOX / "transcription").read_text().splitlines()
+    found = []
+    for line in lines:
+        m = re.match(r"<s>\s*(.*?)\s*</s>\s*\((.+)\)", line)
+        if m:
+            found.append(Utterance(LIBRIVOX / f"{m.group(2)}.wav", m.group(1)))
+    return found
+
+
+@pytest.fixture(scope="session")
+def librivox() -> list[Utterance]:
+    """The LibriVox test utterances (16 kHz WAV) with their exact transcripts."""
+    if not (LIBRIVOX / "transcription").exists():
+        pytest.fail(f"{LIBRIVOX} is missing: install Debian's pocketsphinx-testdata")
+    return _librivox()
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+    data_dir: Path
+
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start real gateways with settings overrides; all are stopped after the test."""
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> RunningGateway:
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "data_dir": tmp_path / "data",
+            "pipelines": "recording",
+            "linger": 0.5,
+        }
+        values.update(overrides)
+        gateway = Gateway(Settings(**values).validate(), CollectorRegistry())
+        _, port = await gateway.start()
+        started.append(gateway)
+        return RunningGateway(gateway, port, values["data_dir"])
+
+    yield start
+    for gateway in started:
+        await gateway.stop()
