@@ -86,8 +86,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             {
                 "bot_id": bot.bot_id,
                 "frames": bot.frames_sent,
-                "samples": bot.samples_sent,
-                "seconds": round(bot.samples_sent / rate, 3),
+                "bytes": bot.bytes_sent,
+                "seconds": round(bot.bytes_sent / (2 * rate), 3),
                 "connections": bot.connections,
             }
         )

@@ -59,6 +59,8 @@ class SimulatedBot:
     samples: Samples
     rate: int
     frame_ms: int = 10
+    frame_bytes: int | None = None
+    """Send raw byte chunks of this size instead (odd sizes split samples, as pipes do)."""
     speed: float = 1.0
     roster: list[dict[str, Any]] = field(default_factory=list)
     reconnect_after: float | None = None
@@ -70,8 +72,10 @@ class SimulatedBot:
     """Called with each binary message the gateway sends back, and its arrival time."""
 
     frames_sent: int = 0
-    samples_sent: int = 0
+    bytes_sent: int = 0
     connections: int = 0
+    sent: list[tuple[int, int]] = field(default_factory=list)
+    """Byte ranges of the audio actually sent, one per connection (for tests)."""
     send_times: list[float] = field(default_factory=list)
     """Monotonic send time of each frame, when ``record_times`` is set."""
     record_times: bool = False
@@ -92,39 +96,46 @@ class SimulatedBot:
                 self.on_input(message, time.monotonic())
 
     async def run(self) -> None:
-        frame = max(1, self.rate * self.frame_ms // 1000)
-        total = len(self.samples)
+        data = self.samples.astype("<i2").tobytes()
+        # Work in bytes so that odd chunk sizes are possible; 2 bytes per sample.
+        frame = self.frame_bytes or 2 * max(1, self.rate * self.frame_ms // 1000)
+        rate = 2 * self.rate  # bytes per second
+        total = len(data)
         roster = sorted(self.roster, key=lambda r: float(r["at"]))
         ws = await self._open()
         reader = asyncio.create_task(self._read_input(ws))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        pos = 0
+        pos = seg_start = 0
         dropped_at = self.reconnect_after
         try:
             while pos < total:
-                while roster and float(roster[0]["at"]) * self.rate <= pos:
+                while roster and float(roster[0]["at"]) * rate <= pos:
                     await ws.send(json.dumps(_stamp(roster.pop(0)["roster"])))
-                if dropped_at is not None and pos >= dropped_at * self.rate:
+                if dropped_at is not None and pos >= dropped_at * rate:
                     dropped_at = None
+                    self.sent.append((seg_start, pos))
                     ws.transport.abort()
                     reader.cancel()
                     await asyncio.sleep(self.reconnect_delay / self.speed)
                     ws = await self._open()
                     reader = asyncio.create_task(self._read_input(ws))
                     # The meeting went on without us: skip to "now".
-                    pos = min(total, int((loop.time() - t0) * self.speed * self.rate))
+                    pos = seg_start = min(
+                        total, 2 * int((loop.time() - t0) * self.speed * self.rate)
+                    )
                     continue
-                chunk = self.samples[pos : pos + frame]
+                chunk = data[pos : pos + frame]
                 if self.record_times:
                     self.send_times.append(time.monotonic())
-                await ws.send(chunk.tobytes())
+                await ws.send(chunk)
                 self.frames_sent += 1
-                self.samples_sent += len(chunk)
+                self.bytes_sent += len(chunk)
                 pos += len(chunk)
-                delay = t0 + pos / (self.rate * self.speed) - loop.time()
+                delay = t0 + pos / (rate * self.speed) - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            self.sent.append((seg_start, pos))
         finally:
             # The newest bot ends a meeting by dropping TCP, with no close frame.
             ws.transport.abort()
