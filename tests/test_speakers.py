@@ -1,0 +1,113 @@
+"""Rosters diffed into speaker events and intervals on the session clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.clock import AudioClock
+from gateway.protocol import Roster, RosterEntry
+from gateway.speakers import SpeakerTimeline
+
+T0 = 1_795_479_000.0
+RATE = 16000
+
+
+def entry(
+    name: str, id_: int | None, speaking: bool, ts: float | None = None, **kw: bool
+) -> RosterEntry:
+    return RosterEntry(name, id_, ts, speaking, None, kw.get("is_self", False))
+
+
+def timeline(bot_name: str = "") -> SpeakerTimeline:
+    clock = AudioClock(RATE)
+    clock.start(T0, 0)
+    return SpeakerTimeline(clock, bot_name)
+
+
+def test_start_stop_and_leave() -> None:
+    tl = timeline()
+    a = tl.update(Roster((entry("Alice", 1, True, T0 + 1),)), T0 + 1.2)
+    assert [(c.speaker.name, c.speaking, c.sample) for c in a] == [("Alice", True, RATE)]
+    b = tl.update(
+        Roster((entry("Alice", 1, False, T0 + 3), entry("Bob", 2, True, T0 + 3))), T0 + 3.1
+    )
+    assert [(c.speaker.name, c.speaking) for c in b] == [("Alice", False), ("Bob", True)]
+    c = tl.update(Roster(()), T0 + 5)  # Bob left while speaking
+    assert [(c_.speaker.name, c_.speaking, c_.sample) for c_ in c] == [("Bob", False, 5 * RATE)]
+    assert tl.intervals("id:1") == [(T0 + 1, T0 + 3)]
+
+
+def test_unchanged_roster_emits_nothing() -> None:
+    tl = timeline()
+    r = Roster((entry("Alice", 1, True, T0),))
+    tl.update(r, T0)
+    assert tl.update(r, T0 + 1) == []
+
+
+def test_skewed_clock_falls_back_to_arrival() -> None:
+    tl = timeline()
+    (c,) = tl.update(Roster((entry("Alice", 1, True, T0 - 3600),)), T0 + 2)
+    assert c.time == T0 + 2
+
+
+def test_name_resolves_late_and_never_regresses() -> None:
+    tl = timeline()
+    tl.update(Roster((entry("Unknown", 4, False),)), T0)
+    tl.update(Roster((entry("Dana", 4, False),)), T0 + 1)
+    tl.update(Roster((entry("Unknown", 4, True),)), T0 + 2)
+    (speaker,) = tl.speakers
+    assert speaker.name == "Dana"
+
+
+def test_bot_by_is_self_or_name() -> None:
+    tl = timeline(bot_name="Notetaker")
+    tl.update(
+        Roster(
+            (
+                entry("Me", 1, False, is_self=True),
+                entry("notetaker", 2, False),
+                entry("Eve", 3, False),
+            )
+        ),
+        T0,
+    )
+    assert [s.is_bot for s in tl.speakers] == [True, True, False]
+
+
+def test_attribution_by_overlap_not_first_match() -> None:
+    tl = timeline()
+    tl.update(Roster((entry("Alice", 1, True, T0),)), T0)
+    tl.update(Roster((entry("Alice", 1, True, T0), entry("Bob", 2, True, T0 + 1.8))), T0 + 1.8)
+    tl.update(Roster((entry("Alice", 1, False, T0 + 2), entry("Bob", 2, True))), T0 + 2)
+    tl.update(Roster((entry("Alice", 1, False), entry("Bob", 2, False, T0 + 6))), T0 + 6)
+    # 1.5..4.0 s: Alice 0.5 s, Bob 2.2 s.
+    speaker = tl.attribute(int(1.5 * RATE), 4 * RATE)
+    assert speaker is not None
+    assert speaker.name == "Bob"
+    first = tl.attribute(0, RATE)
+    assert first is not None
+    assert first.name == "Alice"
+    assert tl.attribute(7 * RATE, 8 * RATE) is None
+
+
+def test_lag_shifts_the_window() -> None:
+    tl = timeline()
+    tl.update(Roster((entry("Alice", 1, True, T0 + 1.5),)), T0 + 1.5)
+    tl.update(Roster((entry("Alice", 1, False, T0 + 4),)), T0 + 4)
+    assert tl.attribute(0, RATE) is None
+    speaker = tl.attribute(0, RATE, lag=1.5)
+    assert speaker is not None
+    assert speaker.name == "Alice"
+
+
+def test_rosters_before_audio_are_placed_once_audio_starts() -> None:
+    clock = AudioClock(RATE)
+    tl = SpeakerTimeline(clock)
+    (c,) = tl.update(Roster((entry("Alice", 1, True, T0 + 10),)), T0 + 10)
+    assert c.sample == 0  # no audio yet
+    clock.start(T0 + 11, RATE)  # first second of audio arrived at T0 + 11
+    speaker = tl.attribute(0, RATE)
+    assert speaker is not None
+    assert speaker.name == "Alice"
+    assert clock.at_wall(T0 + 12) == 2 * RATE
+    assert clock.wall(RATE) == pytest.approx(T0 + 11)

@@ -1,0 +1,82 @@
+"""Voice activity on real speech, at every rate the bot streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.audio.resample import Resampler
+from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from gateway.simulator import read_wav
+
+from .conftest import Utterance
+
+
+def run(vad: VoiceActivity, samples: np.ndarray, chunk: int) -> list[object]:
+    events: list[object] = []
+    for i in range(0, len(samples), chunk):
+        events.extend(vad.feed(samples[i : i + chunk]))
+    return events
+
+
+@pytest.mark.parametrize("rate", [16000, 24000, 32000, 48000])
+def test_speech_between_silences(librivox: list[Utterance], rate: int) -> None:
+    speech, _ = read_wav(librivox[1].path, rate)
+    silence = np.zeros(rate, dtype=np.int16)
+    audio = np.concatenate([silence, speech, silence])
+    events = run(VoiceActivity(rate), audio, rate // 100)
+    events += VoiceActivity(rate).interrupt(len(audio))  # a fresh one has nothing open
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    ends = [e for e in events if isinstance(e, SpeechEnded)]
+    assert starts
+    assert len(ends) == len(starts)
+    # Positions are native-rate samples on the session clock.
+    assert rate * 0.9 <= starts[0].sample <= rate * 1.6
+    assert ends[-1].sample <= rate + len(speech) + rate // 10
+    assert ends[-1].sample >= rate + len(speech) - rate // 2
+
+
+def test_silence_and_noise_floor_have_no_speech() -> None:
+    rate = 24000
+    rng = np.random.default_rng(1)
+    quiet = (rng.standard_normal(rate * 10) * 30).astype(np.int16)
+    vad = VoiceActivity(rate, aggressiveness=3)
+    assert run(vad, np.zeros(rate * 10, dtype=np.int16), 240) == []
+    assert [e for e in run(vad, quiet, 240) if isinstance(e, SpeechStarted)] == []
+
+
+def test_chunking_does_not_change_events(librivox: list[Utterance]) -> None:
+    speech, rate = read_wav(librivox[0].path, 24000)
+    a = run(VoiceActivity(rate), speech, 240)
+    b = run(VoiceActivity(rate), speech, 2400)
+    c = run(VoiceActivity(rate), speech, 37)
+    assert a == b == c
+
+
+def test_interrupt_closes_open_speech(librivox: list[Utterance]) -> None:
+    speech, rate = read_wav(librivox[0].path, 16000)
+    vad = VoiceActivity(rate)
+    events = run(vad, speech[: rate * 2], 160)
+    assert vad.speaking
+    assert isinstance(events[0], SpeechStarted)
+    (end,) = vad.interrupt(rate * 10)
+    assert isinstance(end, SpeechEnded)
+    assert end.started == events[0].sample
+    assert not vad.speaking
+    # After the break, positions continue from where the stream resumed.
+    after = run(vad, speech, 160)
+    assert isinstance(after[0], SpeechStarted)
+    assert after[0].sample >= rate * 10
+
+
+def test_resampler_is_chunking_invariant() -> None:
+    x = np.random.default_rng(3).integers(-3000, 3000, 48000, dtype=np.int16)
+    whole = Resampler(48000, 16000).process(x, last=True)
+    r = Resampler(48000, 16000)
+    parts = [r.process(x[i : i + 480]) for i in range(0, len(x), 480)]
+    parts.append(r.process(x[:0], last=True))
+    streamed = np.concatenate(parts)
+    # Same length and the same signal; float-to-int16 rounding may differ by one LSB.
+    assert len(streamed) == len(whole)
+    assert np.abs(streamed.astype(np.int32) - whole).max() <= 1
+    assert abs(len(whole) - 16000) <= 1
