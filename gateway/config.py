@@ -78,6 +78,13 @@ class Settings:
         "label", "what transcription does with the bot's own voice", choices=("label", "drop")
     )
     webhook_url: str = _setting("", "POST finals and the final transcript here")
+    webhook_secret: str = _setting("", "HMAC key signing webhook bodies (default: the secret)")
+    allow_session_webhooks: bool = _setting(
+        False, "honour a bot URL's ?webhook=URL (the gateway will POST to any address given)"
+    )
+    webhook_queue: int = _setting(1000, "webhook bodies pending per process before spilling")
+    webhook_attempts: int = _setting(6, "POST attempts per webhook body, with backoff between")
+    subscriber_queue: int = _setting(256, "messages queued per transcript subscriber")
     # --- speech
     playback_lead_ms: int = _setting(100, "how far playback runs ahead of real time, ms")
     playback_frame_ms: int = _setting(20, "audio per message sent to the bot, ms")
@@ -113,6 +120,9 @@ class Settings:
             "max_connections_per_ip",
             "max_message_bytes",
             "pipeline_queue",
+            "webhook_queue",
+            "webhook_attempts",
+            "subscriber_queue",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
