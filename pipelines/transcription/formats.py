@@ -1,0 +1,146 @@
+"""Transcript output formats, as pure functions.
+
+Live messages follow Deepgram's streaming API, so existing Deepgram clients can read
+them: ``Results`` (``is_final``, ``speech_final``, ``start``, ``duration``,
+``channel.alternatives[0]``), ``SpeechStarted`` and ``UtteranceEnd``. The gateway adds
+the roster speaker where Deepgram puts its diarization index: ``speaker`` is the roster
+id (an integer; ``0`` when the roster gave none or nobody was marked speaking) and
+``speaker_name`` is the display name (``null`` when unknown), on each word and on the
+result.
+
+``transcript.jsonl`` holds the final ``Results`` messages exactly as subscribers
+receive them, one a line, so the file can be replayed to a subscriber verbatim and
+rebuilt into the Meeting BaaS ``complete`` shape by :func:`meeting_baas`::
+
+    {"transcript": [{"speaker": "Alice", "offset": 1.5, "start_time": 1.5,
+                     "end_time": 2.4, "words": [{"start": 1.5, "end": 1.9,
+                                                 "word": "Hello"}]}],
+     "speakers": ["Alice", "Bob"]}
+
+Times are seconds on the session audio clock, rounded to milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from gateway.speakers import Speaker
+
+from .results import Result, SpeechStarted, TranscriptEvent, UtteranceEnd, Word
+
+__all__ = [
+    "UNKNOWN_SPEAKER",
+    "deepgram",
+    "meeting_baas",
+    "speaker_fields",
+]
+
+#: The name a segment gets in ``transcript.json`` when no roster speaker was found.
+UNKNOWN_SPEAKER = "Unknown"
+
+Message = dict[str, Any]
+
+
+def _t(seconds: float) -> float:
+    return round(seconds, 3)
+
+
+def speaker_fields(speaker: Speaker | None) -> tuple[int, str | None]:
+    """``(speaker, speaker_name)`` as they appear in live messages."""
+    if speaker is None:
+        return 0, None
+    return (speaker.id or 0), speaker.name
+
+
+def _word(w: Word) -> Message:
+    sid, name = speaker_fields(w.speaker)
+    return {
+        "word": w.word,
+        "start": _t(w.start),
+        "end": _t(w.end),
+        "confidence": round(w.confidence, 4),
+        "punctuated_word": w.punctuated,
+        "speaker": sid,
+        "speaker_name": name,
+    }
+
+
+def _results(r: Result) -> Message:
+    sid, name = speaker_fields(r.speaker)
+    return {
+        "type": "Results",
+        "channel_index": [0, 1],
+        "start": _t(r.start),
+        "duration": _t(max(0.0, r.end - r.start)),
+        "is_final": r.is_final,
+        "speech_final": r.speech_final,
+        "speaker": sid,
+        "speaker_name": name,
+        "channel": {
+            "alternatives": [
+                {
+                    "transcript": r.transcript,
+                    "confidence": round(r.confidence, 4),
+                    "words": [_word(w) for w in r.words],
+                }
+            ]
+        },
+    }
+
+
+def deepgram(event: TranscriptEvent) -> Message:
+    """The Deepgram-style live message for one transcription event."""
+    if isinstance(event, Result):
+        return _results(event)
+    if isinstance(event, SpeechStarted):
+        return {"type": "SpeechStarted", "channel": [0], "timestamp": _t(event.timestamp)}
+    if isinstance(event, UtteranceEnd):
+        return {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": _t(event.last_word_end)}
+    raise TypeError(f"not a transcript event: {event!r}")
+
+
+def _speaker_label(word: Message) -> str:
+    name = word.get("speaker_name")
+    return str(name) if name else UNKNOWN_SPEAKER
+
+
+def meeting_baas(finals: Iterable[Message], speakers: Sequence[str] = ()) -> Message:
+    """The Meeting BaaS ``complete`` transcript from final ``Results`` messages.
+
+    ``finals`` are the messages :func:`deepgram` made of final results, in the order
+    they were published (as read back from ``transcript.jsonl``); anything else in it
+    (partials, other message types) is ignored. A segment runs while the speaker stays
+    the same and breaks where it changes. ``speakers`` is the roster's names in order
+    of appearance; names met only in the words are appended after them.
+    """
+    segments: list[Message] = []
+    current: Message | None = None
+    current_key: tuple[int, str] | None = None
+    names: list[str] = list(dict.fromkeys(speakers))
+    for message in finals:
+        if message.get("type") != "Results" or not message.get("is_final"):
+            continue
+        for word in message["channel"]["alternatives"][0]["words"]:
+            label = _speaker_label(word)
+            key = (int(word.get("speaker") or 0), label)
+            entry = {
+                "start": word["start"],
+                "end": word["end"],
+                "word": word.get("punctuated_word") or word["word"],
+            }
+            if current is None or key != current_key:
+                current = {
+                    "speaker": label,
+                    "offset": word["start"],
+                    "start_time": word["start"],
+                    "end_time": word["end"],
+                    "words": [],
+                }
+                current_key = key
+                segments.append(current)
+                if label != UNKNOWN_SPEAKER and label not in names:
+                    names.append(label)
+            current["words"].append(entry)
+            current["end_time"] = max(current["end_time"], word["end"])
+    return {"transcript": segments, "speakers": names}
