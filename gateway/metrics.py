@@ -110,3 +110,40 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        # --- speech back into the meeting
+        self.speech_first_frame = Histogram(
+            "gateway_speech_first_frame_seconds",
+            "Request to first audio frame sent to the bot, by source (say, play, pipeline)",
+            ["source"],
+            buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )
+        self.speech_frames = Counter(
+            "gateway_speech_frames_sent", "Audio messages sent to bots", registry=r
+        )
+        self.speech_seconds = Counter(
+            "gateway_speech_sent_seconds", "Audio sent to bots, seconds", registry=r
+        )
+        self.speech_underruns = Counter(
+            "gateway_speech_underruns",
+            "Times the bot ran out of audio in the middle of an utterance",
+            registry=r,
+        )
+        self.speech_pacing_error = Histogram(
+            "gateway_speech_pacing_error_seconds",
+            "How late each audio message left against its real-time schedule",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+            registry=r,
+        )
+        self.speech_barge_ins = Counter(
+            "gateway_speech_barge_ins",
+            "People heard talking over the bot, by barge-in policy",
+            ["policy"],
+            registry=r,
+        )
+        self.speech_utterances = Counter(
+            "gateway_speech_utterances",
+            "Utterances by outcome (finished, interrupted, cancelled, failed, refused)",
+            ["outcome"],
+            registry=r,
+        )
