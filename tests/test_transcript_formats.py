@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -158,7 +159,7 @@ def test_every_word_lands_once_in_order(shape: list[list[Speaker | None]]) -> No
     segments = meeting_baas(finals)["transcript"]
     flat = [(w["word"], s["speaker"]) for s in segments for w in s["words"]]
     assert flat == spoken
-    for a, b in zip(segments, segments[1:], strict=False):
+    for a, b in itertools.pairwise(segments):
         assert a["speaker"] != b["speaker"]
     for s in segments:
         assert s["start_time"] == s["words"][0]["start"]
