@@ -148,7 +148,6 @@ class Gateway:
             before = loop.time()
             await asyncio.sleep(LAG_INTERVAL)
             self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LAG_INTERVAL))
-            self.sessions.refresh()
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -161,6 +160,7 @@ class Gateway:
                 return _response(200, "text/plain", b"ready\n")
             return _response(503, "text/plain", b"not ready\n")
         if path == "/metrics":
+            self.sessions.refresh()  # states change on every connect; count them now
             return _response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
         if path == "/sessions":
             body = json.dumps([s.summary() for s in self.sessions], indent=1).encode()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +66,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     """Start real gateways with settings overrides; all are stopped after the test."""
     started: list[Gateway] = []
 
-    async def start(**overrides: Any) -> RunningGateway:
+    async def start(factories: dict[str, Any] | None = None, **overrides: Any) -> RunningGateway:
         values: dict[str, Any] = {
             "host": "127.0.0.1",
             "port": 0,
@@ -73,6 +76,8 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         }
         values.update(overrides)
         gateway = Gateway(Settings(**values).validate(), CollectorRegistry())
+        for name, factory in (factories or {}).items():
+            gateway.factories[name] = factory(gateway.env)
         _, port = await gateway.start()
         started.append(gateway)
         return RunningGateway(gateway, port, values["data_dir"])
@@ -80,3 +85,33 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     yield start
     for gateway in started:
         await gateway.stop()
+
+
+async def wait_for(condition: Callable[[], Any], within: float = 10.0) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``within`` s."""
+    try:
+        async with asyncio.timeout(within):
+            while not (value := condition()):  # noqa: ASYNC110 - files and sockets, no event
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"condition not met within {within} s")
+    return value
+
+
+def session_dir(data_dir: Path, key: str) -> Path:
+    return data_dir / "sessions" / key
+
+
+def ended_metadata(directory: Path) -> dict[str, Any] | None:
+    """``session.json`` once the session has been finalized, else None."""
+    path = directory / "session.json"
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("ended_at") else None
+
+
+def read_recording(directory: Path) -> tuple[bytes, int]:
+    with wave.open(str(directory / "audio.wav"), "rb") as w:
+        return w.readframes(w.getnframes()), w.getframerate()

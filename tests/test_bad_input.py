@@ -1,0 +1,170 @@
+"""Bad input gets a clear close code or a counted skip, and audio already received stays."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway import tokens
+from gateway.session import Session
+
+from .conftest import GatewayFactory, ended_metadata, read_recording, session_dir, wait_for
+
+RATE = 16000
+PCM = np.arange(-8000, 8000, dtype="<i2").tobytes()  # one second
+
+
+async def hello(ws: ClientConnection, rate: int = RATE) -> None:
+    await ws.send(json.dumps({"protocol_version": 1, "bot_id": "b", "sample_rate": rate}))
+
+
+async def closed_with(ws: ClientConnection) -> int | None:
+    with pytest.raises(ConnectionClosed):
+        await ws.recv()
+    return ws.close_code
+
+
+async def recording_of(gw: object, key: str) -> bytes:
+    directory = session_dir(gw.data_dir, key)  # type: ignore[attr-defined]
+    await wait_for(lambda: ended_metadata(directory))
+    return read_recording(directory)[0]
+
+
+async def test_oversize_message_closes_1009_and_keeps_the_recording(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = await start_gateway(max_message_bytes=64 * 1024)
+    async with connect(gw.url("/bots/big"), max_size=None) as ws:
+        await hello(ws)
+        await ws.send(PCM)
+        await ws.send(b"\0" * (64 * 1024 + 2))
+        assert await closed_with(ws) == 1009
+    assert await recording_of(gw, "big") == PCM
+
+
+async def test_invalid_utf8_closes_1007_and_keeps_the_recording(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = await start_gateway()
+    async with connect(gw.url("/bots/utf")) as ws:
+        await hello(ws)
+        await ws.send(PCM)
+        await ws.send(b"\xff\xfe not utf-8", text=True)
+        assert await closed_with(ws) == 1007
+    assert await recording_of(gw, "utf") == PCM
+
+
+async def test_unsupported_rate_closes_1003(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway()
+    async with connect(gw.url("/bots/rate")) as ws:
+        await hello(ws, 11025)
+        assert await closed_with(ws) == 1003
+        assert ws.close_reason == "unsupported sample rate"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("{oops", "malformed_json"),
+        ('[{"name": "A", "isSpeaking": "yes"}]', "bad_roster"),
+        ('{"no_bot_id": true}', "bad_handshake"),
+        ("12", "not_json_object_or_array"),
+    ],
+)
+async def test_bad_text_is_counted_and_skipped(
+    start_gateway: GatewayFactory, message: str, reason: str
+) -> None:
+    gw = await start_gateway()
+    async with connect(gw.url("/bots/skip")) as ws:
+        await hello(ws)
+        await ws.send(PCM[: len(PCM) // 2])
+        for _ in range(3):
+            await ws.send(message)
+        await ws.send(PCM[len(PCM) // 2 :])
+        session: Session = await wait_for(lambda: gw.gateway.sessions.get("skip"))
+        await wait_for(lambda: session.audio_seconds >= 1.0)
+        assert session.rejected == {reason: 3}
+        metric = gw.gateway.metrics.registry.get_sample_value(
+            "gateway_messages_rejected_total", {"reason": reason}
+        )
+        assert metric == 3
+    assert await recording_of(gw, "skip") == PCM
+
+
+async def test_flood_of_tiny_frames_loses_nothing(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway()
+    data = np.random.default_rng(5).integers(-9000, 9000, RATE * 2, dtype=np.int16).tobytes()
+    async with connect(gw.url("/bots/flood")) as ws:
+        await hello(ws)
+        # 16,000 messages of one sample each, then odd-sized ones, as fast as possible.
+        for i in range(0, RATE * 2, 2):
+            await ws.send(data[i : i + 2])
+        for i in range(RATE * 2, len(data), 3):
+            await ws.send(data[i : i + 3])
+        session: Session = await wait_for(lambda: gw.gateway.sessions.get("flood"))
+        await wait_for(lambda: session.audio_seconds * 2 * RATE >= len(data) // 2 - 1)
+    assert await recording_of(gw, "flood") == data
+
+
+async def test_connection_limits_refuse_with_1013(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(max_connections_per_ip=2)
+    async with connect(gw.url("/bots/a")), connect(gw.url("/bots/b")):
+        async with connect(gw.url("/bots/c")) as third:
+            assert await closed_with(third) == 1013
+    refused = gw.gateway.metrics.registry.get_sample_value(
+        "gateway_connections_refused_total", {"reason": "overload"}
+    )
+    assert refused == 1
+
+
+async def test_unknown_route_and_bad_key_close_1008(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway()
+    for path in ("/bots/a/b/c", "/bots/..", "/nothing-here"):
+        async with connect(gw.url(path)) as ws:
+            assert await closed_with(ws) == 1008
+
+
+class TestTokens:
+    SECRET = "s3cret"
+
+    async def test_valid_tokens_open_their_own_role_and_key_only(
+        self, start_gateway: GatewayFactory
+    ) -> None:
+        gw = await start_gateway(secret=self.SECRET)
+        good = tokens.mint(self.SECRET, "output", "k1", 60)
+        other_key = tokens.mint(self.SECRET, "output", "k2", 60)
+        input_role = tokens.mint(self.SECRET, "input", "k1", 60)
+        expired = tokens.mint(self.SECRET, "output", "k1", 60, now=time.time() - 3600)
+        forged = tokens.mint("not the secret", "output", "k1", 60)
+        for bad in ("", other_key, input_role, expired, forged, good[:-2] + "xx", "123"):
+            async with connect(gw.url(f"/bots/k1?token={bad}")) as ws:
+                assert await closed_with(ws) == 1008
+        async with connect(gw.url(f"/bots/k1?token={good}")) as ws:
+            await hello(ws)
+            await ws.send(PCM)
+            session: Session = await wait_for(lambda: gw.gateway.sessions.get("k1"))
+            await wait_for(lambda: session.audio_seconds >= 1.0)
+        async with connect(gw.url(f"/bots/k1/input?token={input_role}")) as ws:
+            await wait_for(lambda: session.input is not None)
+        refused = gw.gateway.metrics.registry.get_sample_value(
+            "gateway_connections_refused_total", {"reason": "auth"}
+        )
+        assert refused == 7
+
+    async def test_bare_url_refused_when_a_secret_is_set(
+        self, start_gateway: GatewayFactory
+    ) -> None:
+        gw = await start_gateway(secret=self.SECRET)
+        async with connect(gw.url("/")) as ws:
+            assert await closed_with(ws) == 1008
+
+    def test_tokens_verify_in_process(self) -> None:
+        token = tokens.mint(self.SECRET, "read", tokens.ANY_KEY, 60)
+        tokens.verify(self.SECRET, token, "read", "any-session")
+        with pytest.raises(tokens.AuthError):
+            tokens.verify(self.SECRET, token, "control", "any-session")
