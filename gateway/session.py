@@ -27,15 +27,17 @@ import numpy as np
 import numpy.typing as npt
 
 from pipelines.base import Gap, PipelineEvent, PipelineFactory
+from pipelines.speech import resample, tts
 
 from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
 from .clock import AudioClock
 from .config import Settings
 from .metrics import Metrics
+from .playback import Player
 from .protocol import Handshake, Roster
 from .runner import PipelineRunner
-from .speakers import SpeakerTimeline
+from .speakers import Speaker, SpeakerChange, SpeakerTimeline
 
 Samples = npt.NDArray[np.int16]
 
@@ -119,6 +121,7 @@ class Session:
         self.ended_at: float | None = None
         self.output: Any = None  # the live output connection, if any
         self.input: Any = None  # the live separate input connection, if any
+        self.player: Player | None = None
         self._away_since: float | None = None
         self._last_audio_wall = 0.0
         self._total = _Counts()
@@ -160,6 +163,15 @@ class Session:
             hangover_ms=s.vad_hangover_ms,
         )
         self._block = rate * BLOCK_MS // 1000
+        self.player = Player(
+            rate,
+            s,
+            self.metrics,
+            self.playback_target,
+            self.clock.wall,
+            self._bot_speaking,
+            self.log,
+        )
         self.directory.mkdir(parents=True, exist_ok=True)
         for name in self._pipeline_names():
             pipeline = self.factories[name].create(self)
@@ -199,6 +211,7 @@ class Session:
         """A bot's output socket connected; returns the connection it replaces, if any."""
         replaced, self.output = self.output, conn
         self.connections.append(record)
+        self.connection_changed()
         if self._away_since is not None or replaced is not None:
             self.reconnects += 1
             self.metrics.resumes.inc()
@@ -211,6 +224,7 @@ class Session:
             return False
         self.output = None
         self._away_since = now
+        self.connection_changed()
         if self.vad is not None and self.ring is not None:
             self._process_block()
             self._post_all(self.vad.interrupt(self.ring.written))
@@ -308,12 +322,54 @@ class Session:
         self.metrics.rejected.labels(reason).inc()
 
     def _post_all(self, events: list[Any]) -> None:
+        if self.player is not None and events:
+            self.player.observe(events)  # barge-in first: it is the latency-critical reader
         for event in events:
             for runner in self.runners:
                 runner.post(event.sample, event)
 
     def post(self, event: PipelineEvent) -> None:
         self._post_all([event])
+
+    # -- speech -------------------------------------------------------------------------
+
+    def speak(self, samples: Samples, rate: int) -> str:
+        """Queue int16 mono ``samples`` at ``rate`` for the meeting; returns the utterance id.
+
+        Raises :class:`~gateway.playback.PlaybackFull` when too much is queued and
+        ``RuntimeError`` before the session has a rate (pipelines never see that).
+        """
+        return self._player().enqueue(resample(samples, rate, self.sample_rate), "pipeline")
+
+    def say(self, text: str, kind: str = "say") -> str:
+        """Queue ``text`` as speech (synthesized sentence by sentence while it plays)."""
+        return self._player().enqueue(tts(text, self.sample_rate), kind, text)
+
+    def _player(self) -> Player:
+        if self.player is None:
+            raise RuntimeError("the session has no sample rate yet")
+        return self.player
+
+    def playback_target(self) -> Any:
+        """Where speech goes: the separate input socket once the bot opened one, else the
+        output (dual) socket. A bot with a separate input never plays the output socket.
+        """
+        if self.input is not None or any(c.role == "input" for c in self.connections):
+            return self.input
+        return self.output
+
+    def connection_changed(self) -> None:
+        """An output or input socket attached or detached: the player may go on."""
+        if self.player is not None:
+            self.player.connection_changed()
+
+    def _bot_speaking(self, speaking: bool, wall: float) -> None:
+        # The timeline only knows what rosters say; the gateway knows exactly when the bot
+        # plays what it sent, so pipelines hear it as a bot speaker change.
+        bot = self.speakers.bot or Speaker("gateway:voice", None, self.settings.bot_name, True)
+        event = SpeakerChange(self.clock.at_wall(wall), wall, bot, speaking)
+        for runner in self.runners:
+            runner.post(event.sample, event)
 
     # -- end ----------------------------------------------------------------------------
 
@@ -325,6 +381,8 @@ class Session:
         if self.ring is not None and self.vad is not None:
             self._process_block()
             self._post_all(self.vad.interrupt(self.ring.written))
+        if self.player is not None:
+            await self.player.close()
         self._post_all(self.speakers.close(now))
         await asyncio.gather(*(r.close() for r in self.runners))
         self._flush_counts()
