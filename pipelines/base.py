@@ -112,6 +112,17 @@ class SessionContext(Protocol):
     def speakers(self) -> SpeakerTimeline: ...
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
+    def speak(self, samples: Samples, rate: int) -> str:
+        """Queue int16 mono audio at ``rate`` to play into the meeting; returns its id.
+
+        The audio is resampled to the session's rate, paced in real time and can be cut
+        by barge-in. Raises :class:`~gateway.playback.PlaybackFull` when too much waits.
+        """
+        ...
+
+    def say(self, text: str) -> str:
+        """Queue ``text`` as synthesized speech; returns the utterance id."""
+        ...
 
 
 class Pipeline(abc.ABC):
