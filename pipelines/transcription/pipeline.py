@@ -1,0 +1,345 @@
+"""One session's live transcription: audio in, speaker-attributed results out.
+
+Audio is resampled to 16 kHz into a bounded window that holds the open segment plus a
+second of lead-in. The ingest VAD's events drive the :class:`StreamingPolicy`; its
+requests are cut from the window, copied, and queued on the shared :class:`Scheduler`.
+A final that needs audio past the VAD's end (the trailing pad) waits until that audio
+has arrived, or until a gap or the end of the session cuts it short.
+
+Finals are published strictly in request order, whatever order recognition finishes
+in; partials go out as soon as they are recognized and are dropped once their segment
+was finalized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.audio.resample import Resampler
+from gateway.speakers import Speaker
+from pipelines.base import Gap, Pipeline, PipelineEvent, SessionContext, SpeechEnded, SpeechStarted
+
+from . import results
+from .engine import ASR_RATE, Engine, Hypothesis, HypWord
+from .policy import Draft, Request, StreamingPolicy
+from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from prometheus_client import Histogram
+
+    from .metrics import TranscriptionMetrics
+    from .outputs import SessionOutputs, TranscriptOutputs
+
+Samples = npt.NDArray[np.int16]
+
+#: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
+LEAD_IN = 1.0
+#: Rosters trail the audio; a word nobody was marked speaking for is looked up this
+#: much later, then twice as late.
+ROSTER_LAG = 0.75
+
+
+class Window:
+    """A bounded stretch of 16 kHz audio on the session clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self._buf: Samples = np.zeros(int(seconds * ASR_RATE), dtype=np.int16)
+        self.base = 0  # 16 kHz index of _buf[0]
+        self.size = 0
+        self.overflowed = 0
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def reset(self, at: int) -> None:
+        self.base, self.size = at, 0
+
+    def append(self, x: Samples) -> None:
+        cap = len(self._buf)
+        if len(x) >= cap:
+            self.overflowed += self.size + len(x) - cap
+            self.base += self.size + len(x) - cap
+            self._buf[:] = x[-cap:]
+            self.size = cap
+            return
+        if self.size + len(x) > cap:
+            excess = self.size + len(x) - cap
+            self.overflowed += excess
+            self.trim(self.base + excess)
+        self._buf[self.size : self.size + len(x)] = x
+        self.size += len(x)
+
+    def trim(self, before: int) -> None:
+        """Forget audio before 16 kHz index ``before``."""
+        cut = min(max(0, before - self.base), self.size)
+        if cut:
+            self._buf[: self.size - cut] = self._buf[cut : self.size]
+            self.size -= cut
+            self.base += cut
+
+    def floats(self, start: int, end: int) -> tuple[npt.NDArray[np.float32], int]:
+        """A float copy of ``[start, end)`` clipped to what is held, and where it starts."""
+        a = min(max(start, self.base), self.end)
+        b = min(max(end, a), self.end)
+        out = self._buf[a - self.base : b - self.base].astype(np.float32)
+        out *= 1.0 / 32768.0
+        return out, a
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    request: Request | None
+    draft: Draft | None = None
+
+
+class TranscriptionPipeline(Pipeline):
+    audio_block_ms = 100
+
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        outputs: TranscriptOutputs,
+        metrics: TranscriptionMetrics,
+        *,
+        partial_interval: float,
+        max_utterance: float,
+        bot_speech: str,
+    ) -> None:
+        self._engine = engine
+        self._scheduler = scheduler
+        self._hub = outputs
+        self._metrics = metrics
+        self._bot_speech = bot_speech
+        self._policy = StreamingPolicy(partial_interval, max_utterance)
+        self._window = Window(max_utterance + partial_interval + LEAD_IN + 2.0)
+        self._waiting: list[Request] = []
+        self._finals: deque[_Pending] = deque()
+        self._inflight: set[asyncio.Future[Hypothesis | None]] = set()
+        self._last_final_end = 0.0
+        self._first_partial: set[int] = set()
+        self._words_in_utterance: dict[int, float] = {}
+
+    async def start(self, ctx: SessionContext) -> None:
+        self._ctx = ctx
+        self._rate = ctx.sample_rate
+        self._resampler = Resampler(ctx.sample_rate, ASR_RATE)
+        self._out: SessionOutputs = self._hub.open(ctx)
+
+    # -- input --------------------------------------------------------------------------
+
+    async def audio(self, start: int, samples: Samples) -> None:
+        self._window.append(self._resampler.process(samples))
+        self._pump(self._policy.advance(self._window.end / ASR_RATE))
+
+    async def event(self, event: PipelineEvent) -> None:
+        if isinstance(event, SpeechStarted):
+            t = event.sample / self._rate
+            self._policy.speech_started(t)
+            self._out.publish(results.SpeechStarted(round(t, 3)))
+        elif isinstance(event, SpeechEnded):
+            self._pump(self._policy.speech_ended(event.sample / self._rate))
+        elif isinstance(event, Gap):
+            self._cut()
+            self._resampler = Resampler(self._rate, ASR_RATE)
+            self._window.reset(round((event.sample + event.length) * ASR_RATE / self._rate))
+
+    async def stop(self) -> None:
+        try:
+            self._cut()
+            while self._inflight:
+                await next(iter(self._inflight))
+        finally:
+            self._scheduler.forget(self._ctx.key)
+            await self._out.close()
+
+    def _cut(self) -> None:
+        """The audio stream breaks here: end speech and send what waits for more audio."""
+        self._window.append(self._resampler.process(np.zeros(0, np.int16), last=True))
+        now = self._window.end / ASR_RATE
+        self._pump(self._policy.speech_ended(now))
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            self._submit(dataclasses.replace(request, end=min(request.end, now)))
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _pump(self, actions: list[Request | Draft]) -> None:
+        for action in actions:
+            if isinstance(action, Draft):
+                self._finals.append(_Pending(None, action))
+            else:
+                self._waiting.append(action)
+        ready = self._window.end / ASR_RATE
+        still = []
+        for request in self._waiting:
+            if request.end <= ready:
+                self._submit(request)
+            else:
+                still.append(request)
+        self._waiting = still
+        self._flush()
+        keep = self._window.end - int(LEAD_IN * ASR_RATE)
+        if self._policy.speaking:
+            keep = min(keep, int(self._policy.segment_start * ASR_RATE))
+        for request in self._waiting:
+            keep = min(keep, int(request.start * ASR_RATE))
+        self._window.trim(keep)
+
+    def _submit(self, request: Request) -> None:
+        audio, at = self._window.floats(
+            round(request.start * ASR_RATE), round(request.end * ASR_RATE)
+        )
+        pending = _Pending(request)
+        if request.kind == "final":
+            self._finals.append(pending)
+        fn = functools.partial(self._engine.transcribe, audio, at / ASR_RATE)
+        future = self._scheduler.submit(self._ctx.key, request.kind, fn)
+        self._inflight.add(future)
+        future.add_done_callback(functools.partial(self._recognized, pending))
+
+    def _recognized(self, pending: _Pending, future: asyncio.Future[Hypothesis | None]) -> None:
+        self._inflight.discard(future)
+        request = pending.request
+        assert request is not None
+        hypothesis = None
+        if not future.cancelled():
+            if future.exception() is not None:
+                self._ctx.log.warning("recognition failed: %r", future.exception())
+            else:
+                hypothesis = future.result()
+        if hypothesis is None:
+            self._policy.skipped(request)
+            words: tuple[HypWord, ...] = ()
+        else:
+            m = self._metrics
+            m.audio_seconds.inc(hypothesis.audio_seconds)
+            m.busy_seconds.inc(hypothesis.compute_seconds)
+            if hypothesis.audio_seconds > 0:
+                m.rtf.labels(request.kind).observe(
+                    hypothesis.compute_seconds / hypothesis.audio_seconds
+                )
+            for reason in hypothesis.rejected:
+                m.rejected.labels(reason).inc()
+            words = hypothesis.words
+        if request.kind == "final":
+            if hypothesis is None:
+                # Never lose what was confirmed, even if recognition could not run.
+                pending.draft = Draft(request.confirmed, True, request.speech_final, request)
+            else:
+                pending.draft = self._policy.recognized(request, words)[0]
+            self._flush()
+        elif hypothesis is not None:
+            for draft in self._policy.recognized(request, words):
+                self._publish(draft)
+
+    # -- output -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        while self._finals and self._finals[0].draft is not None:
+            draft = self._finals.popleft().draft
+            assert draft is not None
+            self._publish(draft)
+
+    def _publish(self, draft: Draft) -> None:
+        request = draft.request
+        words = self._attribute(draft.words)
+        if draft.is_final:
+            words = self._after_last_final(words)
+        utterance = request.utterance if request is not None else self._policy.utterance
+        if not draft.is_final:
+            if words:
+                self._out.publish(
+                    results.Result(words[0].start, words[-1].end, words, False, False)
+                )
+                self._metrics.results.labels("partial").inc()
+                if request is not None and utterance not in self._first_partial:
+                    self._first_partial.add(utterance)
+                    self._observe(self._metrics.first_partial_latency, request.speech_start)
+            return
+        groups = _by_speaker(words)
+        for i, group in enumerate(groups):
+            speech_final = draft.speech_final and i == len(groups) - 1
+            self._out.publish(
+                results.Result(group[0].start, group[-1].end, group, True, speech_final)
+            )
+            self._metrics.results.labels("final").inc()
+        if words:
+            self._words_in_utterance[utterance] = words[-1].end
+        if draft.speech_final and request is not None:
+            if request.speech_end is not None:
+                self._observe(self._metrics.final_latency, request.speech_end)
+            last_end = self._words_in_utterance.pop(utterance, None)
+            if last_end is not None:
+                self._out.publish(results.UtteranceEnd(round(last_end, 3)))
+            self._first_partial.discard(utterance)
+
+    def _observe(self, histogram: Histogram, seconds: float) -> None:
+        wall = self._ctx.clock.wall(round(seconds * self._rate))
+        if wall is not None:
+            histogram.observe(max(0.0, time.time() - wall))
+
+    def _after_last_final(self, words: tuple[results.Word, ...]) -> tuple[results.Word, ...]:
+        """Finals never overlap: clamp word times to start at the last final's end."""
+        out = []
+        floor = self._last_final_end
+        for w in words:
+            start = max(w.start, floor)
+            end = max(w.end, start)
+            if (start, end) != (w.start, w.end):
+                w = dataclasses.replace(w, start=start, end=end)
+            out.append(w)
+            floor = end
+        self._last_final_end = floor
+        return tuple(out)
+
+    def _attribute(self, words: tuple[HypWord, ...]) -> tuple[results.Word, ...]:
+        out = []
+        for w in words:
+            speaker = self._speaker(w)
+            if speaker is not None and speaker.is_bot and self._bot_speech == "drop":
+                self._metrics.bot_words_dropped.inc()
+                continue
+            out.append(
+                results.Word(
+                    w.norm,
+                    w.text,
+                    round(w.start, 3),
+                    round(w.end, 3),
+                    round(w.probability, 4),
+                    speaker,
+                )
+            )
+        return tuple(out)
+
+    def _speaker(self, w: HypWord) -> Speaker | None:
+        a, b = round(w.start * self._rate), round(w.end * self._rate)
+        for lag in (0.0, ROSTER_LAG, 2 * ROSTER_LAG):
+            speaker = self._ctx.speakers.attribute(a, b, lag=lag)
+            if speaker is not None:
+                return speaker
+        return None
+
+
+def _by_speaker(words: tuple[results.Word, ...]) -> list[tuple[results.Word, ...]]:
+    """Split a final where the speaker changes."""
+    groups: list[list[results.Word]] = []
+    for w in words:
+        key = w.speaker.key if w.speaker is not None else None
+        if groups:
+            prev = groups[-1][-1].speaker
+            if (prev.key if prev is not None else None) == key:
+                groups[-1].append(w)
+                continue
+        groups.append([w])
+    return [tuple(g) for g in groups]
