@@ -183,12 +183,13 @@ class WebhookSender:
                         handle.cancel()
                         self._requeue(delivery)
                     await self._queue.join()
+        # Taken before cancelling: a cancelled worker forgets what it was sending.
+        leftovers = [*self._busy, *self._waiting]
         for task in self._workers:
             task.cancel()
         for task in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        leftovers = [*self._busy, *self._waiting]
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for handle in self._waiting.values():
