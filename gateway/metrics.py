@@ -147,3 +147,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.control_events_dropped = Counter(
+            "gateway_control_events_dropped",
+            "Speech events not sent to a control client that read too slowly",
+            registry=r,
+        )
