@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 from prometheus_client import CollectorRegistry
 
 from pipelines.transcription.webhook import (
@@ -21,6 +20,8 @@ from pipelines.transcription.webhook import (
     signature,
     verify,
 )
+
+from .conftest import wait_for
 
 KEY = "webhook-key"
 
