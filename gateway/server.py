@@ -5,6 +5,7 @@ Routes (the bot uses its URLs verbatim, so identity and tokens live in path and 
 =========================  ==================================================
 ``/bots/{key}``            the bot's output socket (also the dual socket)
 ``/bots/{key}/input``      the bot's separate input socket, paired by ``key``
+``/bots/{key}/control``    speech control: say, play, stop (:mod:`gateway.control`)
 ``/``                      output socket keyed by the handshake's ``bot_id``
 ``/bots/{key}/{name}``     an endpoint a pipeline factory serves (per session)
 ``/{name}``                the same endpoint across every session
@@ -37,6 +38,7 @@ from pipelines.base import Environment, PipelineFactory, RouteHandler, load_fact
 
 from . import tokens
 from .config import SUPPORTED_RATES, Settings
+from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
 from .metrics import Metrics, close_label
 from .protocol import Audio, Handshake, OutputDecoder, Rejected, Roster
@@ -90,6 +92,7 @@ class Gateway:
         self.routes: dict[str, tuple[str, RouteHandler]] = {}
         for factory in self.factories.values():
             self.routes.update(factory.routes())
+        self.routes["control"] = ("control", ControlEndpoint(self.sessions, self.metrics).handle)
         self.ready = False
         self._stopped = False
         self._server: Server | None = None
@@ -305,6 +308,7 @@ class Gateway:
         record = ConnectionRecord("input", _remote_ip(ws), time.time())
         session.connections.append(record)
         old, session.input = session.input, ws
+        session.connection_changed()
         if old is not None:
             asyncio.get_running_loop().create_task(old.close(1001, "replaced"))
         session.log.info("bot input connected from %s", record.remote)
@@ -319,6 +323,7 @@ class Gateway:
             record.close_code = ws.close_code
             if session.input is ws:
                 session.input = None
+                session.connection_changed()
             session.log.info("bot input disconnected (code %s)", ws.close_code)
             if session.output is None and session.ended_at is None:
                 self.sessions.linger(session)
