@@ -7,6 +7,8 @@ webhook without the speech model. Bots and subscribers are real WebSocket client
 
 from __future__ import annotations
 
+import asyncio
+import difflib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway import tokens
+from gateway.simulator import SimulatedBot, read_wav
 from gateway.speakers import Speaker
 from pipelines.base import Environment, Pipeline, PipelineFactory, SessionContext
 from pipelines.transcription.outputs import (
@@ -31,7 +34,7 @@ from pipelines.transcription.outputs import (
 from pipelines.transcription.results import Result, SpeechStarted, UtteranceEnd, Word
 from pipelines.transcription.webhook import SIGNATURE_HEADER, verify
 
-from .conftest import GatewayFactory, RunningGateway, session_dir, wait_for
+from .conftest import GatewayFactory, RunningGateway, Utterance, session_dir, wait_for
 from .test_webhook import Receiver
 
 ALICE = Speaker("id:1", 1, "Alice", is_bot=False)
@@ -105,21 +108,17 @@ def partial(n: int) -> Result:
     return Result(float(n), n + 0.1, (w,), is_final=False, speech_final=False)
 
 
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    import asyncio
-
-    async with asyncio.timeout(10):
+async def recv(ws: ClientConnection, within: float = 10.0) -> dict[str, Any]:
+    async with asyncio.timeout(within):
         message = await ws.recv()
     assert isinstance(message, str)  # subscribers get text frames
     data: dict[str, Any] = json.loads(message)
     return data
 
 
-async def recv_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
-    import asyncio
-
+async def recv_until_closed(ws: ClientConnection, within: float = 15.0) -> list[dict[str, Any]]:
     out = []
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(within):
         try:
             while True:
                 out.append(json.loads(await ws.recv()))
@@ -362,3 +361,63 @@ async def test_finals_are_on_disk_as_published_and_survive_a_restart(
     assert [json.loads(line)["start"] for line in (second / JSONL).read_text().splitlines()] == [
         9.0
     ]
+
+
+# -- with the real model on real speech --------------------------------------------------
+
+
+def _finals(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m["type"] == "Results" and m["is_final"]]
+
+
+@pytest.mark.model
+async def test_late_subscriber_and_files_with_the_real_model(
+    start_gateway: GatewayFactory, librivox: list[Utterance]
+) -> None:
+    first, second = librivox[0], librivox[3]
+    a, rate = read_wav(first.path)
+    b, _ = read_wav(second.path)
+    pause = np.zeros(int(1.5 * rate), dtype=np.int16)
+    audio = np.concatenate([pause[: rate // 2], a, pause, b, pause])
+    running = await start_gateway(pipelines="transcription", linger=0.5)
+    alice = [{"name": "Alice", "id": 1, "isSpeaking": True, "deviceId": "d1", "isSelf": False}]
+    bot = SimulatedBot(
+        url=running.url("/bots/live"),
+        samples=audio,
+        rate=rate,
+        frame_ms=20,
+        speed=2.0,
+        roster=[{"at": 0.0, "roster": alice}],
+    )
+    directory = session_dir(running.data_dir, "live")
+    async with connect(running.url("/bots/live/transcripts")) as early:
+        playing = asyncio.create_task(bot.run())
+        seen: list[dict[str, Any]] = []
+        while not _finals(seen):
+            seen.append(await recv(early, within=60))
+        # Already on disk when a subscriber sees it: a crash now would not lose it.
+        on_disk = [json.loads(line) for line in (directory / JSONL).read_text().splitlines()]
+        assert _finals(seen)[0] in on_disk
+        async with connect(running.url("/bots/live/transcripts")) as late:
+            await playing
+            seen += await recv_until_closed(early, within=120)
+            late_seen = await recv_until_closed(late, within=30)
+    # The late subscriber got the finals it missed, then the rest: the same finals,
+    # none twice, none lost where replay met the live stream.
+    finals = _finals(seen)
+    assert _finals(late_seen) == finals
+    assert [json.loads(line) for line in (directory / JSONL).read_text().splitlines()] == finals
+    words = [w["punctuated_word"] for m in finals for w in m["channel"]["alternatives"][0]["words"]]
+    transcript = json.loads((directory / TRANSCRIPT).read_text())
+    assert [w["word"] for s in transcript["transcript"] for w in s["words"]] == words
+    assert {s["speaker"] for s in transcript["transcript"]} == {"Alice"}
+    assert transcript["speakers"] == ["Alice"]
+    heard = [w["word"] for m in finals for w in m["channel"]["alternatives"][0]["words"]]
+    reference = f"{first.text} {second.text}".split()
+    matcher = difflib.SequenceMatcher(a=reference, b=heard, autojunk=False)
+    assert matcher.ratio() > 0.8, (reference, heard)
+    # A restarted gateway leaves the finished session's files as they were.
+    before = (directory / JSONL).read_bytes(), (directory / TRANSCRIPT).read_bytes()
+    await running.gateway.stop()
+    await start_gateway(pipelines="recording")
+    assert ((directory / JSONL).read_bytes(), (directory / TRANSCRIPT).read_bytes()) == before
