@@ -13,7 +13,9 @@ The rules:
   open segment from its start.
 - Words are *confirmed* by agreement: the longest common prefix of the last two
   hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
-  never changed or dropped afterwards (LocalAgreement-2).
+  never changed or dropped afterwards (LocalAgreement-2). Words within
+  ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
+  hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing.
 - The utterance's end brings a final: the confirmed words followed by the final
   hypothesis' words after them, matched by word sequence, else by time.
 - A segment reaching ``max_utterance`` is split after its last confirmed word, at the
@@ -38,6 +40,13 @@ MIN_SPEECH = 0.2
 #: Sequence matching trusts a match only if it lies within this many seconds of the
 #: confirmed word's own time; otherwise the split falls back to timestamps.
 MATCH_SLACK = 1.0
+#: Words ending this close to the end of the audio heard are not confirmed yet: with
+#: little right context Whisper still revises them, even twice in a row.
+CONFIRM_MARGIN = 1.0
+#: Hypotheses of less audio than this are shown but take no part in agreement: on a
+#: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
+#: "Had he married") and only more context corrects them.
+CONFIRM_CONTEXT = 2.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +243,12 @@ class StreamingPolicy:
             return []  # the segment it belonged to was finalized meanwhile
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
+        if request.end - request.start < CONFIRM_CONTEXT:
+            shown = (*self._confirmed, *tail)
+            return [Draft(shown, False, False, request)] if shown else []
         agreed = agreement(self._previous, tail)
+        while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
+            agreed -= 1
         self._confirmed.extend(tail[:agreed])
         self._previous = tail[agreed:]
         shown = (*self._confirmed, *self._previous)
