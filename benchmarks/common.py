@@ -1,0 +1,223 @@
+"""Measurement helpers shared by the benchmark scripts.
+
+* ``/proc`` sampling: a process's own CPU time (user + system) and resident memory, the
+  machine's overall CPU use, and a description of the machine for the results table.
+* Prometheus scrapes over a raw asyncio HTTP GET (a blocking client would stall a load
+  generator sharing the loop), with histogram deltas and quantiles computed the way
+  PromQL's ``histogram_quantile`` does: linear interpolation inside the bucket, so a
+  quantile is only as fine as the histogram's buckets.
+* :class:`ServerProcess`: a server started as a child process whose bound port is read
+  back from its log, and stopped with SIGTERM.
+
+Linux only: everything here reads ``/proc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIB = 1 << 20
+#: A busy server can be slow to answer a scrape, but not this slow.
+HTTP_TIMEOUT = 10.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far (its threads included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may contain spaces and parentheses: split after its closing one.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def system_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot, from ``/proc/stat``."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return total - idle, total
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of all cores' time spent busy between two :func:`system_jiffies` readings."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total else 0.0
+
+
+def machine() -> dict[str, object]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# -- Prometheus -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One scrape: every sample by name and label set, and when it was taken."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+    at: float
+
+    @classmethod
+    def parse(cls, text: str, at: float | None = None) -> Scrape:
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, frozenset(s.labels.items()))] = float(s.value)
+        return cls(samples, time.monotonic() if at is None else at)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's value, 0 when absent (an unlabelled counter not yet touched)."""
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def total(self, name: str) -> float:
+        """Sum of a sample over every label set."""
+        return sum(v for (n, _), v in self.samples.items() if n == name)
+
+    def buckets(self, histogram: str) -> list[tuple[float, float]]:
+        """Cumulative ``(upper bound, count)`` pairs of an unlabelled histogram."""
+        found = [
+            (float(dict(labels)["le"]), v)
+            for (n, labels), v in self.samples.items()
+            if n == f"{histogram}_bucket"
+        ]
+        return sorted(found)
+
+
+def bucket_delta(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """What a cumulative histogram observed between two scrapes."""
+    old = dict(before)
+    return [(le, count - old.get(le, 0.0)) for le, count in after]
+
+
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """PromQL-style quantile of cumulative buckets; None when nothing was observed.
+
+    A quantile landing in the ``+Inf`` bucket is reported as the highest finite bound:
+    read it as "at least this much".
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
+
+
+def highest_bucket(buckets: list[tuple[float, float]]) -> float | None:
+    """Upper bound of the highest bucket that gained an observation (a max, roughly)."""
+    below = 0.0
+    highest = None
+    for le, count in buckets:
+        if count > below:
+            highest = le
+        below = count
+    return highest
+
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 GET for servers that close the connection after responding."""
+    async with asyncio.timeout(HTTP_TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            raw = await reader.read()
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def scrape(host: str, port: int) -> Scrape:
+    status, body = await http_get(host, port, "/metrics")
+    if status != 200:
+        raise RuntimeError(f"GET /metrics answered {status}")
+    return Scrape.parse(body.decode())
+
+
+# -- child servers ----------------------------------------------------------------------
+
+
+class ServerProcess:
+    """A server in a child process, its output in ``log``; the port comes from the log.
+
+    The caller must :meth:`stop` it (a ``try``/``finally`` around the measurement).
+    """
+
+    def __init__(self, argv: Sequence[str], log: Path, port_pattern: str) -> None:
+        self.log = log
+        self._pattern = re.compile(port_pattern)
+        # Output goes to a file, never a pipe: a full pipe would block the server.
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        self.port = 0
+
+    async def wait_port(self, limit: float = 60.0) -> int:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            m = self._pattern.search(self.log.read_text(errors="replace"))
+            if m:
+                self.port = int(m.group(1))
+                return self.port
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"server did not report its port within {limit} s; see {self.log}")
+
+    async def stop(self, limit: float = 60.0) -> int | None:
+        """SIGTERM, wait for a graceful exit, SIGKILL after ``limit`` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.proc.wait, limit)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+        return self.proc.returncode
