@@ -174,6 +174,7 @@ class StreamingPolicy:
         self.utterance += 1
         self._speech_start = t
         self._new_segment(t - PAD)
+        self._last_partial_end = t  # the first partial waits for speech, not the pad
 
     def speech_ended(self, t: float) -> list[Request | Draft]:
         """The VAD heard speech end at ``t``; returns the final request, if any."""
@@ -182,7 +183,7 @@ class StreamingPolicy:
         self.speaking = False
         end = t + PAD
         out: list[Request | Draft] = []
-        if end - self._seg_start >= MIN_SPEECH + PAD or self._confirmed:
+        if t - self._speech_start >= MIN_SPEECH or self._confirmed:
             out.append(self._request("final", end, speech_final=True, speech_end=t))
         self._floor = max(self._floor, end)
         self._partial_pending = False

@@ -1,0 +1,202 @@
+"""The streaming policy and the scheduling queue, driven synchronously."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.transcription.engine import HypWord, normalize
+from pipelines.transcription.policy import (
+    CONFIRM_CONTEXT,
+    Draft,
+    Request,
+    StreamingPolicy,
+    agreement,
+    tail_after,
+)
+from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
+
+
+def words(text: str, start: float = 0.0, step: float = 0.4) -> list[HypWord]:
+    return [
+        HypWord(w, start + i * step, start + i * step + step * 0.8, 0.9)
+        for i, w in enumerate(text.split())
+    ]
+
+
+def requests(actions: list[Request | Draft]) -> list[Request]:
+    return [a for a in actions if isinstance(a, Request)]
+
+
+def test_normalize_strips_case_and_punctuation() -> None:
+    assert normalize(" Hello,") == "hello"
+    assert normalize("“Mr.”") == "mr"
+    assert normalize("...") == ""
+
+
+def test_tail_after_matches_by_sequence_then_time() -> None:
+    confirmed = words("the cat sat")
+    hyp = words("the cat sat on the mat")
+    assert [w.text for w in tail_after(confirmed, hyp)] == ["on", "the", "mat"]
+    # The hypothesis rewrote the confirmed words: fall back to their time.
+    changed = words("a bat sat on the mat")
+    changed[2] = HypWord("sad", changed[2].start, changed[2].end, 0.5)
+    assert [w.text for w in tail_after(confirmed, changed)] == ["on", "the", "mat"]
+
+
+def test_agreement_is_normalized_common_prefix() -> None:
+    assert agreement(words("Hello, world again"), words("hello world. yes")) == 2
+    assert agreement([], words("a b")) == 0
+
+
+def test_partials_then_final_keep_confirmed_words() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
+    policy.speech_started(1.0)
+    assert requests(policy.advance(1.4)) == []
+    first = requests(policy.advance(1.5))
+    assert [r.kind for r in first] == ["partial"]
+    # Short audio: shown, never confirmed.
+    drafts = policy.recognized(first[0], words("how do you", 0.9))
+    assert [w.text for w in drafts[0].words] == ["how", "do", "you"]
+    assert policy.confirmed == ()
+    # Two long-enough hypotheses agree on their first words.
+    texts = ("had he married a more amiable", "had he married a more amiable woman he")
+    for end, text in zip((4.0, 5.0), texts, strict=True):
+        (req,) = requests(policy.advance(end))
+        assert req.end - req.start >= CONFIRM_CONTEXT
+        policy.recognized(req, words(text, 0.9))
+    confirmed = [w.text for w in policy.confirmed]
+    assert confirmed[:3] == ["had", "he", "married"]
+    (final,) = requests(policy.speech_ended(5.5))
+    assert final.kind == "final" and final.speech_final
+    # The final hypothesis disagrees on a confirmed word: the confirmed one stays.
+    (draft,) = policy.recognized(final, words("had he marry a more amiable woman he might", 0.9))
+    assert [w.text for w in draft.words][: len(confirmed)] == confirmed
+    assert [w.text for w in draft.words][-1] == "might"
+
+
+def test_partial_after_final_is_ignored() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
+    policy.speech_started(0.0)
+    (partial,) = requests(policy.advance(1.0))
+    policy.speech_ended(1.5)
+    assert policy.recognized(partial, words("late words")) == []
+
+
+def test_split_at_max_length_emits_confirmed_words_once() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=6.0)
+    policy.speech_started(0.2)
+    script = "one two three four five six seven eight nine ten eleven twelve"
+    t, emitted = 0.2, []
+    for _ in range(40):
+        t += 0.25
+        for action in policy.advance(t):
+            if isinstance(action, Draft):
+                emitted.extend(w.text for w in action.words)
+            else:
+                hyp = [
+                    w for w in words(script, 0.0) if w.end <= action.end and w.start >= action.start
+                ]
+                for draft in policy.recognized(action, hyp):
+                    if draft.is_final:
+                        emitted.extend(w.text for w in draft.words)
+    for action in requests(policy.speech_ended(t)):
+        hyp = [w for w in words(script, 0.0) if w.end <= action.end and w.start >= action.start]
+        (draft,) = policy.recognized(action, hyp)
+        emitted.extend(w.text for w in draft.words)
+    assert emitted == script.split()[: len(emitted)]
+    assert len(emitted) >= 10
+
+
+def test_speech_shorter_than_a_word_requests_nothing() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
+    policy.speech_started(3.0)
+    assert policy.speech_ended(3.0) == []
+
+
+vocab = st.sampled_from(["a", "b", "c", "d", "e"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(vocab, max_size=12), min_size=1, max_size=12))
+def test_confirmed_words_never_change(hypotheses: list[list[str]]) -> None:
+    """Whatever the hypotheses say, each partial and the final extend what was confirmed."""
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=100.0)
+    policy.speech_started(0.0)
+    confirmed: list[str] = []
+    t = 0.0
+    for hyp in hypotheses:
+        t += 1.0
+        for request in requests(policy.advance(t)):
+            span = [w for w in words(" ".join(hyp), 0.0, step=0.3) if w.end <= request.end]
+            for draft in policy.recognized(request, span):
+                assert [w.text for w in draft.words][: len(confirmed)] == confirmed
+            now = [w.text for w in policy.confirmed]
+            assert now[: len(confirmed)] == confirmed
+            confirmed = now
+    for request in requests(policy.speech_ended(t)):
+        last = words(" ".join(hypotheses[-1]), 0.0, step=0.3)
+        (draft,) = policy.recognized(request, last)
+        assert [w.text for w in draft.words][: len(confirmed)] == confirmed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(vocab, max_size=10), st.lists(vocab, max_size=10))
+def test_tail_after_exact_extension(confirmed: list[str], rest: list[str]) -> None:
+    hyp = words(" ".join(confirmed + rest))
+    assert [w.text for w in tail_after(hyp[: len(confirmed)], hyp)] == rest
+
+
+def job(session: str, kind: str, at: float = 0.0) -> Job[str]:
+    return Job(session, kind, at, f"{session}-{kind}-{at}")
+
+
+def test_queue_runs_finals_before_partials_round_robin() -> None:
+    q: JobQueue[str] = JobQueue()
+    for j in (job("a", PARTIAL), job("a", FINAL, 1), job("a", FINAL, 2), job("b", FINAL, 3)):
+        q.push(j)
+    order = []
+    while (nxt := q.pop(0.0, set())[0]) is not None:
+        order.append(nxt.payload)
+    # a's partial was superseded by its final; b is not starved behind a's second final.
+    assert order == ["a-final-1", "b-final-3", "a-final-2"]
+
+
+def test_queue_supersedes_and_expires_partials() -> None:
+    q: JobQueue[str] = JobQueue(stale_after=2.0)
+    assert q.push(job("a", PARTIAL, 0.0)) == []
+    dropped = q.push(job("a", PARTIAL, 1.0))
+    assert [(j.payload, why) for j, why in dropped] == [("a-partial-0.0", "superseded")]
+    q.push(job("b", PARTIAL, 0.5))
+    nxt, dropped = q.pop(5.0, set())
+    assert nxt is None
+    assert sorted(why for _, why in dropped) == ["stale", "stale"]
+
+
+def test_queue_skips_busy_sessions_and_bounds_finals() -> None:
+    q2: JobQueue[str] = JobQueue(max_finals=2)
+    q2.push(job("a", FINAL, 1))
+    q2.push(job("b", PARTIAL, 1))
+    nxt, _ = q2.pop(1.0, {"a"})
+    assert nxt is not None and nxt.payload == "b-partial-1"
+    q2.push(job("c", FINAL, 2))
+    assert [why for _, why in q2.push(job("d", FINAL, 3))] == ["overflow"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([PARTIAL, FINAL]))))
+def test_queue_never_loses_a_final(pushes: list[tuple[str, str]]) -> None:
+    q: JobQueue[str] = JobQueue(stale_after=1e9)
+    finals = []
+    for i, (session, kind) in enumerate(pushes):
+        j = job(session, kind, float(i))
+        q.push(j)
+        if kind == FINAL:
+            finals.append(j.payload)
+    ran = []
+    while (nxt := q.pop(0.0, set())[0]) is not None:
+        ran.append(nxt.payload)
+    assert sorted(p for p in ran if "final" in p) == sorted(finals)
+    for session in "abc":  # each session's finals in submission order
+        mine = [p for p in ran if p.startswith(session) and "final" in p]
+        assert mine == [p for p in finals if p.startswith(session)]
