@@ -115,3 +115,15 @@ def ended_metadata(directory: Path) -> dict[str, Any] | None:
 def read_recording(directory: Path) -> tuple[bytes, int]:
     with wave.open(str(directory / "audio.wav"), "rb") as w:
         return w.readframes(w.getnframes()), w.getframerate()
+
+
+@pytest.fixture(scope="session")
+def whisper_model() -> Any:
+    """The default model (tiny.en), loaded once for the whole test run.
+
+    Gateways started with default model settings share this instance (the engine keeps
+    one loaded model per process), so tests pay the load once.
+    """
+    from pipelines.transcription.engine import shared_engine
+
+    return shared_engine(Settings())
