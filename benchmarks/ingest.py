@@ -94,6 +94,7 @@ class Window:
         self.pid = pid
         self.t = time.monotonic()
         self.cpu = common.cpu_seconds(pid)
+        self.wait = common.runqueue_wait_seconds(pid)
         self.own = common.cpu_seconds(os.getpid())
         self.jiffies = common.system_jiffies()
 
@@ -102,10 +103,12 @@ class Window:
         cpu = common.cpu_seconds(self.pid) - self.cpu
         own = common.cpu_seconds(os.getpid()) - self.own
         busy = common.busy_fraction(self.jiffies, common.system_jiffies()) * (os.cpu_count() or 1)
+        wait = common.runqueue_wait_seconds(self.pid) - self.wait
         return {
             "seconds": round(seconds, 2),
             "cpu_ms_per_stream_s": round(1000 * cpu / (n * seconds), 3),
             "cpu_core_pct": round(100 * cpu / seconds, 1),
+            "runqueue_wait_pct": round(100 * wait / seconds, 1),
             "generator_core_pct": round(100 * own / seconds, 1),
             # Everything else on the machine: other work sharing it makes figures noisy.
             "others_core_pct": round(100 * (busy - (cpu + own) / seconds), 1),
@@ -177,6 +180,11 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         gen_report = generator_report(gen, opts)
         await gen.stop_audio()
         result.update(cpu)
+        if cpu["runqueue_wait_pct"] > opts.max_wait_pct:
+            notes.append(
+                f"the gateway waited for a core {cpu['runqueue_wait_pct']}% of the window:"
+                " other processes starved it, so its lag is partly the machine's"
+            )
         audio_s = gen.frames_sent / n * frame / opts.rate
         touched = min(audio_s, opts.ring_seconds) * opts.rate * 2
         live = (rss_live - base) / n
@@ -301,6 +309,8 @@ def summarize(points: list[dict[str, Any]], opts: argparse.Namespace) -> dict[st
                 "floor_cpu_ms_per_stream_s": p.get("floor", {}).get("cpu_ms_per_stream_s"),
                 "cpu_vs_floor": p.get("cpu_vs_floor"),
                 "gateway_core_pct": g["cpu_core_pct"],
+                "gateway_runqueue_wait_pct": g["runqueue_wait_pct"],
+                "generator_core_pct": g["generator_core_pct"],
                 "ingest_lag_p50_ms": lag.get("p50"),
                 "ingest_lag_p99_ms": lag.get("p99"),
                 "loop_lag_p99_ms": g["loop_lag_ms"]["p99"],
@@ -338,12 +348,13 @@ def human(summary: dict[str, Any]) -> str:
         "",
         f"{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']};"
         f" load average at the end {m['loadavg']}. `others %` is CPU used by everything"
-        " but the gateway and the generator during the window.",
+        " but the gateway and the generator during the window; `gw waited %` is the time"
+        " the gateway was runnable but waiting for a core (other processes starving it).",
         "",
-        "| N | gw ms CPU/stream-s | floor | ratio | gw core % | lag p50/p99 ms |"
-        " loop p99 ms | lost | idle MiB/session | live MiB beyond ring | gen late p99 |"
-        " others % |",
-        "|" + "---|" * 12,
+        "| N | gw ms CPU/stream-s | floor | ratio | gw core % | gw waited % |"
+        " lag p50/p99 ms | loop p99 ms | lost | idle MiB/session | live MiB beyond ring |"
+        " gen late p99 ms | gen core % | others % |",
+        "|" + "---|" * 14,
     ]
     for r in summary["points"]:
         lag = (
@@ -353,9 +364,10 @@ def human(summary: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {r['n']} | {r['gateway_cpu_ms_per_stream_s']} | {r['floor_cpu_ms_per_stream_s']}"
-            f" | {r['cpu_vs_floor']} | {r['gateway_core_pct']} | {lag} | {r['loop_lag_p99_ms']}"
-            f" | {r['frames_lost']} | {r['rss_idle_per_session_mib']}"
-            f" | {r['rss_live_beyond_ring_mib']} | {r['generator_late_p99_ms']}"
+            f" | {r['cpu_vs_floor']} | {r['gateway_core_pct']} | {r['gateway_runqueue_wait_pct']}"
+            f" | {lag} | {r['loop_lag_p99_ms']} | {r['frames_lost']}"
+            f" | {r['rss_idle_per_session_mib']} | {r['rss_live_beyond_ring_mib']}"
+            f" | {r['generator_late_p99_ms']} | {r['generator_core_pct']}"
             f" | {r['others_core_pct']} |"
         )
     lines += ["", "Targets: " + json.dumps(summary["targets"]), ""]
@@ -379,6 +391,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=10.0,
         help="generator p99 lateness above which lag is not the gateway's",
+    )
+    p.add_argument(
+        "--max-wait-pct",
+        type=float,
+        default=10.0,
+        help="gateway run-queue wait (%% of the window) above which it was starved",
     )
     p.add_argument("--no-floor", action="store_true", help="skip the floor server")
     p.add_argument("--floor-no-uvloop", action="store_true", help="floor on stock asyncio")

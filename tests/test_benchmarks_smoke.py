@@ -1,0 +1,101 @@
+"""The ingest benchmark runs end to end: real gateway and floor processes, real sockets.
+
+Tiny N and a short window: this checks the script works and what it reports is
+consistent, not how fast anything is (speed lives in the benchmark's own output).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.loadgen import BINARY, TEXT, audio_frames, encode_frame
+from tests.conftest import LIBRIVOX
+
+ROOT = Path(__file__).resolve().parent.parent
+
+POINT_FIELDS = {
+    "cpu_ms_per_stream_s",
+    "cpu_core_pct",
+    "runqueue_wait_pct",
+    "rss_idle_per_session_mib",
+    "rss_live_per_session_mib",
+    "ring_mib_per_session",
+    "loop_lag_ms",
+    "frames_sent",
+    "frames_received",
+    "frames_lost",
+    "sessions_disagreeing",
+    "generator",
+    "notes",
+}
+
+
+def _unmask(frame: bytes) -> tuple[int, bytes]:
+    """Decode one client frame the way a server must (RFC 6455 section 5.3)."""
+    assert frame[0] & 0x80, "FIN set"
+    assert frame[1] & 0x80, "client frames are masked"
+    n, at = frame[1] & 0x7F, 2
+    if n == 126:
+        n, at = int.from_bytes(frame[2:4], "big"), 4
+    mask = frame[at : at + 4]
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(frame[at + 4 :]))
+    assert len(payload) == n
+    return frame[0] & 0x0F, payload
+
+
+def test_frames_are_masked_and_decode_to_their_payload() -> None:
+    text = b'{"protocol_version": 1}' * 10  # over 125 bytes: the 16-bit length form
+    assert _unmask(encode_frame(TEXT, text)) == (TEXT, text)
+    samples = np.arange(1000, dtype=np.int16)
+    frames = audio_frames(samples, 240)
+    assert len(frames) == 4  # the trailing partial frame is left out
+    decoded = b"".join(_unmask(f)[1] for f in frames)
+    assert decoded == samples[:960].tobytes()
+    assert all(_unmask(f)[0] == BINARY for f in frames)
+
+
+@pytest.mark.skipif(not LIBRIVOX.exists(), reason="LibriVox test speech not installed")
+def test_ingest_benchmark_reports_a_consistent_point(tmp_path: Path) -> None:
+    out = tmp_path / "ingest.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--n", "4"]
+    argv += ["--warmup", "1", "--window", "2", "--roster-every", "0.5"]
+    argv += ["--out", str(out), "--workdir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2, done.stdout
+    point, summary = lines
+    assert point["n"] == 4
+    gateway = point["gateway"]
+    assert gateway.keys() >= POINT_FIELDS
+    # Every frame the bots sent reached the gateway and its session files.
+    assert gateway["frames_sent"] >= 4 * 250  # about 3 s of 10 ms frames per bot
+    assert gateway["frames_lost"] == 0
+    assert gateway["sessions_disagreeing"] == 0
+    assert gateway["rosters_sent"] >= 4 * 4
+    assert gateway["messages_rejected"] == 0
+    assert gateway["cpu_ms_per_stream_s"] > 0
+    assert gateway["loop_lag_ms"]["observations"] > 0
+    lag = gateway["ingest_lag_ms"] or gateway["ingest_lag_ms_unattributed"]
+    assert lag["observations"] > 0
+    assert point["floor"]["cpu_ms_per_stream_s"] > 0
+    assert point["cpu_vs_floor"] > 0
+
+    assert summary["summary"] is True
+    assert [p["n"] for p in summary["points"]] == [4]
+    assert set(summary["targets"]) == {
+        "p99_lag_50ms_zero_loss_at_300",
+        "cpu_within_1_5x_floor",
+        "idle_session_1mib",
+    }
+    assert json.loads(out.read_text()) == summary
+    assert "| 4 |" in (tmp_path / "ingest.json.md").read_text()
+    # Recordings and logs go under the work directory and are removed afterwards.
+    assert not list(tmp_path.glob("ingest-4-*"))
