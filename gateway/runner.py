@@ -84,8 +84,10 @@ class PipelineRunner:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                await self._drain()
-                if self._closing:
+                # Read the flag before draining: close() may come while we drain.
+                final = self._closing
+                await self._drain(final)
+                if final:
                     break
         except Exception:
             self.failed = True
@@ -100,7 +102,7 @@ class PipelineRunner:
                 self._metrics.pipeline_errors.labels(self.name).inc()
             self._log.exception("pipeline %s failed while stopping", self.name)
 
-    async def _drain(self) -> None:
+    async def _drain(self, final: bool) -> None:
         while self._events:
             at, event = self._events.popleft()
             self._metrics.pipeline_queue.labels(self.name).dec()
@@ -110,7 +112,7 @@ class PipelineRunner:
                 self.cursor = max(self.cursor, event.sample + event.length)
         # Deliver whole blocks while live; everything at the end.
         end = self._ring.written
-        if not self._closing:
+        if not final:
             end -= (end - self.cursor) % self._block
         await self._deliver(end)
 

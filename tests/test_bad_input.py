@@ -113,9 +113,12 @@ async def test_flood_of_tiny_frames_loses_nothing(start_gateway: GatewayFactory)
 
 async def test_connection_limits_refuse_with_1013(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway(max_connections_per_ip=2)
-    async with connect(gw.url("/bots/a")), connect(gw.url("/bots/b")):
-        async with connect(gw.url("/bots/c")) as third:
-            assert await closed_with(third) == 1013
+    async with (
+        connect(gw.url("/bots/a")),
+        connect(gw.url("/bots/b")),
+        connect(gw.url("/bots/c")) as third,
+    ):
+        assert await closed_with(third) == 1013
     refused = gw.gateway.metrics.registry.get_sample_value(
         "gateway_connections_refused_total", {"reason": "overload"}
     )
