@@ -1,0 +1,182 @@
+"""Live transcription end to end: real speech through a simulated bot, the real socket
+path, the real gateway and the real model, read back from a real subscriber socket."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from gateway.simulator import SimulatedBot, read_wav
+from pipelines.transcription.engine import Engine
+
+from .conftest import GatewayFactory, Utterance
+
+pytestmark = pytest.mark.model
+
+PAUSE = 1.0  # silence between utterances, seconds
+
+
+def norm_words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def wer(reference: list[str], hypothesis: list[str]) -> float:
+    """Word error rate: word-level Levenshtein distance over the reference length."""
+    prev = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, 1):
+        cur = [i]
+        for j, h in enumerate(hypothesis, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
+        prev = cur
+    return prev[-1] / max(1, len(reference))
+
+
+@dataclass
+class Meeting:
+    """Utterances laid end to end with pauses; who speaks when."""
+
+    samples: np.ndarray[Any, np.dtype[np.int16]]
+    spans: list[tuple[float, float, int]] = field(default_factory=list)  # start, end, roster id
+    roster: list[dict[str, Any]] = field(default_factory=list)
+
+
+PEOPLE = {1: "Alice", 2: "Bob"}
+
+
+def meeting(utterances: list[Utterance], rate: int) -> Meeting:
+    parts, spans, roster = [], [], []
+    t = 0.0
+    silence = np.zeros(int(PAUSE * rate), np.int16)
+    for i, u in enumerate(utterances):
+        samples, _ = read_wav(u.path, rate)
+        speaker = 1 + i % 2
+        end = t + len(samples) / rate
+        spans.append((t, end, speaker))
+        roster.append({"at": t, "roster": _roster(speaker)})
+        roster.append({"at": end, "roster": _roster(None)})
+        parts += [samples, silence]
+        t = end + PAUSE
+    return Meeting(np.concatenate(parts), spans, roster)
+
+
+def _roster(speaking: int | None) -> list[dict[str, Any]]:
+    return [{"name": n, "id": i, "isSpeaking": i == speaking} for i, n in PEOPLE.items()]
+
+
+async def stream(
+    gw: Any, key: str, samples: np.ndarray[Any, Any], rate: int, **bot: Any
+) -> list[dict[str, Any]]:
+    """Play ``samples`` into session ``key``; every message a subscriber received."""
+    received: list[dict[str, Any]] = []
+    subscribed = asyncio.Event()
+
+    async def subscribe() -> None:
+        async with connect(gw.url(f"/bots/{key}/transcripts")) as ws:
+            subscribed.set()
+            received.extend([json.loads(message) async for message in ws])
+
+    reader = asyncio.create_task(subscribe())
+    await subscribed.wait()
+    await SimulatedBot(gw.url(f"/bots/{key}"), samples, rate, **bot).run()
+    # The session ends after its linger; the subscriber socket closes with it.
+    async with asyncio.timeout(60):
+        await reader
+    return received
+
+
+def finals(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m.get("type") == "Results" and m["is_final"]]
+
+
+def final_words(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [w for m in finals(messages) for w in m["channel"]["alternatives"][0]["words"]]
+
+
+@pytest.fixture(scope="module")
+def offline_wer(librivox: list[Utterance], whisper_model: Engine) -> float:
+    """WER of the same model transcribing each file whole, as the bound to meet."""
+    refs, hyps = [], []
+    for u in librivox:
+        samples, _ = read_wav(u.path, 16000)
+        hyp = whisper_model.transcribe(samples.astype(np.float32) / 32768, 0.0)
+        refs += norm_words(u.text)
+        hyps += norm_words(" ".join(w.text for w in hyp.words))
+    return wer(refs, hyps)
+
+
+@pytest.mark.parametrize("rate", [16000, 24000])
+async def test_streaming_wer_close_to_offline(
+    rate: int,
+    librivox: list[Utterance],
+    offline_wer: float,
+    start_gateway: GatewayFactory,
+    whisper_model: Engine,
+) -> None:
+    gw = await start_gateway(pipelines="recording,transcription")
+    m = meeting(librivox, rate)
+    messages = await stream(gw, f"wer{rate}", m.samples, rate, roster=m.roster)
+    reference = [w for u in librivox for w in norm_words(u.text)]
+    said = [w for x in final_words(messages) for w in norm_words(x["punctuated_word"])]
+    streaming = wer(reference, said)
+    assert streaming <= 1.1 * offline_wer + 0.02, (streaming, offline_wer, " ".join(said))
+    # Finals never overlap and come in clock order.
+    spans = [(f["start"], f["start"] + f["duration"]) for f in finals(messages)]
+    assert all(a[1] <= b[0] + 1e-6 for a, b in itertools.pairwise(spans))
+    # One speech_final and one UtteranceEnd per utterance; partials came first.
+    assert sum(f["speech_final"] for f in finals(messages)) == len(librivox)
+    assert sum(x.get("type") == "UtteranceEnd" for x in messages) == len(librivox)
+    assert any(x.get("type") == "Results" and not x["is_final"] for x in messages)
+    # Every final is on disk too.
+    lines = (gw.data_dir / "sessions" / f"wer{rate}" / "transcript.jsonl").read_text()
+    assert len(lines.splitlines()) == len(finals(messages))
+
+
+async def test_two_speakers_attributed(
+    librivox: list[Utterance], start_gateway: GatewayFactory, whisper_model: Engine
+) -> None:
+    gw = await start_gateway(pipelines="recording,transcription")
+    m = meeting(librivox, 16000)
+    messages = await stream(gw, "duo", m.samples, 16000, roster=m.roster)
+    words = final_words(messages)
+    assert len(words) >= 40
+
+    def truth(w: dict[str, Any]) -> int | None:
+        mid = (w["start"] + w["end"]) / 2
+        for a, b, who in m.spans:
+            if a - PAUSE / 2 <= mid <= b + PAUSE / 2:
+                return who
+        return None
+
+    right = sum(w.get("speaker") == truth(w) for w in words)
+    assert right / len(words) >= 0.95, [(w["word"], w.get("speaker"), truth(w)) for w in words]
+    for f in finals(messages):  # a final never mixes speakers
+        speakers = {w.get("speaker") for w in f["channel"]["alternatives"][0]["words"]}
+        assert len(speakers) == 1
+    assert {w.get("speaker_name") for w in words} == {"Alice", "Bob"}
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise"])
+async def test_no_text_for_silence_or_noise(
+    kind: str, start_gateway: GatewayFactory, whisper_model: Engine, tmp_path: Path
+) -> None:
+    rate, seconds = 16000, 60
+    if kind == "silence":
+        samples = np.zeros(rate * seconds, np.int16)
+    else:
+        noise = np.random.default_rng(7).normal(0.0, 3000.0, rate * seconds)
+        samples = np.clip(noise, -32768, 32767).astype(np.int16)
+    gw = await start_gateway(pipelines="recording,transcription")
+    messages = await stream(gw, kind, samples, rate, speed=4.0)
+    assert final_words(messages) == []
+    assert [m for m in messages if m.get("type") == "Results"] == []
+    transcript = gw.data_dir / "sessions" / kind / "transcript.jsonl"
+    assert transcript.read_text() == ""
