@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import uuid
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.speakers import Speaker
-from pipelines.transcription.formats import UNKNOWN_SPEAKER, deepgram, meeting_baas
+from pipelines.transcription.formats import UNKNOWN_SPEAKER, deepgram, meeting_baas, metadata
 from pipelines.transcription.results import Result, SpeechStarted, UtteranceEnd, Word
 from pipelines.transcription.subscribers import MessageQueue, Offer
 
@@ -54,6 +55,17 @@ def test_results_message_has_deepgram_fields_and_speakers() -> None:
     json.dumps(m)  # serialisable as is
 
 
+def test_results_carry_metadata_typed_clients_require() -> None:
+    meta = metadata(str(uuid.uuid4()), "tiny.en")
+    m = deepgram(result(word("hi", 0.0)), meta)
+    assert m["metadata"] == meta
+    assert uuid.UUID(m["metadata"]["request_id"])
+    assert m["metadata"]["model_uuid"] == metadata(str(uuid.uuid4()), "tiny.en")["model_uuid"]
+    assert m["metadata"]["model_info"]["name"] == "tiny.en"
+    assert m["from_finalize"] is False
+    assert "metadata" not in deepgram(result(word("hi", 0.0)))
+
+
 def test_partial_and_unknown_speaker() -> None:
     m = deepgram(result(word("um", 0.0, speaker=None), final=False))
     assert m["is_final"] is False
@@ -75,7 +87,7 @@ def test_result_speaker_is_the_majority_of_words() -> None:
 def test_event_messages() -> None:
     assert deepgram(SpeechStarted(2.5)) == {
         "type": "SpeechStarted",
-        "channel": [0],
+        "channel": [0, 1],
         "timestamp": 2.5,
     }
     assert deepgram(UtteranceEnd(3.25)) == {

@@ -6,7 +6,8 @@ them: ``Results`` (``is_final``, ``speech_final``, ``start``, ``duration``,
 the roster speaker where Deepgram puts its diarization index: ``speaker`` is the roster
 id (an integer; ``0`` when the roster gave none or nobody was marked speaking) and
 ``speaker_name`` is the display name (``null`` when unknown), on each word and on the
-result.
+result. ``Results`` also carry the ``metadata`` object (a per-session ``request_id``
+UUID and the model's name) that typed Deepgram clients insist on.
 
 ``transcript.jsonl`` holds the final ``Results`` messages exactly as subscribers
 receive them, one a line, so the file can be replayed to a subscriber verbatim and
@@ -22,7 +23,8 @@ Times are seconds on the session audio clock, rounded to milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from gateway.speakers import Speaker
@@ -33,6 +35,7 @@ __all__ = [
     "UNKNOWN_SPEAKER",
     "deepgram",
     "meeting_baas",
+    "metadata",
     "speaker_fields",
 ]
 
@@ -66,9 +69,9 @@ def _word(w: Word) -> Message:
     }
 
 
-def _results(r: Result) -> Message:
+def _results(r: Result, metadata: Mapping[str, Any] | None) -> Message:
     sid, name = speaker_fields(r.speaker)
-    return {
+    message: Message = {
         "type": "Results",
         "channel_index": [0, 1],
         "start": _t(r.start),
@@ -86,15 +89,35 @@ def _results(r: Result) -> Message:
                 }
             ]
         },
+        "from_finalize": False,
+    }
+    if metadata is not None:
+        message["metadata"] = dict(metadata)
+    return message
+
+
+def metadata(request_id: str, model: str) -> Message:
+    """The ``metadata`` of every ``Results`` of one session.
+
+    Typed Deepgram clients require it: ``request_id`` must be a UUID (one per session),
+    ``model_uuid`` is derived from the model's name so it is stable across restarts.
+    """
+    return {
+        "request_id": request_id,
+        "model_info": {"name": model, "version": "", "arch": "whisper"},
+        "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"meeting-gateway:model:{model}")),
     }
 
 
-def deepgram(event: TranscriptEvent) -> Message:
-    """The Deepgram-style live message for one transcription event."""
+def deepgram(event: TranscriptEvent, meta: Mapping[str, Any] | None = None) -> Message:
+    """The Deepgram-style live message for one transcription event.
+
+    ``meta`` (see :func:`metadata`) goes into ``Results`` messages when given.
+    """
     if isinstance(event, Result):
-        return _results(event)
+        return _results(event, meta)
     if isinstance(event, SpeechStarted):
-        return {"type": "SpeechStarted", "channel": [0], "timestamp": _t(event.timestamp)}
+        return {"type": "SpeechStarted", "channel": [0, 1], "timestamp": _t(event.timestamp)}
     if isinstance(event, UtteranceEnd):
         return {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": _t(event.last_word_end)}
     raise TypeError(f"not a transcript event: {event!r}")

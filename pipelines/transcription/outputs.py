@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 
 from pipelines.base import Environment, RouteHandler, SessionContext
 
-from .formats import deepgram, meeting_baas
+from .formats import deepgram, meeting_baas, metadata
 from .results import Result, TranscriptEvent
 from .subscribers import MessageQueue, Offer
 from .webhook import WebhookSender
@@ -78,6 +78,11 @@ class _Metrics:
         )
         self.finals = Counter(
             "gateway_transcript_finals_written", "Finals appended to transcript.jsonl", registry=r
+        )
+        self.write_errors = Counter(
+            "gateway_transcript_write_errors",
+            "Failures writing transcript.jsonl or transcript.json",
+            registry=r,
         )
 
 
@@ -310,6 +315,7 @@ class SessionOutputs:
         self._channel = channel
         self._webhooks = webhooks
         self._sequence = 0
+        self._meta = metadata(str(uuid.uuid4()), hub.env.settings.model)
         self._closed = False
         self._jsonl: IO[str] = open(ctx.directory / JSONL, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -320,21 +326,30 @@ class SessionOutputs:
         """
         if self._closed:
             return
-        message = deepgram(event)
+        message = deepgram(event, self._meta)
         message["session"] = self._ctx.key
         text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
         final = isinstance(event, Result) and event.is_final
         if final:
-            # Flushed per final: a crash of the process must not lose what was said.
-            self._jsonl.write(text + "\n")
-            self._jsonl.flush()
-            self._hub.metrics.finals.inc()
+            self._append(text)
             self._channel.history.append(text)
             self._channel.finals += 1
             self._sequence += 1
             self._webhook("transcript.final", message)
         partial = isinstance(event, Result) and not event.is_final
         self._hub._fan_out(self._channel, text, partial)
+
+    def _append(self, text: str) -> None:
+        try:
+            # Flushed per final: a crash of the process must not lose what was said.
+            self._jsonl.write(text + "\n")
+            self._jsonl.flush()
+        except OSError:
+            # A full disk must not stop live captions; the final still goes out.
+            self._hub.metrics.write_errors.inc()
+            self._ctx.log.exception("could not append a final to %s", JSONL)
+            return
+        self._hub.metrics.finals.inc()
 
     def _webhook(self, kind: str, data: dict[str, Any]) -> None:
         for url in self._webhooks:
@@ -354,17 +369,23 @@ class SessionOutputs:
         if self._closed:
             return
         self._closed = True
-        self._jsonl.flush()
-        os.fsync(self._jsonl.fileno())
-        self._jsonl.close()
-        speakers = [s.name for s in self._ctx.speakers.speakers]
-        directory = self._ctx.directory
-        transcript = await asyncio.to_thread(_write_transcript, directory, speakers)
-        self._webhook("transcript.complete", transcript)
-        self._hub._session_closed(self._channel)
+        try:
+            speakers = [s.name for s in self._ctx.speakers.speakers]
+            transcript = await asyncio.to_thread(
+                _write_transcript, self._jsonl, self._ctx.directory, speakers
+            )
+            self._webhook("transcript.complete", transcript)
+        except OSError:
+            self._hub.metrics.write_errors.inc()
+            self._ctx.log.exception("could not write %s", TRANSCRIPT)
+        finally:
+            self._hub._session_closed(self._channel)
 
 
-def _write_transcript(directory: Path, speakers: list[str]) -> dict[str, Any]:
+def _write_transcript(jsonl: IO[str], directory: Path, speakers: list[str]) -> dict[str, Any]:
+    with jsonl:
+        jsonl.flush()
+        os.fsync(jsonl.fileno())
     finals = []
     with open(directory / JSONL, encoding="utf-8") as f:
         for line in f:
