@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +53,11 @@ class Receiver:
     _server: asyncio.Server | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
 
+    scheme: str = "http"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook?x=1"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hook?x=1"
 
     @property
     def delivered(self) -> list[Request]:
@@ -64,9 +69,10 @@ class Receiver:
                 out.append(r)
         return out
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
+        self.scheme = "https" if tls else "http"
 
     async def stop(self) -> None:
         self._release.set()
@@ -116,6 +122,43 @@ async def test_post_returns_status_and_sends_headers(receiver: Receiver) -> None
     assert request.headers["content-type"] == "application/json"
     assert request.headers["x-test"] == "yes"
     assert request.body == b'{"a":1}'
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_post_over_tls_verifies_the_certificate(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    r = Receiver(statuses=[200])
+    await r.start(server_tls)
+    try:
+        assert r.url.startswith("https://")
+        # Not signed by a trusted authority: refused by default.
+        with pytest.raises(DeliveryError, match="SSL"):
+            await post(r.url, b"{}", {}, 5.0)
+        trusted = ssl.create_default_context(cafile=cert)
+        assert await post(r.url, b'{"a":1}', {}, 5.0, trusted) == 200
+        assert r.requests[-1].body == b'{"a":1}'
+    finally:
+        await r.stop()
 
 
 async def test_post_reports_a_peer_that_hangs_up(receiver: Receiver) -> None:

@@ -65,13 +65,23 @@ class Delivery:
     error: str = field(default="")
 
 
-async def post(url: str, body: bytes, headers: dict[str, str], limit: float) -> int:
-    """POST ``body`` over HTTP/1.1 (http or https) within ``limit`` seconds; return the status."""
+async def post(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    limit: float,
+    tls: ssl.SSLContext | None = None,
+) -> int:
+    """POST ``body`` over HTTP/1.1 within ``limit`` seconds; return the status code.
+
+    ``https://`` URLs are verified against ``tls``, by default the system's trusted
+    certificates. Raises :class:`DeliveryError` for anything but an HTTP status.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise DeliveryError(f"unsupported URL {url[:80]!r}")
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
+    secure = parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     lines = [
@@ -84,7 +94,7 @@ async def post(url: str, body: bytes, headers: dict[str, str], limit: float) -> 
         *(f"{k}: {v}" for k, v in headers.items()),
     ]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    context = ssl.create_default_context() if tls else None
+    context = (tls or ssl.create_default_context()) if secure else None
     try:
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
