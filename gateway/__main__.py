@@ -19,19 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from . import __version__, tokens
+from . import __version__, logs, tokens
 from .config import SUPPORTED_RATES, Settings
 from .errors import GatewayError
 
 SERVE_FLAGS = [f.name for f in dataclasses.fields(Settings)]
-
-
-def _setup_logging(settings: Settings) -> None:
-    if settings.log_format == "json":
-        fmt = '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
-    else:
-        fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
 
 
 def _install_uvloop() -> None:
@@ -57,7 +49,7 @@ async def _serve(settings: Settings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_sources(args)
-    _setup_logging(settings)
+    logs.setup(settings.log_level, settings.log_format)
     _install_uvloop()
     asyncio.run(_serve(settings))
     return 0

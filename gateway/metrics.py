@@ -4,7 +4,7 @@ Label values are bounded: close codes, rejection reasons from a fixed list, pipe
 names from the deployment's configuration. Never a session key or a speaker name.
 
 Per-frame counters are not touched per frame: sessions count in plain integers and
-flush into these counters every audio block (see :meth:`Session._flush_counts`), which
+flush into these counters every audio block (see :meth:`Session.flush_counts`), which
 keeps the hot path to a few attribute updates.
 """
 

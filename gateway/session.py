@@ -223,6 +223,7 @@ class Session:
         if self.output is not conn:
             return False
         self.output = None
+        self.flush_counts()
         self._away_since = now
         self.connection_changed()
         if self.vad is not None and self.ring is not None:
@@ -291,11 +292,12 @@ class Session:
             self._vad_pos = ring.written
             if events:
                 self._post_all(events)
-        self._flush_counts()
+        if self._unflushed.samples >= self.sample_rate:
+            self.flush_counts()  # about once a second: counters cost a lock each
         for runner in self.runners:
             runner.poke()
 
-    def _flush_counts(self) -> None:
+    def flush_counts(self) -> None:
         c, t, m = self._unflushed, self._total, self.metrics
         if c.frames:
             nbytes = 2 * c.samples
@@ -385,7 +387,7 @@ class Session:
             await self.player.close()
         self._post_all(self.speakers.close(now))
         await asyncio.gather(*(r.close() for r in self.runners))
-        self._flush_counts()
+        self.flush_counts()
         self.ended_at = now
         if self._started:
             self.write_metadata()
@@ -570,4 +572,8 @@ class SessionManager:
             self.metrics.sessions.labels(state).set(n)
 
     def refresh(self) -> None:
+        """Bring the session gauges and counters up to date (before a scrape)."""
+        for session in self._sessions.values():
+            if session.sample_rate:
+                session.flush_counts()
         self._update_gauge()
