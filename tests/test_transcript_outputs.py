@@ -24,6 +24,7 @@ from gateway import tokens
 from gateway.simulator import SimulatedBot, read_wav
 from gateway.speakers import Speaker
 from pipelines.base import Environment, Pipeline, PipelineFactory, SessionContext
+from pipelines.transcription.formats import deepgram
 from pipelines.transcription.outputs import (
     JSONL,
     MEMORY,
@@ -421,3 +422,24 @@ async def test_late_subscriber_and_files_with_the_real_model(
     await running.gateway.stop()
     await start_gateway(pipelines="recording")
     assert ((directory / JSONL).read_bytes(), (directory / TRANSCRIPT).read_bytes()) == before
+
+
+async def test_start_up_rebuilds_transcripts_a_crash_left_unwritten(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    sessions = tmp_path / "data" / "sessions"
+    crashed, finished = sessions / "crashed", sessions / "finished"
+    for directory in (crashed, finished):
+        directory.mkdir(parents=True)
+        lines = [json.dumps(deepgram(final(n, BOB if n else ALICE))) for n in range(2)]
+        # The crash cut the last line short.
+        (directory / JSONL).write_text("\n".join(lines) + '\n{"type": "Resu')
+    (crashed / "speakers.jsonl").write_text(
+        json.dumps({"seconds": 0.0, "speaker": "Carol", "speaking": True}) + "\n"
+    )
+    (finished / TRANSCRIPT).write_text("kept as it was\n")
+    await start(start_gateway)
+    transcript = json.loads((crashed / TRANSCRIPT).read_text())
+    assert [s["speaker"] for s in transcript["transcript"]] == ["Alice", "Bob"]
+    assert transcript["speakers"] == ["Carol", "Alice", "Bob"]
+    assert (finished / TRANSCRIPT).read_text() == "kept as it was\n"
