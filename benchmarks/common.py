@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
 #: A busy server can be slow to answer a scrape, but not this slow.
-HTTP_TIMEOUT = 10.0
+HTTP_TIMEOUT = 30.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -163,14 +163,23 @@ def quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
 
 
 def highest_bucket(buckets: list[tuple[float, float]]) -> float | None:
-    """Upper bound of the highest bucket that gained an observation (a max, roughly)."""
+    """Upper bound of the highest finite bucket that gained an observation (about a max).
+
+    Observations above every finite bound are not reflected: see :func:`above_top`.
+    """
     below = 0.0
     highest = None
     for le, count in buckets:
-        if count > below:
+        if count > below and le != float("inf"):
             highest = le
         below = count
     return highest
+
+
+def above_top(buckets: list[tuple[float, float]]) -> float:
+    """Observations above the highest finite bound (in the ``+Inf`` bucket only)."""
+    finite = [count for le, count in buckets if le != float("inf")]
+    return buckets[-1][1] - finite[-1] if buckets and finite else 0.0
 
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
