@@ -97,6 +97,26 @@ def machine() -> dict[str, object]:
     }
 
 
+def revision(root: Path) -> str:
+    """The commit the servers run, marked ``-dirty`` when the server code has edits."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "gateway", "pipelines"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
 # -- Prometheus -------------------------------------------------------------------------
 
 

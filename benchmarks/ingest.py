@@ -351,6 +351,7 @@ def summarize(points: list[dict[str, Any]], opts: argparse.Namespace) -> dict[st
     return {
         "summary": True,
         "machine": common.machine(),
+        "revision": common.revision(Path(__file__).resolve().parent.parent),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
         "points": rows,
         "targets": {
@@ -367,7 +368,8 @@ def human(summary: dict[str, Any]) -> str:
         "# Ingest benchmark",
         "",
         f"{m['nproc']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']};"
-        f" load average at the end {m['loadavg']}. `others %` is CPU used by everything"
+        f" load average at the end {m['loadavg']}; gateway at {summary['revision']}."
+        " `others %` is CPU used by everything"
         " but the gateway and the generator during the window; `gw waited %` is the time"
         " the gateway was runnable but waiting for a core (other processes starving it).",
         "",
