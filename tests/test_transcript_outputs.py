@@ -8,8 +8,11 @@ webhook without the speech model. Bots and subscribers are real WebSocket client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
+import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -367,6 +370,11 @@ async def test_finals_are_on_disk_as_published_and_survive_a_restart(
 # -- with the real model on real speech --------------------------------------------------
 
 
+def _words(message: dict[str, Any]) -> list[dict[str, Any]]:
+    words: list[dict[str, Any]] = message["channel"]["alternatives"][0]["words"]
+    return words
+
+
 def _finals(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in messages if m["type"] == "Results" and m["is_final"]]
 
@@ -443,3 +451,70 @@ async def test_start_up_rebuilds_transcripts_a_crash_left_unwritten(
     assert [s["speaker"] for s in transcript["transcript"]] == ["Alice", "Bob"]
     assert transcript["speakers"] == ["Carol", "Alice", "Bob"]
     assert (finished / TRANSCRIPT).read_text() == "kept as it was\n"
+
+
+_background: set[asyncio.Task[bytes]] = set()
+
+
+async def _spawn_gateway(data_dir: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """A gateway in its own process (so it can be killed), and the port it bound."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", "0"),
+        *("--data-dir", str(data_dir), "--pipelines", "recording,transcription"),
+        *("--linger", "60", "--log-format", "text"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(120):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            assert line, "the gateway exited before listening"
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                break
+    # Keep reading its log so the pipe never fills and blocks it.
+    drain = asyncio.create_task(proc.stderr.read())
+    _background.add(drain)
+    drain.add_done_callback(_background.discard)
+    return proc, int(m.group(1))
+
+
+@pytest.mark.model
+async def test_finals_written_survive_a_killed_gateway(
+    tmp_path: Path, librivox: list[Utterance]
+) -> None:
+    data_dir = tmp_path / "data"
+    speech, rate = read_wav(librivox[0].path)
+    samples = np.concatenate([speech, np.zeros(2 * rate, dtype=np.int16)])
+    proc, port = await _spawn_gateway(data_dir)
+    try:
+        bot = SimulatedBot(url=f"ws://127.0.0.1:{port}/bots/crash", samples=samples, rate=rate)
+        async with connect(f"ws://127.0.0.1:{port}/bots/crash/transcripts") as sub:
+            playing = asyncio.create_task(bot.run())
+            seen: list[dict[str, Any]] = []
+            while not _finals(seen):
+                seen.append(await recv(sub, within=60))
+            proc.kill()  # no shutdown, no finalization: as in a crash
+            await proc.wait()
+            seen += await recv_until_closed(sub)
+            with contextlib.suppress(OSError, ConnectionClosed):
+                await playing
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    directory = session_dir(data_dir, "crash")
+    assert not (directory / TRANSCRIPT).exists()
+    written = [json.loads(line) for line in (directory / JSONL).read_text().splitlines()]
+    # Every final a subscriber saw was on disk before the process died.
+    assert _finals(seen)
+    assert all(m in written for m in _finals(seen))
+    # The next start rebuilds the transcript from what was written.
+    proc, _ = await _spawn_gateway(data_dir)
+    proc.terminate()
+    await proc.wait()
+    transcript = json.loads((directory / TRANSCRIPT).read_text())
+    words = [w["word"] for s in transcript["transcript"] for w in s["words"]]
+    assert words == [
+        w["punctuated_word"] for m in written for w in m["channel"]["alternatives"][0]["words"]
+    ]
