@@ -115,6 +115,7 @@ class Window:
         self.t = time.monotonic()
         self.cpu = common.cpu_seconds(pid)
         self.wait = common.runqueue_wait_seconds(pid)
+        self.own_wait = common.runqueue_wait_seconds(os.getpid())
         self.own = common.cpu_seconds(os.getpid())
         self.jiffies = common.system_jiffies()
 
@@ -124,12 +125,14 @@ class Window:
         own = common.cpu_seconds(os.getpid()) - self.own
         busy = common.busy_fraction(self.jiffies, common.system_jiffies()) * (os.cpu_count() or 1)
         wait = common.runqueue_wait_seconds(self.pid) - self.wait
+        own_wait = common.runqueue_wait_seconds(os.getpid()) - self.own_wait
         return {
             "seconds": round(seconds, 2),
             "cpu_ms_per_stream_s": round(1000 * cpu / (n * seconds), 3),
             "cpu_core_pct": round(100 * cpu / seconds, 1),
             "runqueue_wait_pct": round(100 * wait / seconds, 1),
             "generator_core_pct": round(100 * own / seconds, 1),
+            "generator_runqueue_wait_pct": round(100 * own_wait / seconds, 1),
             # Everything else on the machine: other work sharing it makes figures noisy.
             "others_core_pct": round(100 * (busy - (cpu + own) / seconds), 1),
         }
@@ -219,7 +222,9 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
             result["ingest_lag_ms_unattributed"] = lag
             notes.append(
                 f"generator fell behind real time (p99 lateness {gen_report['late_ms']['p99']} ms"
-                f" > {opts.max_late_ms} ms): ingest lag is not the gateway's"
+                f" > {opts.max_late_ms} ms; it waited for a core"
+                f" {cpu['generator_runqueue_wait_pct']}% of the window): ingest lag is not"
+                " the gateway's"
             )
         result["loop_lag_ms"] = lag_ms(s0, s1, "gateway_event_loop_lag_seconds")
         result["outputs_connected_at_window_end"] = s1.value("gateway_connections", role="output")
