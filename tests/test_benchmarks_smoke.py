@@ -87,6 +87,8 @@ def test_ingest_benchmark_reports_a_consistent_point(tmp_path: Path) -> None:
     assert lag["observations"] > 0
     assert point["floor"]["cpu_ms_per_stream_s"] > 0
     assert point["cpu_vs_floor"] > 0
+    assert isinstance(point["valid"], bool)
+    assert gateway["rss_idle_method"] == "slope 2..4"
 
     assert summary["summary"] is True
     assert [p["n"] for p in summary["points"]] == [4]
