@@ -20,8 +20,9 @@ import platform
 import re
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,40 @@ def revision(root: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}-dirty" if dirty else head
+
+
+class CpuWindow:
+    """CPU of a server, of this process (the load generator) and of the machine.
+
+    Start one at the beginning of a measured window; :meth:`finish` at its end.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.t = time.monotonic()
+        self.cpu = cpu_seconds(pid)
+        self.wait = runqueue_wait_seconds(pid)
+        self.own_wait = runqueue_wait_seconds(os.getpid())
+        self.own = cpu_seconds(os.getpid())
+        self.jiffies = system_jiffies()
+
+    def finish(self, n: int) -> dict[str, float]:
+        seconds = time.monotonic() - self.t
+        cpu = cpu_seconds(self.pid) - self.cpu
+        own = cpu_seconds(os.getpid()) - self.own
+        busy = busy_fraction(self.jiffies, system_jiffies()) * (os.cpu_count() or 1)
+        wait = runqueue_wait_seconds(self.pid) - self.wait
+        own_wait = runqueue_wait_seconds(os.getpid()) - self.own_wait
+        return {
+            "seconds": round(seconds, 2),
+            "cpu_ms_per_stream_s": round(1000 * cpu / (n * seconds), 3),
+            "cpu_core_pct": round(100 * cpu / seconds, 1),
+            "runqueue_wait_pct": round(100 * wait / seconds, 1),
+            "generator_core_pct": round(100 * own / seconds, 1),
+            "generator_runqueue_wait_pct": round(100 * own_wait / seconds, 1),
+            # Everything else on the machine: other work sharing it makes figures noisy.
+            "others_core_pct": round(100 * (busy - (cpu + own) / seconds), 1),
+        }
 
 
 # -- Prometheus -------------------------------------------------------------------------
@@ -224,6 +259,20 @@ async def scrape(host: str, port: int) -> Scrape:
     return Scrape.parse(body.decode())
 
 
+def histogram_ms(before: Scrape, after: Scrape, name: str) -> dict[str, float | None]:
+    """p50, p99 and the highest bucket (in ms) of what a histogram saw between scrapes."""
+    buckets = bucket_delta(before.buckets(name), after.buckets(name))
+    out: dict[str, float | None] = {}
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
+        v = quantile(q, buckets)
+        out[label] = None if v is None else round(v * 1000, 2)
+    top = highest_bucket(buckets)
+    out["max_bucket"] = None if top is None else round(top * 1000, 2)
+    out["above_top_bucket"] = above_top(buckets)
+    out["observations"] = buckets[-1][1] if buckets else 0
+    return out
+
+
 # -- child servers ----------------------------------------------------------------------
 
 
@@ -264,3 +313,18 @@ class ServerProcess:
                 self.proc.kill()
                 await asyncio.to_thread(self.proc.wait)
         return self.proc.returncode
+
+
+async def poll(
+    condition: Callable[[], Awaitable[bool]], limit: float, interval: float = 0.1
+) -> bool:
+    """Await ``condition()`` (a coroutine function) until true or ``limit`` seconds pass."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if await condition():
+                return True
+        except (TimeoutError, OSError) as exc:
+            print(f"waiting on a busy server: {exc!r}", file=sys.stderr, flush=True)
+        await asyncio.sleep(interval)
+    return False

@@ -65,19 +65,6 @@ def speech(rate: int) -> np.ndarray[Any, np.dtype[np.int16]]:
     return np.concatenate([read_wav(w, rate)[0] for w in wavs])
 
 
-async def poll(condition: Any, limit: float, interval: float = 0.1) -> bool:
-    """Await ``condition()`` (a coroutine function) until true or ``limit`` seconds pass."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if await condition():
-                return True
-        except (TimeoutError, OSError) as exc:
-            log(f"waiting on a busy server: {exc!r}")
-        await asyncio.sleep(interval)
-    return False
-
-
 async def scrape(port: int, attempts: int = 4) -> Scrape:
     """A scrape that waits out a stalled gateway rather than losing the whole point."""
     for attempt in range(1, attempts + 1):
@@ -90,52 +77,8 @@ async def scrape(port: int, attempts: int = 4) -> Scrape:
     raise AssertionError("unreachable")
 
 
-def lag_ms(before: Scrape, after: Scrape, name: str) -> dict[str, float | None]:
-    buckets = common.bucket_delta(before.buckets(name), after.buckets(name))
-    out: dict[str, float | None] = {}
-    for label, q in (("p50", 0.5), ("p99", 0.99)):
-        v = common.quantile(q, buckets)
-        out[label] = None if v is None else round(v * 1000, 2)
-    top = common.highest_bucket(buckets)
-    out["max_bucket"] = None if top is None else round(top * 1000, 2)
-    out["above_top_bucket"] = common.above_top(buckets)
-    out["observations"] = buckets[-1][1] if buckets else 0
-    return out
-
-
 def niced(argv: list[str], opts: argparse.Namespace) -> list[str]:
     return ["nice", "-n", str(opts.nice), *argv] if opts.nice else argv
-
-
-class Window:
-    """CPU of the server, of this process and of the machine over a measured window."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.t = time.monotonic()
-        self.cpu = common.cpu_seconds(pid)
-        self.wait = common.runqueue_wait_seconds(pid)
-        self.own_wait = common.runqueue_wait_seconds(os.getpid())
-        self.own = common.cpu_seconds(os.getpid())
-        self.jiffies = common.system_jiffies()
-
-    def finish(self, n: int) -> dict[str, float]:
-        seconds = time.monotonic() - self.t
-        cpu = common.cpu_seconds(self.pid) - self.cpu
-        own = common.cpu_seconds(os.getpid()) - self.own
-        busy = common.busy_fraction(self.jiffies, common.system_jiffies()) * (os.cpu_count() or 1)
-        wait = common.runqueue_wait_seconds(self.pid) - self.wait
-        own_wait = common.runqueue_wait_seconds(os.getpid()) - self.own_wait
-        return {
-            "seconds": round(seconds, 2),
-            "cpu_ms_per_stream_s": round(1000 * cpu / (n * seconds), 3),
-            "cpu_core_pct": round(100 * cpu / seconds, 1),
-            "runqueue_wait_pct": round(100 * wait / seconds, 1),
-            "generator_core_pct": round(100 * own / seconds, 1),
-            "generator_runqueue_wait_pct": round(100 * own_wait / seconds, 1),
-            # Everything else on the machine: other work sharing it makes figures noisy.
-            "others_core_pct": round(100 * (busy - (cpu + own) / seconds), 1),
-        }
 
 
 def generator_report(gen: LoadGenerator, opts: argparse.Namespace) -> dict[str, Any]:
@@ -175,12 +118,12 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         rss_half = base
         if half:
             await gen.connect(half)
-            if not await poll(lambda: sessions("waiting", half), 60):
+            if not await common.poll(lambda: sessions("waiting", half), 60):
                 raise RuntimeError(f"{half} sessions did not open")
             await asyncio.sleep(1.0)  # let session start-up work (files, tasks) settle
             rss_half = common.rss_bytes(server.pid)
         await gen.connect(n - half)
-        if not await poll(lambda: sessions("waiting", n), 60):
+        if not await common.poll(lambda: sessions("waiting", n), 60):
             raise RuntimeError(f"{n} sessions did not open")
         await asyncio.sleep(1.0)
         rss_idle = common.rss_bytes(server.pid)
@@ -198,7 +141,7 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         await asyncio.sleep(opts.warmup)
         s0 = await scrape(port)
         gen.reset_lateness()
-        window = Window(server.pid)
+        window = common.CpuWindow(server.pid)
         await asyncio.sleep(opts.window)
         cpu = window.finish(n)
         s1 = await scrape(port)
@@ -217,7 +160,7 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         result["rss_live_per_session_mib"] = round(live / MIB, 4)
         result["ring_touched_mib_per_session"] = round(touched / MIB, 3)
         result["rss_live_beyond_ring_mib"] = round((live - touched) / MIB, 4)
-        lag = lag_ms(s0, s1, "gateway_ingest_lag_seconds")
+        lag = common.histogram_ms(s0, s1, "gateway_ingest_lag_seconds")
         if gen_report["kept_real_time"]:
             result["ingest_lag_ms"] = lag
         else:
@@ -229,7 +172,7 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
                 f" {cpu['generator_runqueue_wait_pct']}% of the window): ingest lag is not"
                 " the gateway's"
             )
-        result["loop_lag_ms"] = lag_ms(s0, s1, "gateway_event_loop_lag_seconds")
+        result["loop_lag_ms"] = common.histogram_ms(s0, s1, "gateway_event_loop_lag_seconds")
         result["outputs_connected_at_window_end"] = s1.value("gateway_connections", role="output")
         if gen_report["write_pauses"]:
             notes.append("the gateway did not read as fast as the bots wrote (send buffers full)")
@@ -242,7 +185,7 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
             s = await scrape(port)
             return s.value("gateway_audio_frames_received_total") >= sent
 
-        await poll(all_counted, 30)
+        await common.poll(all_counted, 30)
         final = await scrape(port)
         received = int(final.value("gateway_audio_frames_received_total"))
 
@@ -260,7 +203,7 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         async def recorded() -> bool:
             return short_sessions() == 0
 
-        await poll(recorded, 30, interval=0.25)
+        await common.poll(recorded, 30, interval=0.25)
         result.update(
             frames_sent=sent,
             frames_received=received,
@@ -295,7 +238,7 @@ async def run_floor(n: int, opts: argparse.Namespace, frames: list[bytes], work:
         gen.start_audio()
         await asyncio.sleep(opts.warmup)
         gen.reset_lateness()
-        window = Window(server.pid)
+        window = common.CpuWindow(server.pid)
         await asyncio.sleep(opts.window)
         result: dict[str, Any] = window.finish(n)
         result["generator"] = generator_report(gen, opts)

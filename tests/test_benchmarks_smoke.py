@@ -79,7 +79,7 @@ def test_ingest_benchmark_reports_a_consistent_point(tmp_path: Path) -> None:
     assert gateway["frames_sent"] >= 4 * 250  # about 3 s of 10 ms frames per bot
     assert gateway["frames_lost"] == 0
     assert gateway["sessions_disagreeing"] == 0
-    assert gateway["rosters_sent"] >= 4 * 4
+    assert gateway["rosters_sent"] >= 4 * 3
     assert gateway["messages_rejected"] == 0
     assert gateway["cpu_ms_per_stream_s"] > 0
     assert gateway["loop_lag_ms"]["observations"] > 0
