@@ -200,3 +200,11 @@ def test_queue_never_loses_a_final(pushes: list[tuple[str, str]]) -> None:
     for session in "abc":  # each session's finals in submission order
         mine = [p for p in ran if p.startswith(session) and "final" in p]
         assert mine == [p for p in finals if p.startswith(session)]
+
+
+def test_queue_runs_first_text_partials_before_others() -> None:
+    q: JobQueue[str] = JobQueue()
+    q.push(job("a", PARTIAL, 0.0))
+    q.push(Job("b", PARTIAL, 0.1, "b-first", urgent=True))
+    nxt, _ = q.pop(0.2, set())
+    assert nxt is not None and nxt.payload == "b-first"

@@ -269,15 +269,15 @@ class Engine:
     def load(cls, settings: Settings) -> Engine:
         """Resolve, verify and load the model. Blocks for seconds: call it in a thread.
 
-        With four threads or more, calls run two threads each on several workers, so
-        sessions are recognized side by side; with fewer, one call at a time.
+        Each thread is a worker running one call on one core: with the encoder window
+        sized to the audio a call is short, and sessions recognized side by side get
+        more done than one call spread over several cores.
         """
         from faster_whisper import WhisperModel
 
         directory = resolve_model(settings)
-        total = asr_threads(settings)
-        workers = max(1, total // 2) if total >= 4 else 1
-        threads = total // workers
+        workers = asr_threads(settings)
+        threads = 1
         began = time.perf_counter()
         try:
             model = WhisperModel(

@@ -204,7 +204,9 @@ class TranscriptionPipeline(Pipeline):
         if request.kind == "final":
             self._finals.append(pending)
         fn = functools.partial(self._engine.transcribe, audio, at / ASR_RATE)
-        future = self._scheduler.submit(self._ctx.key, request.kind, fn)
+        future = self._scheduler.submit(
+            self._ctx.key, request.kind, fn, urgent=request.kind == "partial" and request.first
+        )
         self._inflight.add(future)
         future.add_done_callback(functools.partial(self._recognized, pending))
 

@@ -66,6 +66,8 @@ class Request:
     speech_start: float
     speech_end: float | None
     """The VAD's end of speech, for finals that close an utterance."""
+    first: bool
+    """No partial of this segment has shown words yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,7 @@ class StreamingPolicy:
         self._confirmed: list[HypWord] = []
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._partial_pending = False
-        self._partials = 0
+        self._shown = False
         self._last_partial_end = 0.0
         self.emitted_words = 0
 
@@ -155,6 +157,7 @@ class StreamingPolicy:
             speech_final,
             self._speech_start,
             speech_end,
+            not self._shown,
         )
 
     def _new_segment(self, start: float) -> None:
@@ -163,7 +166,7 @@ class StreamingPolicy:
         self._confirmed = []
         self._previous = []
         self._partial_pending = False
-        self._partials = 0
+        self._shown = False
         self._last_partial_end = self._seg_start
 
     def speech_started(self, t: float) -> None:
@@ -196,9 +199,9 @@ class StreamingPolicy:
         out: list[Request | Draft] = []
         if t - self._seg_start >= self.max_utterance:
             out.extend(self._split(t))
-        interval = self.partial_interval if self._partials else self.first_partial
+        # Until a partial has shown words, ask again at the short first interval.
+        interval = self.partial_interval if self._shown else self.first_partial
         if not self._partial_pending and t - self._last_partial_end >= interval:
-            self._partials += 1
             self._partial_pending = True
             self._last_partial_end = t
             out.append(self._request("partial", t, speech_final=False))
@@ -246,6 +249,7 @@ class StreamingPolicy:
         tail = tail_after(self._confirmed, words)
         if request.end - request.start < CONFIRM_CONTEXT:
             shown = (*self._confirmed, *tail)
+            self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
         agreed = agreement(self._previous, tail)
         while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
@@ -255,6 +259,7 @@ class StreamingPolicy:
         shown = (*self._confirmed, *self._previous)
         if not shown:
             return []
+        self._shown = True
         return [Draft(shown, is_final=False, speech_final=False, request=request)]
 
     @property

@@ -2,7 +2,9 @@
 
 :class:`JobQueue` is the policy, sans-I/O: finals before partials; among sessions,
 round robin (each session's finals in order, and never two jobs of one session at
-once, so one busy meeting cannot hold every worker); a session has at most one partial
+once, so one busy meeting cannot hold every worker); partials that would bring an
+utterance's first text go first, then the session served least recently; a session
+has at most one partial
 waiting, and a newer one, or a final, supersedes it; a partial that waited longer than
 ``stale_after`` is dropped instead of run. Under load this thins partials first, and
 every partial not run is counted. The queue of finals is bounded (``max_finals``); a
@@ -22,7 +24,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from .metrics import TranscriptionMetrics
@@ -40,7 +42,8 @@ class Job(Generic[T]):
     kind: str
     submitted: float
     payload: T
-    seq: int = field(default=0)
+    urgent: bool = False
+    """A partial that would be the first text of an utterance: it goes before others."""
 
 
 class JobQueue(Generic[T]):
@@ -93,7 +96,11 @@ class JobQueue(Generic[T]):
                 self._finals[session] = jobs
             return job, []
         dropped: list[tuple[Job[T], str]] = []
-        for session in sorted(self._partials, key=lambda s: self._served.get(s, -1)):
+
+        def order(session: str) -> tuple[bool, int]:
+            return (not self._partials[session].urgent, self._served.get(session, -1))
+
+        for session in sorted(self._partials, key=order):
             if session in busy:
                 continue
             job = self._partials.pop(session)
@@ -154,9 +161,11 @@ class Scheduler:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def submit(self, session: str, kind: str, fn: Callable[[], T]) -> asyncio.Future[T | None]:
+    def submit(
+        self, session: str, kind: str, fn: Callable[[], T], *, urgent: bool = False
+    ) -> asyncio.Future[T | None]:
         future: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
-        job = Job(session, kind, time.monotonic(), _Work(fn, future))
+        job = Job(session, kind, time.monotonic(), _Work(fn, future), urgent)
         self._drop(self._queue.push(job))
         self._gauge()
         self._wake.set()
