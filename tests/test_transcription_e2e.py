@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,17 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway.config import Settings
+from gateway.errors import ModelError
 from gateway.simulator import SimulatedBot, read_wav
-from pipelines.transcription.engine import Engine
+from pipelines.transcription.engine import (
+    BASE_SHA256,
+    TINY_EN_SHA256,
+    Engine,
+    resolve_model,
+    sha256,
+    verify,
+)
 
 from .conftest import GatewayFactory, Utterance
 
@@ -181,3 +191,48 @@ async def test_no_text_for_silence_or_noise(
     assert [m for m in messages if m.get("type") == "Results"] == []
     transcript = gw.data_dir / "sessions" / kind / "transcript.jsonl"
     assert transcript.read_text() == ""
+
+
+# -- model resolution and checks ----------------------------------------------------------
+
+
+def test_bundled_model_resolves_and_verifies(tmp_path: Path) -> None:
+    directory = resolve_model(Settings(model="tiny.en"))
+    assert (directory / "model.bin").is_file()
+    copy = tmp_path / "tiny"
+    shutil.copytree(directory, copy)
+    with open(copy / "config.json", "r+b") as f:  # one flipped byte
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    with pytest.raises(ModelError, match=r"config\.json has SHA-256"):
+        verify(copy, TINY_EN_SHA256)
+
+
+def test_base_model_assembled_once_and_repaired(tmp_path: Path) -> None:
+    settings = Settings(model="base", model_cache=tmp_path / "cache")
+    directory = resolve_model(settings)
+    assert sha256(directory / "model.bin") == BASE_SHA256["model.bin"]
+    assembled = (directory / "model.bin").stat().st_mtime_ns
+    assert resolve_model(settings) == directory
+    assert (directory / "model.bin").stat().st_mtime_ns == assembled
+    (directory / "model.bin").write_bytes(b"truncated")
+    assert sha256(resolve_model(settings) / "model.bin") == BASE_SHA256["model.bin"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [directory.name]
+
+
+def test_model_directory_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"not tiny\.en, base, or a CTranslate2 directory"):
+        resolve_model(Settings(model=str(tmp_path / "nowhere")))
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"lacks config\.json, tokenizer\.json"):
+        resolve_model(Settings(model=str(tmp_path)))
+
+
+def test_any_ctranslate2_directory_loads(librivox: list[Utterance]) -> None:
+    directory = resolve_model(Settings(model="tiny.en"))
+    engine = Engine.load(Settings(model=str(directory), asr_threads=1))
+    samples, _ = read_wav(librivox[-1].path, 16000)
+    hyp = engine.transcribe(samples.astype(np.float32) / 32768, 2.0)
+    assert norm_words(" ".join(w.text for w in hyp.words)) == norm_words(librivox[-1].text)
+    assert hyp.words[0].start >= 2.0  # times are on the caller's clock
