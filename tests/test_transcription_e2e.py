@@ -236,3 +236,44 @@ def test_any_ctranslate2_directory_loads(librivox: list[Utterance]) -> None:
     hyp = engine.transcribe(samples.astype(np.float32) / 32768, 2.0)
     assert norm_words(" ".join(w.text for w in hyp.words)) == norm_words(librivox[-1].text)
     assert hyp.words[0].start >= 2.0  # times are on the caller's clock
+
+
+@pytest.mark.parametrize("bot_speech", ["label", "drop"])
+async def test_bot_voice_labelled_or_dropped(
+    bot_speech: str,
+    librivox: list[Utterance],
+    start_gateway: GatewayFactory,
+    whisper_model: Engine,
+) -> None:
+    gw = await start_gateway(pipelines="recording,transcription", bot_speech=bot_speech)
+    samples, _ = read_wav(librivox[1].path, 16000)  # about 3 s
+    audio = np.concatenate([samples, np.zeros(16000, np.int16)])
+    bot = {"name": "Notetaker", "id": 9, "isSelf": True}
+    roster = [
+        {"at": 0.0, "roster": [{**bot, "isSpeaking": True}, {"name": "Alice", "id": 1}]},
+        {"at": len(samples) / 16000, "roster": [{**bot, "isSpeaking": False}]},
+    ]
+    messages = await stream(gw, f"bot-{bot_speech}", audio, 16000, roster=roster)
+    words = final_words(messages)
+    if bot_speech == "drop":
+        assert words == []
+    else:
+        assert len(words) >= 5
+        assert {(w["speaker"], w["speaker_name"]) for w in words} == {(9, "Notetaker")}
+
+
+async def test_long_utterance_split_without_loss_or_duplication(
+    librivox: list[Utterance], start_gateway: GatewayFactory, whisper_model: Engine
+) -> None:
+    gw = await start_gateway(pipelines="recording,transcription", max_utterance=4.0)
+    longest = max(librivox, key=lambda u: len(u.text))
+    samples, _ = read_wav(longest.path, 16000)
+    audio = np.concatenate([samples, np.zeros(16000, np.int16)])
+    messages = await stream(gw, "split", audio, 16000)
+    results = finals(messages)
+    assert len(results) >= 2  # split at least once, at the maximum length
+    assert [f["speech_final"] for f in results][-1] is True
+    said = [w for x in final_words(messages) for w in norm_words(x["punctuated_word"])]
+    reference = norm_words(longest.text)
+    assert wer(reference, said) <= 0.2, " ".join(said)
+    assert len(said) <= len(reference) + 1  # nothing said twice across a split

@@ -316,8 +316,20 @@ class Engine:
         window (the offline reference).
         """
         began = time.perf_counter()
-        _compact.on = compact and self.compact
         with self._lock:
+            words, rejected = self._decode(audio, offset, prompt, compact and self.compact)
+            if compact and self.compact and "repetition" in rejected:
+                # A short window occasionally loops where the standard one does not.
+                words, rejected = self._decode(audio, offset, prompt, False)
+        return Hypothesis(
+            tuple(words), tuple(rejected), len(audio) / ASR_RATE, time.perf_counter() - began
+        )
+
+    def _decode(
+        self, audio: npt.NDArray[np.float32], offset: float, prompt: str | None, compact: bool
+    ) -> tuple[list[HypWord], list[str]]:
+        _compact.on = compact
+        try:
             segments, _ = self.model.transcribe(
                 audio,
                 language="en",
@@ -330,13 +342,9 @@ class Engine:
                 without_timestamps=False,
             )
             # The generator decodes as it is consumed: drain it here, in this thread.
-            try:
-                words, rejected = collect(list(segments), offset)
-            finally:
-                _compact.on = False
-        return Hypothesis(
-            tuple(words), tuple(rejected), len(audio) / ASR_RATE, time.perf_counter() - began
-        )
+            return collect(list(segments), offset)
+        finally:
+            _compact.on = False
 
 
 _shared: dict[tuple[str, str, int], Engine] = {}
