@@ -118,10 +118,10 @@ class Metrics:
             buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0),
             registry=r,
         )
-        self.speech_frames = Counter(
+        self.speech_frames_sent = Counter(
             "gateway_speech_frames_sent", "Audio messages sent to bots", registry=r
         )
-        self.speech_seconds = Counter(
+        self.speech_sent_seconds = Counter(
             "gateway_speech_sent_seconds", "Audio sent to bots, seconds", registry=r
         )
         self.speech_underruns = Counter(
