@@ -6,10 +6,11 @@ speaking" is not enough. The rule, using what the gateway knows exactly (what it
 and when the bot plays it) and what the roster says:
 
 1. A VAD speech start is the bot's own voice if it begins within ``echo_window``
-   seconds after an *onset* of the bot's audio (its playout of a loud frame after at
-   least ``quiet_gap`` of quiet) and the roster marks no other participant speaking.
-   Echo can only start where the bot's voice starts; a person who starts talking while
-   the bot's voice is steady is not explained by it.
+   seconds after an *onset* of the bot's speech and the roster marks no other
+   participant speaking. Onsets come from the same VAD run over the audio the gateway
+   sends, placed at the time the bot plays them, so the two detectors agree on where
+   speech starts. Echo can only start where the bot's voice starts; a person who starts
+   talking while the bot's voice is steady is not explained by it.
 2. Any other VAD speech start while the bot's audio is playing is a person: barge in.
 3. A roster that marks a participant other than the bot (``isSelf`` or the configured
    bot name) speaking while the bot plays is a person too. Rosters trail the audio by up
@@ -28,25 +29,19 @@ _HISTORY = 10.0
 
 
 class BargeIn:
-    __slots__ = ("_echo_window", "_last_loud", "_onsets", "_quiet_gap", "humans_speaking")
+    __slots__ = ("_echo_window", "_onsets", "humans_speaking")
 
-    def __init__(self, echo_window: float = 1.0, quiet_gap: float = 0.25) -> None:
+    def __init__(self, echo_window: float = 1.0) -> None:
         self._echo_window = echo_window
-        self._quiet_gap = quiet_gap
         self._onsets: deque[float] = deque()
-        self._last_loud: float | None = None
         #: Roster keys of participants other than the bot marked speaking now.
         self.humans_speaking: set[str] = set()
 
-    def played(self, at: float, duration: float, loud: bool) -> None:
-        """The bot plays a frame of ``duration`` seconds at ``at``; call in time order."""
-        if not loud:
-            return
-        if self._last_loud is None or at - self._last_loud >= self._quiet_gap:
-            self._onsets.append(at)
-            while self._onsets and self._onsets[0] < at - _HISTORY:
-                self._onsets.popleft()
-        self._last_loud = at + duration
+    def onset(self, at: float) -> None:
+        """The bot's speech starts playing at ``at``; call in time order."""
+        self._onsets.append(at)
+        while self._onsets and self._onsets[0] < at - _HISTORY:
+            self._onsets.popleft()
 
     def own_voice(self, speech_start: float) -> bool:
         """Whether a VAD speech start at ``speech_start`` is explained by the bot's voice."""

@@ -38,7 +38,7 @@ import numpy.typing as npt
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .audio.vad import SpeechEnded, SpeechStarted
+from .audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
 from .bargein import BargeIn
 from .config import Settings
 from .errors import GatewayError
@@ -53,8 +53,6 @@ Listener = Callable[[dict[str, Any]], None]
 MAX_QUEUED = 32
 #: Gain applied while ducking (-12 dB).
 DUCK_GAIN = 0.25
-#: Mean absolute sample value above which a sent frame counts as the bot's voice.
-LOUD = 300
 
 #: How long closing waits for the current utterance to report its end, seconds.
 CLOSE_TIMEOUT = 2.0
@@ -85,6 +83,7 @@ class Utterance:
     sent: int = 0
     started: float | None = None
     end_reason: str | None = None
+    stop_requested: float | None = None  # epoch
 
 
 class Player:
@@ -118,6 +117,16 @@ class Player:
         self._log = log
         self.pacer = Pacer(rate, settings.playback_lead_ms / 1000)
         self.barge_in = BargeIn()
+        # The session's VAD settings, run over what is sent: where the bot's speech
+        # starts, as the session's VAD will see it when it echoes back.
+        self._own_vad = VoiceActivity(
+            rate,
+            aggressiveness=settings.vad_aggressiveness,
+            frame_ms=settings.vad_frame_ms,
+            min_speech_ms=settings.vad_min_speech_ms,
+            hangover_ms=settings.vad_hangover_ms,
+        )
+        self._own_pos = 0
         self._queue: deque[Utterance] = deque()
         self._current: Utterance | None = None
         self._listeners: list[Listener] = []
@@ -153,6 +162,7 @@ class Player:
         ids = []
         if self._current is not None and self._current.end_reason is None:
             self._current.end_reason = reason
+            self._current.stop_requested = time.time()
             ids.append(self._current.id)
         while self._queue:
             utt = self._queue.popleft()
@@ -278,6 +288,9 @@ class Player:
             if ws is None:
                 break
             now = time.monotonic()
+            if not self.pacer.active or now >= self.pacer.playout_end:
+                # The bot went quiet: its next speech is a new onset.
+                self._own_vad.interrupt(self._own_pos)
             if self.pacer.resume(now) and utt.sent:
                 self._metrics.speech_underruns.inc()
             due = self.pacer.due()
@@ -304,11 +317,14 @@ class Player:
         playout = self.pacer.playout_time(self.pacer.position)
         self.pacer.sent(n)
         epoch = time.time() - sent_at
-        loud = float(np.abs(frame, dtype=np.int32).mean()) > LOUD
-        self.barge_in.played(playout + epoch, n / self.rate, loud)
+        for event in self._own_vad.feed(frame):
+            if type(event) is SpeechStarted:
+                at = playout - (self._own_pos - event.sample) / self.rate
+                self.barge_in.onset(at + epoch)
+        self._own_pos += n
         m = self._metrics
-        m.speech_frames.inc()
-        m.speech_seconds.inc(n / self.rate)
+        m.speech_frames_sent.inc()
+        m.speech_sent_seconds.inc(n / self.rate)
         m.speech_pacing_error.observe(max(0.0, sent_at - due))
         if utt.started is None:
             utt.started = sent_at
@@ -322,15 +338,17 @@ class Player:
         extra: dict[str, Any] = {"seconds": round(utt.sent / self.rate, 3)}
         if reason is not None:
             extra["reason"] = reason
+        if utt.stop_requested is not None:
+            extra["stop_requested"] = round(utt.stop_requested, 4)
         if utt.started is not None:
             now = time.monotonic()
             ends = time.time() + self.pacer.queued(now)
-            extra["played_until"] = round(ends, 3)
+            extra["played_until"] = round(ends, 4)
             self._speaking_cb(False, ends)
         self._emit(outcome, utt, **extra)
 
     def _emit(self, kind: str, utt: Utterance, **extra: Any) -> None:
-        event = {"type": kind, "id": utt.id, "kind": utt.kind, "time": round(time.time(), 3)}
+        event = {"type": kind, "id": utt.id, "kind": utt.kind, "time": round(time.time(), 4)}
         event.update(extra)
         for listener in list(self._listeners):
             listener(event)

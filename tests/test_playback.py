@@ -1,0 +1,264 @@
+"""Speech into the meeting over real sockets, checked from the bot's side."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.playback import Player
+from gateway.session import Session
+from gateway.simulator import read_wav
+
+from .conftest import GatewayFactory, RunningGateway, Utterance, wait_for
+from .playout import PlayoutBot, playout
+
+TERMINAL = {"finished", "interrupted", "cancelled", "failed"}
+
+
+def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (8000 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+
+
+async def live_session(running: RunningGateway, key: str) -> tuple[Session, Player]:
+    session: Session = await wait_for(
+        lambda: (s := running.gateway.sessions.get(key)) is not None and s.player is not None and s
+    )
+    assert session.player is not None
+    return session, session.player
+
+
+def record_events(player: Player) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    player.subscribe(events.append)
+    return events
+
+
+def ended(events: list[dict[str, Any]], uid: str) -> dict[str, Any] | None:
+    return next((e for e in events if e["id"] == uid and e["type"] in TERMINAL), None)
+
+
+def metric(running: RunningGateway, name: str, **labels: str) -> float:
+    return running.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("rate", [16000, 24000, 48000])
+async def test_paced_at_the_session_rate_on_the_dual_socket(
+    start_gateway: GatewayFactory, rate: int
+) -> None:
+    running = await start_gateway()
+    bot = PlayoutBot(running.url("/bots/dual"), rate)
+    await bot.start()
+    try:
+        session, player = await live_session(running, "dual")
+        events = record_events(player)
+        # A tone made at 16 kHz: the gateway must resample it to the session's rate.
+        uid = session.speak(tone(440.0, 2.0, 16000), 16000)
+        await wait_for(lambda: ended(events, uid))
+        await wait_for(lambda: len(bot.received) >= 2 * rate)
+    finally:
+        await bot.close()
+
+    assert ended(events, uid)["type"] == "finished"  # type: ignore[index]
+    assert bot.texts == 0
+    binary = [a for a in bot.arrivals if not a.text]
+    frame = rate * 20 // 1000
+    assert all(a.size % 2 == 0 for a in binary)
+    assert all(a.size == 2 * frame for a in binary[:-1])
+    assert len(bot.received) == 2 * rate  # soxr's flush keeps the duration exact
+    spectrum = np.abs(np.fft.rfft(bot.received.astype(np.float64)))
+    assert abs(np.argmax(spectrum) * rate / len(bot.received) - 440.0) < 2.0
+
+    # Frame n leaves at t0 + n * 20 ms - lead: check every arrival against that.
+    lead = running.gateway.settings.playback_lead_ms / 1000
+    t0 = binary[0].at
+    late = [a.at - (t0 + max(0.0, i * 0.020 - lead)) for i, a in enumerate(binary)]
+    assert max(abs(x) for x in late) < 0.060, max(late, key=abs)
+    assert abs(late[-1]) < 0.030  # no drift over the utterance
+    played = playout(bot.arrivals, rate)
+    assert played.max_queued <= lead + 0.020 + 0.010
+    assert played.underruns == 0
+
+
+async def test_exact_samples_and_an_utterance_queue(start_gateway: GatewayFactory) -> None:
+    running = await start_gateway()
+    bot = PlayoutBot(running.url("/bots/q"), 24000)
+    await bot.start()
+    rng = np.random.default_rng(7)
+    parts = [rng.integers(-9000, 9000, n, dtype=np.int16) for n in (4801, 12000, 7)]
+    try:
+        session, player = await live_session(running, "q")
+        events = record_events(player)
+        ids = [session.speak(p, 24000) for p in parts]
+        await wait_for(lambda: all(ended(events, i) for i in ids))
+        await wait_for(lambda: len(bot.received) >= sum(map(len, parts)))
+    finally:
+        await bot.close()
+    assert bot.received.tobytes() == np.concatenate(parts).tobytes()
+    assert [e["type"] for e in events if e["id"] == ids[0]] == ["queued", "started", "finished"]
+    starts = [
+        next(e["time"] for e in events if e["id"] == i and e["type"] == "started") for i in ids
+    ]
+    assert starts == sorted(starts)
+    # Back to back: the second utterance continues the stream, no restart of the lead.
+    assert playout(bot.arrivals, 24000).underruns == 0
+    assert metric(running, "gateway_speech_frames_sent_total") == len(bot.arrivals)
+
+
+async def test_separate_input_resumes_after_a_reconnect(start_gateway: GatewayFactory) -> None:
+    running = await start_gateway()
+    rate = 16000
+    bot = PlayoutBot(running.url("/bots/sep"), rate, input_url=running.url("/bots/sep/input"))
+    await bot.start()
+    source = np.random.default_rng(3).integers(-9000, 9000, 3 * rate, dtype=np.int16)
+    try:
+        session, player = await live_session(running, "sep")
+        events = record_events(player)
+        await wait_for(lambda: session.input is not None)
+        uid = session.speak(source, rate)
+        await wait_for(lambda: len(bot.received) >= rate)
+        bot.drop_input()
+        await wait_for(lambda: session.input is None)
+        before = len(bot.received)
+        dropped_at = time.monotonic()
+        await bot.connect_input()
+        await wait_for(lambda: ended(events, uid))
+        await wait_for(lambda: len(bot.received) >= len(source) - before // 2)
+    finally:
+        await bot.close()
+    assert ended(events, uid)["type"] == "finished"  # type: ignore[index]
+    assert bot.output_messages == 0  # never to the output socket of a two-socket bot
+    received = bot.received
+    assert received[:before].tobytes() == source[:before].tobytes()
+    # Whatever was in flight when the TCP connection died is lost with it; the rest of
+    # the utterance comes on the new socket, in order, and ends exactly at the end.
+    after = received[before:]
+    assert after.tobytes() == source[len(source) - len(after) :].tobytes()
+    assert len(source) - len(received) <= rate * 0.1
+    assert all(a.at > dropped_at for a in bot.arrivals[-len(after) // 320 :])
+
+
+async def test_drop_policy_ends_the_cut_utterance(start_gateway: GatewayFactory) -> None:
+    running = await start_gateway(on_input_drop="drop")
+    rate = 16000
+    bot = PlayoutBot(running.url("/bots/drop"), rate, input_url=running.url("/bots/drop/input"))
+    await bot.start()
+    try:
+        session, player = await live_session(running, "drop")
+        events = record_events(player)
+        await wait_for(lambda: session.input is not None)
+        cut = session.speak(tone(300, 3.0, rate), rate)
+        nxt = session.speak(tone(500, 0.5, rate), rate)
+        await wait_for(lambda: len(bot.received) >= rate // 2)
+        bot.drop_input()
+        await wait_for(lambda: ended(events, cut))
+        before = len(bot.received)
+        await bot.connect_input()
+        await wait_for(lambda: ended(events, nxt))
+        await wait_for(lambda: len(bot.received) >= before + rate // 2)
+    finally:
+        await bot.close()
+    assert ended(events, cut)["reason"] == "input_dropped"  # type: ignore[index]
+    assert ended(events, nxt)["type"] == "finished"  # type: ignore[index]
+    assert len(bot.received) == before + rate // 2
+
+
+async def test_person_talking_stops_the_bot_quickly(
+    start_gateway: GatewayFactory, librivox: list[Utterance]
+) -> None:
+    running = await start_gateway()
+    rate = 16000
+    voice, _ = read_wav(librivox[0].path, rate)
+    person, _ = read_wav(librivox[1].path, rate)
+    long_voice = np.concatenate([voice, voice])
+    bot = PlayoutBot(running.url("/bots/barge"), rate, mix=person, mix_at=1.5)
+    await bot.start()
+    try:
+        session, player = await live_session(running, "barge")
+        events = record_events(player)
+        uid = session.speak(long_voice, rate)
+        end = await wait_for(lambda: ended(events, uid))
+        await wait_for(lambda: bot.mix_started is not None)
+    finally:
+        await bot.close()
+    assert end["type"] == "interrupted"
+    assert end["reason"] == "barge_in"
+    assert len(bot.received) < len(long_voice) / 2
+    stop = end["stop_requested"]
+    # What the gateway had not sent when it heard the person is never sent: the bot
+    # stops at most the lead plus a frame later.
+    assert end["played_until"] - stop <= 0.150
+    last = max(a.at for a in bot.arrivals)
+    assert last - (stop - time.time() + time.monotonic()) <= 0.050
+    assert metric(running, "gateway_speech_barge_ins_total", policy="stop") == 1
+
+
+async def test_own_voice_in_the_mix_does_not_stop_the_bot(
+    start_gateway: GatewayFactory, librivox: list[Utterance]
+) -> None:
+    running = await start_gateway(bot_name="Notetaker")
+    rate = 16000
+    voice, _ = read_wav(librivox[2].path, rate)
+    bot = PlayoutBot(running.url("/bots/echo"), rate, echo_delay=0.15)
+    await bot.start()
+    try:
+        session, player = await live_session(running, "echo")
+        await bot.roster([{"name": "Alice", "id": 1, "isSpeaking": False}])
+        events = record_events(player)
+        uid = session.speak(voice, rate)
+        await wait_for(lambda: player.playing)
+        await bot.roster(
+            [
+                {"name": "Alice", "id": 1, "isSpeaking": False},
+                {"name": "Notetaker", "id": 2, "isSpeaking": True},
+            ]
+        )
+        end = await wait_for(lambda: ended(events, uid), within=20)
+    finally:
+        await bot.close()
+    assert end["type"] == "finished"
+    assert len(bot.received) == len(voice)
+    # The echo was heard as speech (counted when the session flushes at its end).
+    await wait_for(lambda: metric(running, "gateway_vad_speech_seconds_total") > 1.0)
+    assert metric(running, "gateway_speech_barge_ins_total", policy="stop") == 0
+
+
+async def test_roster_person_speaking_stops_the_bot(start_gateway: GatewayFactory) -> None:
+    running = await start_gateway(barge_in="stop")
+    bot = PlayoutBot(running.url("/bots/roster"), 24000)
+    await bot.start()
+    try:
+        session, player = await live_session(running, "roster")
+        events = record_events(player)
+        uid = session.speak(tone(200, 5.0, 24000), 24000)
+        await wait_for(lambda: player.playing)
+        await bot.roster([{"name": "Bob", "id": 3, "isSpeaking": True}])
+        end = await wait_for(lambda: ended(events, uid))
+    finally:
+        await bot.close()
+    assert end["type"] == "interrupted"
+    assert end["reason"] == "barge_in"
+
+
+async def test_duck_policy_lowers_the_rest(
+    start_gateway: GatewayFactory, librivox: list[Utterance]
+) -> None:
+    running = await start_gateway(barge_in="duck")
+    rate = 16000
+    person, _ = read_wav(librivox[1].path, rate)
+    bot = PlayoutBot(running.url("/bots/duck"), rate, mix=person, mix_at=2.0)
+    await bot.start()
+    try:
+        session, player = await live_session(running, "duck")
+        events = record_events(player)
+        uid = session.speak(tone(200, 4.0, rate), rate)
+        end = await wait_for(lambda: ended(events, uid))
+    finally:
+        await bot.close()
+    assert end["type"] == "finished"
+    levels = np.abs(bot.received.astype(np.int32)).reshape(-1, 320).max(axis=1)
+    assert levels.max() >= 7900
+    assert levels.min() <= 2100  # -12 dB while the person talked
