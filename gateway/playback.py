@@ -335,7 +335,7 @@ class Player:
 
     def _finish(self, utt: Utterance, outcome: str, reason: str | None) -> None:
         self._metrics.speech_utterances.labels(outcome).inc()
-        extra: dict[str, Any] = {"seconds": round(utt.sent / self.rate, 3)}
+        extra: dict[str, Any] = {"seconds": round(utt.sent / self.rate, 3), "samples": utt.sent}
         if reason is not None:
             extra["reason"] = reason
         if utt.stop_requested is not None:
