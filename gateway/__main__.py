@@ -1,4 +1,4 @@
-"""Command line: ``meeting-gateway serve | simulate | bot-config``.
+"""Command line: ``meeting-gateway serve | simulate | bot-config | say | play | stop``.
 
 This is the only module that reads flags and the environment.
 """
@@ -139,6 +139,60 @@ def cmd_bot_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace, request: dict[str, Any] | bytes) -> int:
+    """Send one control request and print every event it brings back, one JSON a line."""
+    from websockets.exceptions import InvalidHandshake, InvalidURI
+
+    from .control import command, control_url
+
+    settings = Settings.from_sources(args)
+    token = args.token or (
+        tokens.mint(settings.secret, "control", args.key, 300) if settings.secret else None
+    )
+    url = control_url(args.url, args.key, token)
+
+    async def run() -> int:
+        code = 0
+        async for event in command(url, request, args.timeout):
+            print(json.dumps(event), flush=True)
+            if event.get("type") in ("error", "failed"):
+                code = 1
+        return code
+
+    try:
+        return asyncio.run(run())
+    except TimeoutError:
+        raise GatewayError(f"no final event within {args.timeout} s") from None
+    except (OSError, InvalidURI, InvalidHandshake) as exc:
+        raise GatewayError(f"cannot reach the control endpoint: {exc}") from None
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    return _control(args, {"type": "say", "text": args.text})
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise GatewayError(f"cannot read {args.file}: {exc.strerror}") from None
+    return _control(args, data)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _control(args, {"type": "stop"})
+
+
+def _control_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    p.add_argument("--url", required=True, help="the gateway, ws://host:port (or a control URL)")
+    p.add_argument("--key", required=True, help="the session key (from bot-config)")
+    p.add_argument("--token", help="control token (default: minted from GATEWAY_SECRET if set)")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up after S seconds")
+    Settings.add_arguments(p, ["secret"])
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meeting-gateway", description="Audio streaming gateway for Meeting BaaS bots."
@@ -167,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--dual", action="store_true", help="one socket for output and input")
     cfg.add_argument("--key", help="session key (default: a new random key)")
     cfg.set_defaults(func=cmd_bot_config)
+
+    say = _control_parser(sub, "say", "make a session's bot say a text; prints its events")
+    say.add_argument("text", help="what to say")
+    say.set_defaults(func=cmd_say)
+    play = _control_parser(sub, "play", "play a 16-bit PCM WAV file into a session's meeting")
+    play.add_argument("file", help="WAV file (sent over the control socket)")
+    play.set_defaults(func=cmd_play)
+    stop = _control_parser(sub, "stop", "stop a session's bot speaking and clear its queue")
+    stop.set_defaults(func=cmd_stop)
     return parser
 
 
