@@ -9,13 +9,16 @@ text frames are fine here). Requests::
     {"type": "stop"}                                        (stop speaking, clear the queue)
 
 Replies to the requester: ``{"type": "accepted", "request": "say", "id": "u7"}``,
-``{"type": "stopped", "ids": [...]}`` or ``{"type": "error", "error": "..."}``. Every
-control socket of the session also gets the player's events, each with ``id``,
-``kind`` and ``time`` (epoch seconds): ``queued``, ``started`` (``latency`` from request
-to first frame sent), then ``finished``, ``interrupted`` (``reason``: ``barge_in``,
-``stopped``, ``input_dropped``, ``session_ended``), ``cancelled`` (never started) or
-``failed``; the last three carry ``seconds`` sent and ``played_until``, when the bot
-will have played the last sent sample.
+``{"type": "stopped", "ids": [...]}`` or ``{"type": "error", "error": "..."}``.
+
+Every control socket of the session also gets the player's events (from when it
+connects, or from its first request if the session did not exist yet), each with
+``id``, ``kind`` (``say``, ``play``, ``pipeline``) and ``time`` (epoch seconds):
+``queued``, ``started`` (with ``latency``, request to first frame sent), then one of
+``finished``, ``interrupted`` (with ``reason``: ``barge_in``, ``stopped``,
+``input_dropped``, ``session_ended``), ``cancelled`` (never started) or ``failed``.
+These carry ``seconds`` and ``samples`` sent and, once anything was sent,
+``played_until``: when the bot will have played the last sent sample.
 
 Audio is only ever taken from the message itself: the gateway never opens a file
 named by a client. A WAV is at most ``max_message_bytes`` (1 MiB by default, about 30 s
@@ -66,6 +69,9 @@ class ControlEndpoint:
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(OUTBOX)
         writer = asyncio.create_task(self._write(ws, outbox))
         link = _Link(outbox, self._metrics)
+        session = self._sessions.get(key)
+        if session is not None:
+            link.follow(session)  # a socket that only listens hears the session too
         try:
             async for message in ws:
                 reply = self._request(key, message, link)
