@@ -133,9 +133,20 @@ class OutputDecoder:
         """
         if isinstance(message, str):
             return self._text(message)
-        return self._audio(message)
+        samples = self.samples(message)
+        if samples is None:
+            return Rejected("empty_audio", "binary message with no bytes")
+        return Audio(samples)
 
-    def _audio(self, data: bytes) -> Audio | Rejected:
+    def samples(self, data: bytes) -> Samples | None:
+        """Decode a binary message straight to samples: the per-frame fast path.
+
+        Returns a read-only view over ``data`` (no copy) when no byte is carried, which
+        is every message of a well-behaved bot; ``None`` for an empty message, which
+        :meth:`receive` reports as ``empty_audio``.
+        """
+        if not self._odd and not len(data) & 1:
+            return np.frombuffer(data, dtype="<i2") if data else None
         if self._odd:
             data = self._odd + data
             self._odd = b""
@@ -143,12 +154,7 @@ class OutputDecoder:
             # Chunking split a sample: keep its first byte for the next message.
             self._odd = data[-1:]
             data = data[:-1]
-        if not data:
-            if self._odd:
-                return Audio(_EMPTY)
-            return Rejected("empty_audio", "binary message with no bytes")
-        # frombuffer over immutable bytes gives a read-only view: no copy here.
-        return Audio(np.frombuffer(data, dtype="<i2"))
+        return np.frombuffer(data, dtype="<i2") if data else _EMPTY
 
     def _text(self, text: str) -> Event:
         try:

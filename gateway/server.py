@@ -41,12 +41,13 @@ from .config import SUPPORTED_RATES, Settings
 from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
 from .metrics import Metrics, close_label
-from .protocol import Audio, Handshake, OutputDecoder, Rejected, Roster
+from .protocol import Handshake, OutputDecoder, Rejected, Roster
 from .session import ConnectionRecord, Session, SessionManager, key_from_bot_id, valid_key
 
 logger = logging.getLogger("gateway.server")
 
 LAG_INTERVAL = 0.1
+EMPTY_AUDIO = Rejected("empty_audio", "binary message with no bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,13 +248,19 @@ class Gateway:
         decoder = OutputDecoder()
         try:
             async for message in ws:
-                event = decoder.receive(message)
-                if type(event) is Audio:
+                if type(message) is bytes:
+                    # Audio is nearly every message: decode it without building an event.
+                    samples = decoder.samples(message)
+                    if samples is None:
+                        self._reject(session, EMPTY_AUDIO)
+                        continue
                     if session is None:
                         key = f"conn-{id(ws):x}"
                         session = self._attach(ws, key, route.params, record)
-                    session.receive_audio(event.samples, time.time())
-                elif type(event) is Handshake:
+                    session.receive_audio(samples, time.time())
+                    continue
+                event = decoder.receive(message)
+                if type(event) is Handshake:
                     if session is None:
                         key = key_from_bot_id(event.bot_id)
                         session = self._attach(ws, key, route.params, record)

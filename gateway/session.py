@@ -46,8 +46,9 @@ logger = logging.getLogger("gateway.session")
 _KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
-#: VAD and pipeline bookkeeping run every this much audio.
-BLOCK_MS = 60
+#: VAD and pipeline bookkeeping run every this much audio. Shorter blocks detect speech
+#: sooner (barge-in) but pay soxr's and Python's per-call cost more often.
+BLOCK_MS = 100
 
 
 def valid_key(key: str) -> bool:
@@ -252,11 +253,14 @@ class Session:
         self._last_audio_wall = now
         if ring.written - self._vad_pos >= self._block:
             self._process_block()
-            # How far behind real time the newest sample landed in the ring (the bot
-            # sends in real time, so this is transport and scheduling delay).
-            wall = self.clock.wall(ring.written)
-            if wall is not None:
-                self.metrics.ingest_lag.observe(max(0.0, now - wall))
+            if c.samples >= self.sample_rate:
+                # About once a second: metrics cost a lock each. The lag is how far
+                # behind real time the newest sample landed in the ring (the bot sends
+                # in real time, so this is transport and scheduling delay).
+                wall = self.clock.wall(ring.written)
+                if wall is not None:
+                    self.metrics.ingest_lag.observe(max(0.0, now - wall))
+                self.flush_counts()
 
     def _close_gap(self, now: float, arriving: int) -> None:
         assert self.ring is not None and self.vad is not None
@@ -292,8 +296,6 @@ class Session:
             self._vad_pos = ring.written
             if events:
                 self._post_all(events)
-        if self._unflushed.samples >= self.sample_rate:
-            self.flush_counts()  # about once a second: counters cost a lock each
         for runner in self.runners:
             runner.poke()
 

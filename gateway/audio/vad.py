@@ -70,7 +70,8 @@ class VoiceActivity:
         self.speech_samples = 0
 
     def _restart(self, at: int) -> None:
-        self._resampler = Resampler(self.rate, VAD_RATE, quality="MQ")
+        # Quick quality is plenty for a speech/non-speech decision and costs half of MQ.
+        self._resampler = Resampler(self.rate, VAD_RATE, quality="QQ")
         self._fill = 0
         self._origin = at  # native index where 16 kHz sample 0 of this run lies
         self._pos = 0  # 16 kHz samples classified so far in this run
