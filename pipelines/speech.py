@@ -20,6 +20,7 @@ import threading
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,22 @@ class ThreadSource:
 
     def _produce(self, loop: asyncio.AbstractEventLoop) -> None:
         def put(item: Samples | BaseException | None) -> None:
-            asyncio.run_coroutine_threadsafe(self._queue.put(item), loop).result()
+            try:
+                fut = asyncio.run_coroutine_threadsafe(self._queue.put(item), loop)
+            except RuntimeError:  # the loop is closed: nobody will read this
+                self._cancelled.set()
+                return
+            # Wait in slices: a consumer that vanished without aclose() (its loop
+            # stopped) must not hold this thread, and process exit, forever.
+            while True:
+                try:
+                    fut.result(timeout=0.5)
+                    return
+                except FutureTimeout:
+                    if self._cancelled.is_set() or loop.is_closed():
+                        fut.cancel()
+                        self._cancelled.set()
+                        return
 
         try:
             chunks = self._make()
