@@ -269,6 +269,7 @@ class Player:
             if utt.sent and not self._resume:
                 utt.end_reason = "input_dropped"
                 return None
+            self.pacer.stop()  # a new socket is a new bot-side queue: not an underrun
             self._wake.clear()
             await self._wake.wait()
 
