@@ -47,7 +47,7 @@ class Pacer:
         """
         if self._t0 is not None and now < self.playout_end:
             return False
-        ran_dry = self._t0 is not None
+        ran_dry = self._t0 is not None and self.position > 0
         self._t0, self.position = now, 0
         return ran_dry
 

@@ -7,7 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.bargein import BargeIn
+from gateway.pacing import Pacer
 from gateway.playback import Player
 from gateway.session import Session
 from gateway.simulator import read_wav
@@ -262,3 +266,72 @@ async def test_duck_policy_lowers_the_rest(
     levels = np.abs(bot.received.astype(np.int32)).reshape(-1, 320).max(axis=1)
     assert levels.max() >= 7900
     assert levels.min() <= 2100  # -12 dB while the person talked
+
+
+# -- the sans-I/O parts -------------------------------------------------------------------
+
+
+@given(
+    frames=st.lists(st.integers(1, 2000), min_size=1, max_size=200),
+    lateness=st.lists(st.floats(0, 0.015), min_size=1, max_size=200),
+)
+def test_pacer_schedule_is_exact_however_late_each_send(
+    frames: list[int], lateness: list[float]
+) -> None:
+    rate, lead = 24000, 0.1
+    pacer = Pacer(rate, lead)
+    assert pacer.resume(100.0) is False
+    t0, now, sent = 100.0, 100.0, 0
+    for i, n in enumerate(frames):
+        # The schedule depends on the sample count only, never on when sends happened.
+        due = pacer.due()
+        assert due == pytest.approx(max(t0, t0 + sent / rate - lead))
+        now = max(now, due) + lateness[i % len(lateness)]
+        dry = now >= t0 + sent / rate
+        assert pacer.resume(now) is (dry and sent > 0)
+        if dry:  # the bot has nothing left: a new stream starts now
+            t0, sent = now, 0
+        pacer.sent(n)
+        sent += n
+        # Sent on time or late, the bot never holds more than the lead plus one frame.
+        assert pacer.queued(now) <= lead + n / rate + 1e-9
+
+
+def test_pacer_new_stream_after_the_bot_ran_dry() -> None:
+    pacer = Pacer(16000, 0.1)
+    pacer.resume(10.0)
+    pacer.sent(16000)  # one second
+    assert pacer.resume(10.5) is False
+    assert pacer.playout_end == pytest.approx(11.0)
+    assert pacer.resume(11.2) is True
+    assert pacer.due() == 11.2
+    assert pacer.position == 0
+    pacer.stop()
+    assert pacer.resume(12.0) is False
+    assert pacer.queued(12.0) == 0.0
+
+
+def test_barge_in_tells_echo_from_a_person() -> None:
+    policy = BargeIn(echo_window=1.0)
+    policy.onset(50.0)
+    assert policy.own_voice(50.2)  # the bot's speech coming back
+    assert policy.own_voice(50.96)
+    assert not policy.own_voice(51.5)  # a start the bot's voice does not explain
+    assert not policy.own_voice(49.0)
+    # The roster says a person is talking: nothing is put down to echo.
+    assert policy.roster_change("id:1", is_bot=False, speaking=True) is True
+    assert policy.roster_change("id:1", is_bot=False, speaking=True) is False
+    assert not policy.own_voice(50.2)
+    assert policy.roster_change("id:1", is_bot=False, speaking=False) is False
+    assert policy.own_voice(50.2)
+    assert policy.roster_change("id:2", is_bot=True, speaking=True) is False
+
+
+@given(st.lists(st.floats(0, 1000), max_size=50), st.floats(0, 1000))
+def test_barge_in_echo_only_near_an_onset(onsets: list[float], start: float) -> None:
+    policy = BargeIn(echo_window=1.0)
+    for at in sorted(onsets):
+        policy.onset(at)
+    recent = [o for o in sorted(onsets) if o >= max(onsets, default=0) - 10.0]
+    expected = any(o - 0.05 <= start <= o + 1.0 for o in recent)
+    assert policy.own_voice(start) is expected
