@@ -153,22 +153,25 @@ class SessionOutputs:
         final = isinstance(event, Result) and event.is_final
         partial = isinstance(event, Result) and not event.is_final
         if final:
-            self._append(text)
             self._sequence += 1
             self._webhook("transcript.final", message)
+            # Late subscribers replay finals from the file too, so only one that made it
+            # there counts as a final for them; live subscribers get it either way.
+            final = self._append(text)
         self._outputs.hub.publish(self._channel, text, final=final, partial=partial)
 
-    def _append(self, text: str) -> None:
+    def _append(self, text: str) -> bool:
         try:
             # Flushed per final: a crash of the process must not lose what was said.
             self._jsonl.write(text + "\n")
             self._jsonl.flush()
         except OSError:
-            # A full disk must not stop live captions; the final still goes out.
+            # A full disk must not stop live captions.
             self._outputs.write_errors.inc()
             self._ctx.log.exception("could not append a final to %s", JSONL)
-            return
+            return False
         self._outputs.finals.inc()
+        return True
 
     def _webhook(self, kind: str, data: dict[str, Any]) -> None:
         for url in self._urls:
