@@ -370,7 +370,8 @@ class Session:
     def _bot_speaking(self, speaking: bool, wall: float) -> None:
         # The timeline only knows what rosters say; the gateway knows exactly when the bot
         # plays what it sent, so pipelines hear it as a bot speaker change.
-        bot = self.speakers.bot or Speaker("gateway:voice", None, self.settings.bot_name, True)
+        name = self.settings.bot_name or "bot"
+        bot = self.speakers.bot or Speaker("gateway:voice", None, name, True)
         event = SpeakerChange(self.clock.at_wall(wall), wall, bot, speaking)
         for runner in self.runners:
             runner.post(event.sample, event)
