@@ -15,6 +15,8 @@ from gateway.pacing import Pacer
 from gateway.playback import Player
 from gateway.session import Session
 from gateway.simulator import read_wav
+from gateway.speakers import SpeakerChange
+from pipelines.base import Pipeline, PipelineFactory, Samples, SessionContext
 
 from .conftest import GatewayFactory, RunningGateway, Utterance, wait_for
 from .playout import PlayoutBot, playout
@@ -335,3 +337,50 @@ def test_barge_in_echo_only_near_an_onset(onsets: list[float], start: float) -> 
     recent = [o for o in sorted(onsets) if o >= max(onsets, default=0) - 10.0]
     expected = any(o - 0.05 <= start <= o + 1.0 for o in recent)
     assert policy.own_voice(start) is expected
+
+
+class Greeter(Pipeline):
+    """Speaks through the pipeline contract when it starts; keeps the events it gets."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.said: str | None = None
+
+    async def start(self, ctx: SessionContext) -> None:
+        self.said = ctx.speak(tone(330, 1.0, 8000), 8000)
+
+    async def audio(self, start: int, samples: Samples) -> None:
+        pass
+
+    async def event(self, event: Any) -> None:
+        self.events.append(event)
+
+
+async def test_a_pipeline_speaks_and_hears_when_the_bot_speaks(
+    start_gateway: GatewayFactory,
+) -> None:
+    made: list[Greeter] = []
+
+    class GreeterFactory(PipelineFactory):
+        name = "greeter"
+
+        def create(self, ctx: SessionContext) -> Pipeline:
+            made.append(Greeter())
+            return made[-1]
+
+    running = await start_gateway(factories={"greeter": GreeterFactory}, bot_name="Notetaker")
+    bot = PlayoutBot(running.url("/bots/greet"), 24000)
+    await bot.start()
+    try:
+        await wait_for(lambda: made and made[0].said)
+        await wait_for(lambda: len(bot.received) >= 24000)
+        await wait_for(lambda: len([e for e in made[0].events if type(e) is SpeakerChange]) == 2)
+    finally:
+        await bot.close()
+    assert len(bot.received) == 24000  # 1 s at 8 kHz, resampled to the session's rate
+    on, off = (e for e in made[0].events if type(e) is SpeakerChange)
+    assert on.speaker.is_bot and off.speaker.is_bot
+    assert on.speaker.name == "Notetaker"
+    assert (on.speaking, off.speaking) == (True, False)
+    # On the session clock, the bot is heard for about the second it played.
+    assert 0.9 < (off.sample - on.sample) / 24000 < 1.2
