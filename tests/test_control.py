@@ -15,6 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway import tokens
+from gateway.playback import MAX_QUEUED
 
 from .conftest import GatewayFactory, RunningGateway, wait_for
 from .playout import PlayoutBot
@@ -233,3 +234,22 @@ async def test_cli_say(start_gateway: GatewayFactory) -> None:
     assert code == 0, err
     assert [e["type"] for e in events][-2:] == ["started", "finished"]
     assert len(bot.received) == events[-1]["samples"] > 24000 // 2
+
+
+async def test_a_full_queue_refuses_more(start_gateway: GatewayFactory) -> None:
+    running, bot = await speaking_session(start_gateway, "full")
+    control = await open_control(running, "full")
+    clip = wav_bytes(tone(300, 2.0, 16000), 16000)
+    try:
+        replies = [await control.send(clip) for _ in range(MAX_QUEUED + 2)]
+        stopped = await control.send({"type": "stop"})
+    finally:
+        await control.close()
+        await bot.close()
+    kinds = [r["type"] for r in replies]
+    # One is playing, MAX_QUEUED wait; the next is refused and counted.
+    assert kinds == ["accepted"] * (MAX_QUEUED + 1) + ["error"]
+    assert "already waiting" in replies[-1]["error"]
+    assert len(stopped["ids"]) == MAX_QUEUED + 1
+    registry = running.gateway.metrics.registry
+    assert registry.get_sample_value("gateway_speech_utterances_total", {"outcome": "refused"}) == 1
