@@ -65,6 +65,10 @@ def wer(reference: list[str], hypothesis: list[str]) -> float:
     return prev[-1] / max(1, len(reference))
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def pct(values: list[float], q: float) -> float | None:
     return None if not values else round(float(np.percentile(values, q)), 3)
 
@@ -191,8 +195,7 @@ async def run(sessions: int, rate: int, seconds: float, settings: dict[str, Any]
         out = ctx.Queue()
         proc = ctx.Process(target=clients, args=(port, sessions, rate, seconds, out))
         proc.start()
-        meetings = await asyncio.to_thread(out.get)
-        await asyncio.to_thread(proc.join)
+        meetings = await asyncio.to_thread(_collect, out, proc)
         stop.set()
         await sampler
         await gateway.stop()
@@ -230,6 +233,21 @@ async def run(sessions: int, rate: int, seconds: float, settings: dict[str, Any]
     }
 
 
+def _collect(out: Any, proc: Any) -> Any:
+    """The child's result; fail instead of waiting forever if it died."""
+    import queue
+
+    while True:
+        try:
+            result = out.get(timeout=1.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"client process exited with {proc.exitcode}") from None
+            continue
+        proc.join()
+        return result
+
+
 def offline_wer(settings: dict[str, Any]) -> tuple[float, list[str]]:
     engine = shared_engine(Settings(**settings))
     refs, hyps, texts = [], [], []
@@ -264,6 +282,14 @@ async def main() -> None:
         ref = [w for u in r["_utterances"] for w in norm_words(u["text"])]
         accuracy[f"streaming_wer_{rate}"] = round(wer(ref, said), 4)
         latency[str(rate)] = {k: v for k, v in r.items() if not k.startswith("_")}
+        latency[str(rate)]["per_utterance"] = [
+            {
+                "text": u["text"][:40],
+                "final": _round(u["final_latency"]),
+                "first_partial": _round(u["first_partial_latency"]),
+            }
+            for u in r["_utterances"]
+        ]
     load = []
     for n in (int(x) for x in args.sessions.split(",")):
         r = await run(n, 16000, args.duration, settings)

@@ -277,3 +277,24 @@ async def test_long_utterance_split_without_loss_or_duplication(
     reference = norm_words(longest.text)
     assert wer(reference, said) <= 0.2, " ".join(said)
     assert len(said) <= len(reference) + 1  # nothing said twice across a split
+
+
+async def test_reconnect_gap_ends_the_utterance_and_transcription_goes_on(
+    librivox: list[Utterance], start_gateway: GatewayFactory, whisper_model: Engine
+) -> None:
+    gw = await start_gateway(pipelines="recording,transcription", linger=2.0)
+    m = meeting(librivox, 16000)
+    cut = (m.spans[1][0] + m.spans[1][1]) / 2  # the bot drops mid-utterance
+    messages = await asyncio.wait_for(
+        stream(gw, "gap", m.samples, 16000, reconnect_after=cut, reconnect_delay=1.0), 120
+    )
+    results = finals(messages)
+    errors = gw.gateway.metrics.pipeline_errors.labels("transcription")._value.get()
+    assert errors == 0
+    # The cut utterance still closes with what was heard; the rest is transcribed.
+    assert sum(f["speech_final"] for f in results) >= len(librivox)
+    words = final_words(messages)
+    assert not [w for w in words if cut + 0.2 < (w["start"] + w["end"]) / 2 < cut + 0.8]
+    after = [w for w in words if w["start"] > m.spans[-1][0]]
+    said = norm_words(" ".join(w["punctuated_word"] for w in after))
+    assert wer(norm_words(librivox[-1].text), said) <= 0.15, said

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.transcription.engine import HypWord, normalize
+from pipelines.transcription.engine import HypWord, looping, normalize
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
     Draft,
@@ -208,3 +208,10 @@ def test_queue_runs_first_text_partials_before_others() -> None:
     q.push(Job("b", PARTIAL, 0.1, "b-first", urgent=True))
     nxt, _ = q.pop(0.2, set())
     assert nxt is not None and nxt.payload == "b-first"
+
+
+def test_looping_catches_repeated_phrases_only() -> None:
+    assert looping(["he", "was", "he", "was", "he", "was"])
+    assert looping(["so", "so", "so", "so"])
+    assert not looping(["no", "no", "no"])
+    assert not looping(["had", "he", "married", "a", "more", "amiable", "woman", "he", "might"])

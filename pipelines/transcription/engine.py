@@ -61,6 +61,10 @@ BASE_PARTS_SHA256: Mapping[str, str] = {
 NO_SPEECH_PROB = 0.6
 LOGPROB_FLOOR = -1.0
 COMPRESSION_RATIO_MAX = 2.4
+# Speech runs at about 3 words (4-5 tokens) a second. A decode that needs far more is
+# looping, and a loop left to run to Whisper's 448-token limit costs seconds.
+TOKENS_PER_SECOND = 10
+TOKEN_SLACK = 16
 _PUNCTUATION = "\"'\u201c\u201d\u2018\u2019\u00bf\u00a1([{-.,!?;:)]}\u2026"
 
 
@@ -203,6 +207,21 @@ def judge(segment: Any) -> str | None:
     return None
 
 
+def looping(words: list[str]) -> bool:
+    """Whether a phrase repeats back to back: 3 times (4 for a single word).
+
+    Too short for the compression-ratio check to notice, and what Whisper produces
+    when it loops on a fragment ("he was... he was... he was...").
+    """
+    for n in (1, 2, 3, 4):
+        need = 4 if n == 1 else 3
+        for i in range(len(words) - n * need + 1):
+            phrase = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, need)):
+                return True
+    return False
+
+
 def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list[str]]:
     """Words of the segments that pass :func:`judge`, shifted by ``offset`` seconds."""
     words: list[HypWord] = []
@@ -329,6 +348,7 @@ class Engine:
         self, audio: npt.NDArray[np.float32], offset: float, prompt: str | None, compact: bool
     ) -> tuple[list[HypWord], list[str]]:
         _compact.on = compact
+        limit = int(TOKENS_PER_SECOND * len(audio) / ASR_RATE) + TOKEN_SLACK
         try:
             segments, _ = self.model.transcribe(
                 audio,
@@ -340,11 +360,18 @@ class Engine:
                 word_timestamps=True,
                 vad_filter=False,
                 without_timestamps=False,
+                max_new_tokens=limit,
             )
             # The generator decodes as it is consumed: drain it here, in this thread.
-            return collect(list(segments), offset)
+            decoded = list(segments)
         finally:
             _compact.on = False
+        if sum(len(segment.tokens) for segment in decoded) >= limit - 1:
+            return [], ["repetition"]  # ran out of room: a loop, not speech
+        words, rejected = collect(decoded, offset)
+        if looping([w.norm for w in words]):
+            return [], [*rejected, "repetition"]
+        return words, rejected
 
 
 _shared: dict[tuple[str, str, int], Engine] = {}
