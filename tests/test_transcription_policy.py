@@ -215,3 +215,13 @@ def test_looping_catches_repeated_phrases_only() -> None:
     assert looping(["so", "so", "so", "so"])
     assert not looping(["no", "no", "no"])
     assert not looping(["had", "he", "married", "a", "more", "amiable", "woman", "he", "might"])
+
+
+def test_queue_holds_partials_when_asked_for_finals_only() -> None:
+    q: JobQueue[str] = JobQueue()
+    q.push(job("a", PARTIAL, 0.0))
+    assert q.pop(0.0, set(), partials=False)[0] is None
+    q.push(job("b", FINAL, 0.1))
+    nxt, _ = q.pop(0.1, set(), partials=False)
+    assert nxt is not None and nxt.payload == "b-final-0.1"
+    assert q.partials == 1

@@ -86,8 +86,11 @@ class JobQueue(Generic[T]):
         self._partials[job.session] = job
         return dropped
 
-    def pop(self, now: float, busy: set[str]) -> tuple[Job[T] | None, list[tuple[Job[T], str]]]:
-        """The next job for a worker, skipping sessions in ``busy``."""
+    def pop(
+        self, now: float, busy: set[str], partials: bool = True
+    ) -> tuple[Job[T] | None, list[tuple[Job[T], str]]]:
+        """The next job for a worker, skipping sessions in ``busy``; finals only unless
+        ``partials``."""
         for session, jobs in self._finals.items():
             if session in busy:
                 continue
@@ -98,6 +101,8 @@ class JobQueue(Generic[T]):
                 self._finals[session] = jobs
             return job, []
         dropped: list[tuple[Job[T], str]] = []
+        if not partials:
+            return None, dropped
 
         def order(session: str) -> tuple[bool, int]:
             return (not self._partials[session].urgent, self._served.get(session, -1))
@@ -144,6 +149,7 @@ class Scheduler:
         self.workers = workers
         self._queue: JobQueue[_Work] = JobQueue(max_finals, stale_after)
         self._busy: set[str] = set()
+        self._running_partials = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -189,7 +195,10 @@ class Scheduler:
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job, dropped = self._queue.pop(time.monotonic(), self._busy)
+            # With several workers, partials never take the last one: a final that
+            # arrives finds a worker free instead of waiting out a partial.
+            partials = self.workers == 1 or self._running_partials < self.workers - 1
+            job, dropped = self._queue.pop(time.monotonic(), self._busy, partials)
             self._drop(dropped)
             self._gauge()
             if job is None:
@@ -200,6 +209,8 @@ class Scheduler:
             if work.future.cancelled():
                 continue
             self._busy.add(job.session)
+            partial = job.kind == PARTIAL
+            self._running_partials += partial
             began = time.monotonic()
             self.metrics.wait.labels(job.kind).observe(began - job.submitted)
             try:
@@ -215,5 +226,6 @@ class Scheduler:
                     work.future.set_result(result)
             finally:
                 self._busy.discard(job.session)
+                self._running_partials -= partial
                 # Another worker may have gone to sleep while this session was busy.
                 self._wake.set()
