@@ -19,10 +19,10 @@ from websockets.asyncio.client import connect
 from gateway.config import Settings
 from gateway.errors import ModelError
 from gateway.simulator import SimulatedBot, read_wav
-from pipelines.transcription.engine import (
+from pipelines.transcription.engine import Engine
+from pipelines.transcription.models import (
     BASE_SHA256,
     TINY_EN_SHA256,
-    Engine,
     resolve_model,
     sha256,
     verify,
