@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from pipelines.transcription.policy import (
     tail_after,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
+from pipelines.transcription.window import Window
 
 
 def words(text: str, start: float = 0.0, step: float = 0.4) -> list[HypWord]:
@@ -225,3 +227,28 @@ def test_queue_holds_partials_when_asked_for_finals_only() -> None:
     nxt, _ = q.pop(0.1, set(), partials=False)
     assert nxt is not None and nxt.payload == "b-final-0.1"
     assert q.partials == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 700), st.integers(0, 400)),  # (append n, then trim by k)
+        max_size=20,
+    )
+)
+def test_window_matches_a_plain_array(steps: list[tuple[int, int]]) -> None:
+    window = Window(0.0625)  # 1000 samples
+    everything = np.zeros(0, np.int16)
+    produced = 0
+    for n, k in steps:
+        chunk = (np.arange(produced, produced + n) % 30000).astype(np.int16)
+        produced += n
+        everything = np.concatenate([everything, chunk])
+        window.append(chunk)
+        window.trim(window.base + k)
+        assert window.end == produced
+        assert window.size <= 1000
+        got, at = window.floats(window.base, window.end)
+        assert at == window.base
+        expected = everything[window.base : window.end].astype(np.float32) / 32768
+        np.testing.assert_array_equal(got, expected)
