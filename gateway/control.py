@@ -44,7 +44,8 @@ from pipelines.speech import decode_wav, preload
 from .errors import RouteError
 from .metrics import Metrics
 from .playback import PlaybackFull
-from .session import Session, SessionManager
+from .session import Session
+from .sessions import SessionManager
 
 #: Longest text one ``say`` accepts, characters.
 MAX_TEXT = 5000

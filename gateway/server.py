@@ -42,7 +42,8 @@ from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
 from .metrics import Metrics, close_label
 from .protocol import Handshake, OutputDecoder, Rejected, Roster
-from .session import ConnectionRecord, Session, SessionManager, key_from_bot_id, valid_key
+from .session import ConnectionRecord, Session, key_from_bot_id, valid_key
+from .sessions import SessionManager
 
 logger = logging.getLogger("gateway.server")
 
