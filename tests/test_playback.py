@@ -223,6 +223,8 @@ async def test_own_voice_in_the_mix_does_not_stop_the_bot(
             ]
         )
         end = await wait_for(lambda: ended(events, uid), within=20)
+        # "finished" means the last frame was sent; let it arrive before hanging up.
+        await wait_for(lambda: len(bot.received) >= len(voice))
     finally:
         await bot.close()
     assert end["type"] == "finished"
