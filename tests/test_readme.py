@@ -31,3 +31,16 @@ def test_the_two_setup_commands_exist() -> None:
     assert re.search(r"^test:", makefile, re.M)
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_every_metric_is_documented() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.server import Gateway
+
+    settings = Settings(pipelines="recording,transcription").validate()
+    gateway = Gateway(settings, CollectorRegistry())  # builds every metric; loads no model
+    names = {family.name for family in gateway.metrics.registry.collect()}
+    assert names
+    missing = sorted(name for name in names if name not in README)
+    assert missing == [], "metrics missing from the README"
