@@ -34,6 +34,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from pipelines import speech
 from pipelines.base import Environment, PipelineFactory, RouteHandler, load_factory
 
 from . import tokens
@@ -113,6 +114,9 @@ class Gateway:
             )
         for factory in self.factories.values():
             await factory.startup()
+        # The voice loads in a thread alongside the pipelines: the first ``say`` of the
+        # first meeting should not pay for it.
+        await speech.preload()
         self._server = await serve(
             self._handle,
             s.host,
