@@ -36,6 +36,8 @@ from gateway.config import Settings
 from gateway.server import Gateway
 from gateway.simulator import SimulatedBot, read_wav
 from pipelines.transcription.engine import shared_engine
+from pipelines.transcription.scoring import wer
+from pipelines.transcription.scoring import words as norm_words
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 PAUSE = 0.8  # between utterances: longer than the VAD hangover, like a breath in a talk
@@ -49,20 +51,6 @@ def references() -> list[tuple[Path, str]]:
         if m:
             out.append((LIBRIVOX / f"{m.group(2)}.wav", m.group(1)))
     return out
-
-
-def norm_words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def wer(reference: list[str], hypothesis: list[str]) -> float:
-    prev = list(range(len(hypothesis) + 1))
-    for i, r in enumerate(reference, 1):
-        cur = [i]
-        for j, h in enumerate(hypothesis, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
-        prev = cur
-    return prev[-1] / max(1, len(reference))
 
 
 def _round(x: float | None) -> float | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,27 +26,14 @@ from pipelines.transcription.models import (
     sha256,
     verify,
 )
+from pipelines.transcription.scoring import wer
+from pipelines.transcription.scoring import words as norm_words
 
 from .conftest import GatewayFactory, Utterance
 
 pytestmark = pytest.mark.model
 
 PAUSE = 1.0  # silence between utterances, seconds
-
-
-def norm_words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def wer(reference: list[str], hypothesis: list[str]) -> float:
-    """Word error rate: word-level Levenshtein distance over the reference length."""
-    prev = list(range(len(hypothesis) + 1))
-    for i, r in enumerate(reference, 1):
-        cur = [i]
-        for j, h in enumerate(hypothesis, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
-        prev = cur
-    return prev[-1] / max(1, len(reference))
 
 
 @dataclass
