@@ -39,3 +39,7 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # websockets logs every HTTP request and close at INFO (each /metrics scrape, each
+    # health check); the gateway logs connects and disconnects itself, with the session.
+    quiet = logging.getLevelName(level) != logging.DEBUG
+    logging.getLogger("websockets").setLevel(logging.WARNING if quiet else logging.NOTSET)
