@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.base import Gap, PipelineEvent, PipelineFactory
+from pipelines.base import Gap, PipelineFactory
 from pipelines.speech import resample, tts
 
 from .audio.ring import RingBuffer
@@ -124,7 +124,6 @@ class Session:
         self.input: Any = None  # the live separate input connection, if any
         self.player: Player | None = None
         self._away_since: float | None = None
-        self._last_audio_wall = 0.0
         self._total = _Counts()
         self._unflushed = _Counts()
         self._vad_pos = 0
@@ -250,7 +249,6 @@ class Session:
         c = self._unflushed
         c.samples += n
         c.frames += 1
-        self._last_audio_wall = now
         if ring.written - self._vad_pos >= self._block:
             self._process_block()
             if c.samples >= self.sample_rate:
@@ -331,9 +329,6 @@ class Session:
         for event in events:
             for runner in self.runners:
                 runner.post(event.sample, event)
-
-    def post(self, event: PipelineEvent) -> None:
-        self._post_all([event])
 
     # -- speech -------------------------------------------------------------------------
 
