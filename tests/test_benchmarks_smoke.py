@@ -7,6 +7,7 @@ consistent, not how fast anything is (speed lives in the benchmark's own output)
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,8 @@ def test_ingest_benchmark_reports_a_consistent_point(tmp_path: Path) -> None:
         "idle_session_1mib",
     }
     assert json.loads(out.read_text()) == summary
-    assert "| 4 |" in (tmp_path / "ingest.json.md").read_text()
+    # The row for N=4 is there, marked "*" when a busy machine disturbed the point.
+    table = (tmp_path / "ingest.json.md").read_text()
+    assert re.search(r"^\| 4( \*)? \|", table, re.M), table
     # Recordings and logs go under the work directory and are removed afterwards.
     assert not list(tmp_path.glob("ingest-4-*"))
