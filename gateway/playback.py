@@ -119,13 +119,7 @@ class Player:
         self.barge_in = BargeIn()
         # The session's VAD settings, run over what is sent: where the bot's speech
         # starts, as the session's VAD will see it when it echoes back.
-        self._own_vad = VoiceActivity(
-            rate,
-            aggressiveness=settings.vad_aggressiveness,
-            frame_ms=settings.vad_frame_ms,
-            min_speech_ms=settings.vad_min_speech_ms,
-            hangover_ms=settings.vad_hangover_ms,
-        )
+        self._own_vad = VoiceActivity.configured(rate, settings)
         self._own_pos = 0
         self._queue: deque[Utterance] = deque()
         self._current: Utterance | None = None

@@ -155,13 +155,7 @@ class Session:
         self.clock.rate = rate
         s = self.settings
         self.ring = RingBuffer(max(1, int(s.ring_seconds * rate)))
-        self.vad = VoiceActivity(
-            rate,
-            aggressiveness=s.vad_aggressiveness,
-            frame_ms=s.vad_frame_ms,
-            min_speech_ms=s.vad_min_speech_ms,
-            hangover_ms=s.vad_hangover_ms,
-        )
+        self.vad = VoiceActivity.configured(rate, s)
         self._block = rate * BLOCK_MS // 1000
         self.player = Player(
             rate,

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import webrtcvad
 
+from ..config import Settings
 from .resample import Resampler
 
 Samples = npt.NDArray[np.int16]
@@ -68,6 +69,18 @@ class VoiceActivity:
         self._restart(start)
         #: Voiced samples at the native rate, for the speech-seconds metric.
         self.speech_samples = 0
+
+    @classmethod
+    def configured(cls, rate: int, settings: Settings) -> VoiceActivity:
+        """A detector with the deployment's VAD settings (one place, so every VAD of a
+        session, the meeting's and the one over what the bot says, agrees)."""
+        return cls(
+            rate,
+            aggressiveness=settings.vad_aggressiveness,
+            frame_ms=settings.vad_frame_ms,
+            min_speech_ms=settings.vad_min_speech_ms,
+            hangover_ms=settings.vad_hangover_ms,
+        )
 
     def _restart(self, at: int) -> None:
         # Quick quality is plenty for a speech/non-speech decision and costs half of MQ.
