@@ -121,12 +121,18 @@ class PlayoutBot:
     async def connect_input(self) -> None:
         assert self.input_url is not None
         self.input = await connect(self.input_url, user_agent_header=None)
-        self._tasks.append(asyncio.create_task(self._read(self.input)))
+        self._input_reader = asyncio.create_task(self._read(self.input))
+        self._tasks.append(self._input_reader)
 
-    def drop_input(self) -> None:
-        """Kill the input socket's TCP connection with no close frame, as the bot does."""
+    async def drop_input(self) -> None:
+        """Kill the input socket's TCP connection with no close frame, as the bot does.
+
+        Returns once the old socket's reader has taken every message that reached it
+        before the abort, so ``received`` no longer grows from the dead connection.
+        """
         assert self.input is not None
         self.input.transport.abort()
+        await self._input_reader
 
     def roster(self, entries: list[dict[str, Any]]) -> asyncio.Future[None]:
         assert self.output is not None
