@@ -71,7 +71,9 @@ class Settings:
     model_cache: Path = _setting(
         Path.home() / ".cache" / "meeting-gateway", "where assembled models are kept"
     )
-    asr_threads: int = _setting(0, "threads for speech recognition; 0 leaves one core free")
+    asr_threads: int = _setting(
+        0, "recognition lanes (one model copy, one thread); 0: one per core"
+    )
     partial_interval: float = _setting(1.0, "seconds between partial results while speaking")
     max_utterance: float = _setting(15.0, "longest utterance before a final is forced, seconds")
     bot_speech: str = _setting(

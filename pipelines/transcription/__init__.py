@@ -37,7 +37,7 @@ class TranscriptionFactory(PipelineFactory):
         self.engine = await asyncio.to_thread(shared_engine, s)
         self.scheduler = Scheduler(
             self.metrics,
-            workers=self.engine.workers,
+            lanes=self.engine.lanes,
             stale_after=max(1.0, 2 * s.partial_interval),
         )
         await self.scheduler.start()

@@ -11,14 +11,15 @@ worker, never on the event loop).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,8 @@ from gateway.errors import ModelError
 from .models import resolve_model
 
 logger = logging.getLogger("pipelines.transcription.engine")
+
+T = TypeVar("T")
 
 ASR_RATE = 16000
 # Whisper's own thresholds for rejecting a segment (openai/whisper transcribe defaults).
@@ -43,10 +46,65 @@ _PUNCTUATION = "\"'\u201c\u201d\u2018\u2019\u00bf\u00a1([{-.,!?;:)]}\u2026"
 
 
 def asr_threads(settings: Settings) -> int:
-    """Inference threads: as configured, else every core but one for the event loop."""
+    """Recognition lanes: as configured, else one per core."""
     if settings.asr_threads > 0:
         return settings.asr_threads
-    return max(1, (os.cpu_count() or 2) - 1)
+    return max(1, os.cpu_count() or 1)
+
+
+def lane_priority(lane: int, lanes: int) -> None:
+    """Lower the calling thread's CPU priority for recognition ``lane`` (Linux).
+
+    Recognition never competes with the event loop: every lane runs below normal
+    priority, so ingest and the loop take a core the moment they have work and
+    inference uses whatever is left, on every core. With several lanes, lane 0 (the
+    finals lane) runs at nice 19 and the others at ``SCHED_IDLE``, below it: a partial
+    never slows a final down. Threads inherit this from the thread that starts them.
+    Elsewhere, or where it is refused, nothing changes.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        if lane == 0 and lanes > 1:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)  # on Linux: this thread only
+        else:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def single_threaded_blas() -> None:
+    """Keep numpy's BLAS (OpenBLAS) in the calling thread, for the whole process.
+
+    OpenBLAS hands each matrix product to helper threads that run at normal priority
+    and spin between calls; the products here (one mel filterbank per recognition) are
+    far too small to gain from them, and under load the helper took half a core from
+    the event loop and the recognition lanes.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def _in_lane_thread(lane: int, lanes: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn`` in a fresh thread at ``lane``'s priority and wait for it.
+
+    CTranslate2 starts its inference threads while a model loads, and they inherit
+    their creator's priority: loading there lowers exactly those threads, never the
+    thread that asked.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        lane_priority(lane, lanes)
+        try:
+            outcome.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"asr-load-{lane}")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,53 +210,60 @@ def _install_compact_window() -> bool:
 
 
 class Engine:
-    """One loaded model, shared by every session of the process.
+    """One model, loaded once per lane and shared by every session of the process.
 
-    :meth:`transcribe` may be called from up to ``workers`` threads at once.
+    :meth:`transcribe` may be called from one thread per lane at once.
     """
 
-    def __init__(self, model: Any, directory: Path, threads: int, workers: int) -> None:
-        self.model = model
+    def __init__(self, models: list[Any], directory: Path) -> None:
+        self.models = models
         self.directory = directory
-        self.threads = threads
-        self.workers = workers
-        self._lock = threading.Semaphore(workers)
+        self._locks = [threading.Lock() for _ in models]
         self.compact = _install_compact_window()
+
+    @property
+    def lanes(self) -> int:
+        return len(self.models)
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         """Resolve, verify and load the model. Blocks for seconds: call it in a thread.
 
-        Each thread is a worker running one call on one core: with the encoder window
-        sized to the audio a call is short, and sessions recognized side by side get
-        more done than one call spread over several cores.
+        Each lane is one copy of the model on one inference thread: with the encoder
+        window sized to the audio a call is short, and calls side by side get more done
+        than one call spread over several cores. A copy of tiny.en is about 40 MB.
         """
         from faster_whisper import WhisperModel
 
         directory = resolve_model(settings)
-        workers = asr_threads(settings)
-        threads = 1
+        lanes = asr_threads(settings)
+        single_threaded_blas()
         began = time.perf_counter()
         try:
-            model = WhisperModel(
-                str(directory),
-                device="cpu",
-                compute_type="int8",
-                cpu_threads=threads,
-                num_workers=workers,
-                local_files_only=True,
-            )
+            models = [
+                _in_lane_thread(
+                    lane,
+                    lanes,
+                    WhisperModel,
+                    str(directory),
+                    device="cpu",
+                    compute_type="int8",
+                    cpu_threads=1,
+                    num_workers=1,
+                    local_files_only=True,
+                )
+                for lane in range(lanes)
+            ]
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelError(f"cannot load the model in {directory}: {exc}") from exc
         logger.info(
-            "loaded %s from %s in %.1f s (%d workers x %d threads)",
+            "loaded %s from %s in %.1f s (%d lanes)",
             settings.model,
             directory,
             time.perf_counter() - began,
-            workers,
-            threads,
+            lanes,
         )
-        return cls(model, directory, threads, workers)
+        return cls(models, directory)
 
     def transcribe(
         self,
@@ -207,31 +272,38 @@ class Engine:
         prompt: str | None = None,
         *,
         compact: bool = True,
+        lane: int = 0,
     ) -> Hypothesis:
         """Recognize 16 kHz mono ``audio`` that starts ``offset`` seconds into the session.
 
-        Blocking. Each call decodes independently: nothing is conditioned on earlier
-        calls except an optional short ``prompt``, which is what keeps repetition loops
-        from feeding themselves. ``compact=False`` runs faster-whisper's standard 30 s
-        window (the offline reference).
+        Blocking; one call at a time per ``lane``. Each call decodes independently:
+        nothing is conditioned on earlier calls except an optional short ``prompt``,
+        which is what keeps repetition loops from feeding themselves. ``compact=False``
+        runs faster-whisper's standard 30 s window (the offline reference).
         """
         began = time.perf_counter()
-        with self._lock:
-            words, rejected = self._decode(audio, offset, prompt, compact and self.compact)
+        model = self.models[lane]
+        with self._locks[lane]:
+            words, rejected = self._decode(model, audio, offset, prompt, compact and self.compact)
             if compact and self.compact and "repetition" in rejected:
                 # A short window occasionally loops where the standard one does not.
-                words, rejected = self._decode(audio, offset, prompt, False)
+                words, rejected = self._decode(model, audio, offset, prompt, False)
         return Hypothesis(
             tuple(words), tuple(rejected), len(audio) / ASR_RATE, time.perf_counter() - began
         )
 
     def _decode(
-        self, audio: npt.NDArray[np.float32], offset: float, prompt: str | None, compact: bool
+        self,
+        model: Any,
+        audio: npt.NDArray[np.float32],
+        offset: float,
+        prompt: str | None,
+        compact: bool,
     ) -> tuple[list[HypWord], list[str]]:
         _compact.on = compact
         limit = int(TOKENS_PER_SECOND * len(audio) / ASR_RATE) + TOKEN_SLACK
         try:
-            segments, _ = self.model.transcribe(
+            segments, _ = model.transcribe(
                 audio,
                 language="en",
                 beam_size=1,

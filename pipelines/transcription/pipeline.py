@@ -156,7 +156,10 @@ class TranscriptionPipeline(Pipeline):
         pending = _Pending(request)
         if request.kind == "final":
             self._finals.append(pending)
-        fn = functools.partial(self._engine.transcribe, audio, at / ASR_RATE)
+
+        def fn(lane: int) -> Hypothesis:
+            return self._engine.transcribe(audio, at / ASR_RATE, lane=lane)
+
         future = self._scheduler.submit(
             self._ctx.key, request.kind, fn, urgent=request.kind == "partial" and request.first
         )

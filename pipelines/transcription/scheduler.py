@@ -4,14 +4,17 @@
 round robin (each session's finals in order, and never two jobs of one session at
 once, so one busy meeting cannot hold every worker); partials that would bring an
 utterance's first text go first, then the session served least recently; a session
-has at most one partial
-waiting, and a newer one, or a final, supersedes it; a partial that waited longer than
-``stale_after`` is dropped instead of run. Under load this thins partials first, and
-every partial not run is counted. The queue of finals is bounded (``max_finals``); a
-final over the bound is refused and counted, never silently lost.
+has at most one partial waiting, and a newer one, or a final, supersedes it; a
+partial that waited longer than ``stale_after`` is dropped instead of run. Under load
+this thins partials first, and every partial not run is counted. The queue of finals
+is bounded (``max_finals``); a final over the bound is refused and counted, never
+silently lost.
 
-:class:`Scheduler` runs the queue on the event loop with ``workers`` worker tasks,
-each handing one job at a time to a thread. Batching several sessions into one model
+:class:`Scheduler` runs the queue on the event loop with one worker task per
+recognition lane, each handing one job at a time to its own thread. With several
+lanes, lane 0 runs finals only, at a CPU priority above the other lanes (see
+:func:`~pipelines.transcription.engine.lane_priority`): a final never waits for a
+partial to finish, nor shares a core with one. Batching several sessions into one model
 call was measured and not adopted: on this CPU backend, encoding two 30 s windows as
 one batch took 1.01 s against 0.39 s for one window alone, so a batch is slower than
 the same windows run one after another, and batching would also make every session
@@ -29,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .engine import lane_priority
 from .metrics import TranscriptionMetrics
 
 logger = logging.getLogger("pipelines.transcription.scheduler")
@@ -126,38 +130,47 @@ class JobQueue(Generic[T]):
 
 @dataclass(eq=False)
 class _Work:
-    fn: Callable[[], Any]
+    fn: Callable[[int], Any]
     future: asyncio.Future[Any]
 
 
 class Scheduler:
-    """Runs blocking recognition calls for every session on a few threads.
+    """Runs blocking recognition calls for every session on one thread per lane.
 
     Call :meth:`start` before :meth:`submit` and :meth:`stop` at shutdown. ``submit``
-    never blocks; its future resolves to the function's result, or to ``None`` when the
-    job was skipped (counted in the metrics).
+    never blocks; the function is called with the lane number, in that lane's thread,
+    and the future resolves to its result, or to ``None`` when the job was skipped
+    (counted in the metrics).
     """
 
     def __init__(
         self,
         metrics: TranscriptionMetrics,
-        workers: int = 1,
+        lanes: int = 1,
         stale_after: float = 3.0,
         max_finals: int = 1024,
     ) -> None:
         self.metrics = metrics
-        self.workers = workers
+        self.lanes = lanes
         self._queue: JobQueue[_Work] = JobQueue(max_finals, stale_after)
         self._busy: set[str] = set()
-        self._running_partials = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._executors: list[ThreadPoolExecutor] = []
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="asr")
+        self._executors = [
+            ThreadPoolExecutor(
+                1,
+                thread_name_prefix=f"asr-{lane}",
+                initializer=lane_priority,
+                initargs=(lane, self.lanes),
+            )
+            for lane in range(self.lanes)
+        ]
         self._tasks = [
-            asyncio.create_task(self._worker(), name=f"asr-worker-{i}") for i in range(self.workers)
+            asyncio.create_task(self._worker(lane), name=f"asr-worker-{lane}")
+            for lane in range(self.lanes)
         ]
 
     async def stop(self) -> None:
@@ -165,12 +178,12 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        self._executors = []
 
     def submit(
-        self, session: str, kind: str, fn: Callable[[], T], *, urgent: bool = False
+        self, session: str, kind: str, fn: Callable[[int], T], *, urgent: bool = False
     ) -> asyncio.Future[T | None]:
         future: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
         job = Job(session, kind, time.monotonic(), _Work(fn, future), urgent)
@@ -192,12 +205,11 @@ class Scheduler:
         self.metrics.queue_depth.labels(FINAL).set(self._queue.finals)
         self.metrics.queue_depth.labels(PARTIAL).set(self._queue.partials)
 
-    async def _worker(self) -> None:
+    async def _worker(self, lane: int) -> None:
         loop = asyncio.get_running_loop()
+        executor = self._executors[lane]
+        partials = lane > 0 or self.lanes == 1
         while True:
-            # With several workers, partials never take the last one: a final that
-            # arrives finds a worker free instead of waiting out a partial.
-            partials = self.workers == 1 or self._running_partials < self.workers - 1
             job, dropped = self._queue.pop(time.monotonic(), self._busy, partials)
             self._drop(dropped)
             self._gauge()
@@ -209,12 +221,10 @@ class Scheduler:
             if work.future.cancelled():
                 continue
             self._busy.add(job.session)
-            partial = job.kind == PARTIAL
-            self._running_partials += partial
             began = time.monotonic()
             self.metrics.wait.labels(job.kind).observe(began - job.submitted)
             try:
-                result = await loop.run_in_executor(self._executor, work.fn)
+                result = await loop.run_in_executor(executor, work.fn, lane)
             except Exception as exc:
                 self.metrics.errors.inc()
                 logger.exception("recognition failed")
@@ -226,6 +236,5 @@ class Scheduler:
                     work.future.set_result(result)
             finally:
                 self._busy.discard(job.session)
-                self._running_partials -= partial
                 # Another worker may have gone to sleep while this session was busy.
                 self._wake.set()
