@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from pipelines.transcription.engine import HypWord, looping, normalize
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
+    RECHECK_CONTEXT,
     Draft,
     Request,
     StreamingPolicy,
@@ -75,6 +78,26 @@ def test_partials_then_final_keep_confirmed_words() -> None:
     (draft,) = policy.recognized(final, words("had he marry a more amiable woman he might", 0.9))
     assert [w.text for w in draft.words][: len(confirmed)] == confirmed
     assert [w.text for w in draft.words][-1] == "might"
+
+
+def test_final_rehears_only_the_audio_after_confirmed_words() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=30.0)
+    policy.speech_started(0.0)
+    script = words("one two three four five six seven eight nine ten eleven twelve", 0.0)
+    for t in (1.0, 3.0, 4.0, 5.0):
+        for req in requests(policy.advance(t)):
+            policy.recognized(req, [w for w in script if w.end <= req.end])
+    confirmed = policy.confirmed
+    assert len(confirmed) >= 6
+    (final,) = requests(policy.speech_ended(4.8))
+    # It starts between two confirmed words, at least RECHECK_CONTEXT before their end.
+    assert final.start <= confirmed[-1].end - RECHECK_CONTEXT
+    assert any(a.end <= final.start <= b.start for a, b in itertools.pairwise(confirmed))
+    assert final.start > confirmed[0].start
+    # The engine hears only that audio; the re-heard words are not repeated.
+    heard = [w for w in script if w.start >= final.start and w.end <= final.end]
+    (draft,) = policy.recognized(final, heard)
+    assert [w.text for w in draft.words] == [w.text for w in script if w.end <= final.end]
 
 
 def test_partial_after_final_is_ignored() -> None:

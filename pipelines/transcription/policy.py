@@ -17,7 +17,9 @@ The rules:
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing.
 - The utterance's end brings a final: the confirmed words followed by the final
-  hypothesis' words after them, matched by word sequence, else by time.
+  hypothesis' words after them, matched by word sequence, else by time. The final
+  recognizes only the audio from shortly before the last confirmed words
+  (``RECHECK_CONTEXT``), not the whole segment again.
 - A segment reaching ``max_utterance`` is split after its last confirmed word, at the
   pause before the next word: the confirmed words become a final at once and the rest is
   recognized again with the following audio, so nothing is duplicated or lost. With no
@@ -43,6 +45,11 @@ MATCH_SLACK = 1.0
 #: Words ending this close to the end of the audio heard are not confirmed yet: with
 #: little right context Whisper still revises them, even twice in a row.
 CONFIRM_MARGIN = 1.0
+#: A final re-hears at least this much already-confirmed speech before the words still
+#: open, instead of the whole segment: Whisper needs some left context, and the
+#: re-heard words anchor the new ones to the confirmed (:func:`tail_after`).
+RECHECK_CONTEXT = 1.0
+PARTIAL_SPAN = 4.0
 #: Hypotheses of less audio than this are shown but take no part in agreement: on a
 #: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
 #: "Had he married") and only more context corrects them.
@@ -151,7 +158,7 @@ class StreamingPolicy:
             kind,
             self.utterance,
             self.segment,
-            self._seg_start,
+            self._resume_at() if kind == "final" else self._partial_start(end),
             end,
             tuple(self._confirmed),
             speech_final,
@@ -168,6 +175,20 @@ class StreamingPolicy:
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = self._seg_start
+
+    def _resume_at(self) -> float:
+        """Where a final's audio starts: at a word boundary ``RECHECK_CONTEXT`` seconds
+        or more before the end of the confirmed words (the segment's start if none)."""
+        words = self._confirmed
+        i = len(words) - 1
+        while i > 0 and words[i].start > words[-1].end - RECHECK_CONTEXT:
+            i -= 1
+        if i <= 0:
+            return self._seg_start
+        return max(self._seg_start, (words[i - 1].end + words[i].start) / 2)
+
+    def _partial_start(self, end: float) -> float:
+        return max(self._seg_start, min(self._resume_at(), end - PARTIAL_SPAN))
 
     def speech_started(self, t: float) -> None:
         """The VAD heard speech begin at ``t``."""
@@ -247,7 +268,7 @@ class StreamingPolicy:
             return []  # the segment it belonged to was finalized meanwhile
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
-        if request.end - request.start < CONFIRM_CONTEXT:
+        if request.end - self._seg_start < CONFIRM_CONTEXT:
             shown = (*self._confirmed, *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
