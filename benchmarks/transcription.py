@@ -42,6 +42,8 @@ from pipelines.transcription.scoring import words as norm_words
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 PAUSE = 0.8  # between utterances: longer than the VAD hangover, like a breath in a talk
 FRAME_MS = 10
+STAGGER = 5.0  # seconds over which meetings' start times are spread
+GOLDEN = 0.6180339887  # spreads any number of meetings evenly over the stagger
 
 
 def references() -> list[tuple[Path, str]]:
@@ -77,12 +79,21 @@ def voiced(samples: np.ndarray[Any, Any], rate: int) -> tuple[int, int]:
     return int(loud[0]) * step, (int(loud[-1]) + 1) * step
 
 
-def layout(rate: int, seconds: float, rotate: int) -> tuple[np.ndarray[Any, Any], list[Any]]:
-    """Utterances back to back (rotated per meeting) until ``seconds``; voiced spans."""
+def layout(
+    rate: int, seconds: float, rotate: int, stagger: float = STAGGER
+) -> tuple[np.ndarray[Any, Any], list[Any]]:
+    """Utterances back to back until ``seconds``; voiced spans.
+
+    Meeting ``rotate`` starts at utterance ``rotate`` after a lead-in of silence spread
+    over ``stagger`` seconds (none for meeting 0): with only five recordings, meetings
+    ``i`` and ``i + 5`` would otherwise speak in lockstep, every utterance ending in the
+    same 10 ms, which independent meetings never do (``stagger=0`` measures that case).
+    """
     refs = references()
     clips = [read_wav(p, rate)[0] for p, _ in refs]
     edges = [voiced(c, rate) for c in clips]
-    parts, spans, pos, i = [], [], 0, rotate
+    lead = int((rotate * GOLDEN) % 1.0 * stagger * rate)
+    parts, spans, pos, i = [np.zeros(lead, np.int16)], [], lead, rotate
     pause = np.zeros(int(PAUSE * rate), np.int16)
     # seconds <= 0: each utterance once.
     while (i - rotate < len(clips)) if seconds <= 0 else (pos < seconds * rate):
@@ -94,8 +105,10 @@ def layout(rate: int, seconds: float, rotate: int) -> tuple[np.ndarray[Any, Any]
     return np.concatenate(parts), spans
 
 
-async def one_meeting(port: int, key: str, rate: int, seconds: float, rotate: int) -> Any:
-    samples, spans = layout(rate, seconds, rotate)
+async def one_meeting(
+    port: int, key: str, rate: int, seconds: float, rotate: int, stagger: float
+) -> Any:
+    samples, spans = layout(rate, seconds, rotate, stagger)
     received: list[tuple[float, dict[str, Any]]] = []
     ready = asyncio.Event()
     from websockets.asyncio.client import connect
@@ -148,10 +161,10 @@ async def one_meeting(port: int, key: str, rate: int, seconds: float, rotate: in
     return utterances
 
 
-def clients(port: int, n: int, rate: int, seconds: float, out: Any) -> None:
+def clients(port: int, n: int, rate: int, seconds: float, stagger: float, out: Any) -> None:
     async def main() -> list[Any]:
         return await asyncio.gather(
-            *(one_meeting(port, f"bench{i}", rate, seconds, i) for i in range(n))
+            *(one_meeting(port, f"bench{i}", rate, seconds, i, stagger) for i in range(n))
         )
 
     out.put(asyncio.run(main()))
@@ -160,7 +173,9 @@ def clients(port: int, n: int, rate: int, seconds: float, out: Any) -> None:
 # -- the gateway side (this process) ----------------------------------------------------
 
 
-async def run(sessions: int, rate: int, seconds: float, settings: dict[str, Any]) -> Any:
+async def run(
+    sessions: int, rate: int, seconds: float, settings: dict[str, Any], stagger: float = STAGGER
+) -> Any:
     registry = CollectorRegistry()
     with tempfile.TemporaryDirectory(prefix="bench-transcription-") as tmp:
         s = Settings(
@@ -181,7 +196,7 @@ async def run(sessions: int, rate: int, seconds: float, settings: dict[str, Any]
         sampler = asyncio.create_task(sample_lag())
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        proc = ctx.Process(target=clients, args=(port, sessions, rate, seconds, out))
+        proc = ctx.Process(target=clients, args=(port, sessions, rate, seconds, stagger, out))
         proc.start()
         meetings = await asyncio.to_thread(_collect, out, proc)
         stop.set()
@@ -254,7 +269,13 @@ async def main() -> None:
     parser.add_argument("--sessions", default="1,2,4,6,8,10,12", help="meeting counts to try")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per load run")
     parser.add_argument("--model", default="tiny.en")
-    parser.add_argument("--asr-threads", type=int, default=0, help="0: every core but one")
+    parser.add_argument("--asr-threads", type=int, default=0, help="0: one lane per core")
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=STAGGER,
+        help="seconds over which meetings' start times are spread (0: lockstep)",
+    )
     parser.add_argument("--load-only", action="store_true", help="skip (i) and (ii)")
     parser.add_argument("--summary", type=Path, help="write the human summary here too")
     args = parser.parse_args()
@@ -280,7 +301,7 @@ async def main() -> None:
         ]
     load = []
     for n in (int(x) for x in args.sessions.split(",")):
-        r = await run(n, 16000, args.duration, settings)
+        r = await run(n, 16000, args.duration, settings, args.stagger)
         r.pop("_utterances")
         r["ok"] = bool(
             r["finals_lost"] == 0
@@ -293,6 +314,7 @@ async def main() -> None:
     result = {
         "model": args.model,
         "asr_threads": args.asr_threads,
+        "stagger": args.stagger,
         "accuracy": accuracy,
         "single_session": latency,
         "load": load,
@@ -307,7 +329,11 @@ async def main() -> None:
 
 def render(r: dict[str, Any]) -> str:
     a, one = r["accuracy"], r["single_session"].get("16000")
-    lines = [f"# Transcription benchmark ({r['model']}, asr_threads={r['asr_threads']})", ""]
+    lines = [
+        f"# Transcription benchmark ({r['model']}, asr_threads={r['asr_threads']},"
+        f" stagger={r['stagger']} s)",
+        "",
+    ]
     if one is not None:
         lines += [
             f"- WER offline {a['offline_wer']:.3f}; streaming 16 kHz"
