@@ -137,12 +137,20 @@ async def test_streaming_wer_close_to_offline(
     assert len(lines.splitlines()) == len(finals(messages))
 
 
+@pytest.mark.parametrize("roster_lag", [0.0, 1.2])
 async def test_two_speakers_attributed(
-    librivox: list[Utterance], start_gateway: GatewayFactory, whisper_model: Engine
+    roster_lag: float,
+    librivox: list[Utterance],
+    start_gateway: GatewayFactory,
+    whisper_model: Engine,
 ) -> None:
     gw = await start_gateway(pipelines="recording,transcription")
     m = meeting(librivox, 16000)
-    messages = await stream(gw, "duo", m.samples, 16000, roster=m.roster)
+    # The platform marks each change ``roster_lag`` seconds after the voice, as
+    # real meeting rosters do (up to about 1.5 s).
+    roster = [{**r, "at": r["at"] + roster_lag} for r in m.roster]
+    key = f"duo{round(roster_lag * 10)}"
+    messages = await stream(gw, key, m.samples, 16000, roster=roster)
     words = final_words(messages)
     assert len(words) >= 40
 

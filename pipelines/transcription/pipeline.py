@@ -23,8 +23,16 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.audio.resample import Resampler
-from gateway.speakers import Speaker
-from pipelines.base import Gap, Pipeline, PipelineEvent, SessionContext, SpeechEnded, SpeechStarted
+from gateway.speakers import RosterLag, Speaker
+from pipelines.base import (
+    Gap,
+    Pipeline,
+    PipelineEvent,
+    SessionContext,
+    SpeakerChange,
+    SpeechEnded,
+    SpeechStarted,
+)
 
 from . import results
 from .engine import ASR_RATE, Engine, Hypothesis, HypWord
@@ -44,8 +52,9 @@ Samples = npt.NDArray[np.int16]
 
 #: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
 LEAD_IN = 1.0
-#: Rosters trail the audio; a word nobody was marked speaking for is looked up this
-#: much later, then twice as late.
+#: Rosters trail the audio: a word is looked up in the roster as it was the session's
+#: measured roster lag later (:class:`~gateway.speakers.RosterLag`); a word nobody was
+#: marked speaking for then is looked up with no lag, then this much later, then twice.
 ROSTER_LAG = 0.75
 
 
@@ -82,6 +91,7 @@ class TranscriptionPipeline(Pipeline):
         self._last_final_end = 0.0
         self._first_partial: set[int] = set()
         self._words_in_utterance: dict[int, float] = {}
+        self._roster_lag = RosterLag()
 
     async def start(self, ctx: SessionContext) -> None:
         self._ctx = ctx
@@ -100,6 +110,12 @@ class TranscriptionPipeline(Pipeline):
             t = event.sample / self._rate
             self._policy.speech_started(t)
             self._out.publish(results.SpeechStarted(round(t, 3)))
+            wall = self._ctx.clock.wall(event.sample)
+            if wall is not None:
+                self._roster_lag.voice_started(wall)
+        elif isinstance(event, SpeakerChange):
+            if event.speaking:
+                self._roster_lag.roster_started(event.time)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
         elif isinstance(event, Gap):
@@ -282,7 +298,7 @@ class TranscriptionPipeline(Pipeline):
 
     def _speaker(self, w: HypWord) -> Speaker | None:
         a, b = round(w.start * self._rate), round(w.end * self._rate)
-        for lag in (0.0, ROSTER_LAG, 2 * ROSTER_LAG):
+        for lag in (self._roster_lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG):
             speaker = self._ctx.speakers.attribute(a, b, lag=lag)
             if speaker is not None:
                 return speaker
