@@ -45,6 +45,23 @@ async def test_partials_never_take_the_finals_lane() -> None:
     assert {lane for kind, lane in ran if kind == PARTIAL} == {1}
 
 
+async def test_finals_lane_takes_first_text_partials() -> None:
+    scheduler = Scheduler(TranscriptionMetrics(CollectorRegistry()), lanes=2)
+    await scheduler.start()
+    gate = threading.Event()
+    try:
+        # Lane 1 is held by a long partial; a first-text partial still runs, on lane 0.
+        held = scheduler.submit("a", PARTIAL, lambda lane: gate.wait(5) and lane)
+        await asyncio.sleep(0.05)
+        first = scheduler.submit("b", PARTIAL, lambda lane: lane, urgent=True)
+        assert await asyncio.wait_for(first, 5) == 0
+        gate.set()
+        assert await asyncio.wait_for(held, 5) == 1
+    finally:
+        gate.set()
+        await scheduler.stop()
+
+
 async def test_one_lane_runs_everything() -> None:
     scheduler = Scheduler(TranscriptionMetrics(CollectorRegistry()), lanes=1)
     await scheduler.start()

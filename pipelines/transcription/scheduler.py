@@ -91,10 +91,10 @@ class JobQueue(Generic[T]):
         return dropped
 
     def pop(
-        self, now: float, busy: set[str], partials: bool = True
+        self, now: float, busy: set[str], partials: bool = True, urgent_only: bool = False
     ) -> tuple[Job[T] | None, list[tuple[Job[T], str]]]:
         """The next job for a worker, skipping sessions in ``busy``; finals only unless
-        ``partials``."""
+        ``partials``, and of partials only urgent ones if ``urgent_only``."""
         for session, jobs in self._finals.items():
             if session in busy:
                 continue
@@ -114,6 +114,8 @@ class JobQueue(Generic[T]):
         for session in sorted(self._partials, key=order):
             if session in busy:
                 continue
+            if urgent_only and not self._partials[session].urgent:
+                break  # urgent ones sort first: none is left
             job = self._partials.pop(session)
             if now - job.submitted > self.stale_after:
                 dropped.append((job, "stale"))
@@ -208,9 +210,11 @@ class Scheduler:
     async def _worker(self, lane: int) -> None:
         loop = asyncio.get_running_loop()
         executor = self._executors[lane]
-        partials = lane > 0 or self.lanes == 1
+        # The finals lane takes a partial only when it brings an utterance's first text:
+        # those are short (a second or two of audio), so a final waits little for one.
+        urgent_only = lane == 0 and self.lanes > 1
         while True:
-            job, dropped = self._queue.pop(time.monotonic(), self._busy, partials)
+            job, dropped = self._queue.pop(time.monotonic(), self._busy, urgent_only=urgent_only)
             self._drop(dropped)
             self._gauge()
             if job is None:
