@@ -13,6 +13,7 @@ arrival; otherwise the bot's clock is off and the arrival time is used.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,10 @@ class SpeakerChange:
             "is_bot": self.speaker.is_bot,
             "speaking": self.speaking,
         }
+
+
+def _end(interval: tuple[float, float]) -> float:
+    return interval[1]
 
 
 def _identity(entry: RosterEntry) -> str:
@@ -122,7 +127,12 @@ class SpeakerTimeline:
 
     def _stop(self, speaker: Speaker, when: float) -> SpeakerChange:
         began = self._speaking.pop(speaker.key)
-        self._intervals.setdefault(speaker.key, []).append((began, max(began, when)))
+        done = self._intervals.setdefault(speaker.key, [])
+        end = max(began, when)
+        if done and began <= done[-1][1]:  # out-of-order timestamps: keep intervals disjoint
+            began, end = min(began, done[-1][0]), max(end, done[-1][1])
+            done.pop()
+        done.append((began, end))
         return SpeakerChange(self.clock.at_wall(when), when, speaker, False)
 
     def close(self, when: float) -> list[SpeakerChange]:
@@ -135,6 +145,29 @@ class SpeakerTimeline:
         if key in self._speaking:
             done.append((self._speaking[key], None))
         return done
+
+    def _overlap(self, key: str, t0: float, t1: float) -> tuple[float, float]:
+        """Seconds ``key`` spoke within wall ``[t0, t1)``, and the latest such start.
+
+        A speaker's intervals follow one another, so their ends are ordered: a binary
+        search finds the first one that matters, and a long meeting costs no more per
+        word than a short one.
+        """
+        overlap, latest = 0.0, float("-inf")
+        done = self._intervals.get(key, [])
+        for i in range(bisect_right(done, t0, key=_end), len(done)):
+            a, b = done[i]
+            if a >= t1:
+                break
+            o = min(t1, b) - max(t0, a)
+            if o > 0:
+                overlap += o
+                latest = max(latest, a)
+        a = self._speaking.get(key, t1)
+        if a < t1:
+            overlap += t1 - max(t0, a)
+            latest = max(latest, a)
+        return overlap, latest
 
     def attribute(self, start: int, end: int, lag: float = 0.0) -> Speaker | None:
         """The speaker whose speaking overlaps session-clock ``[start, end)`` the most.
@@ -151,13 +184,7 @@ class SpeakerTimeline:
         best: tuple[float, float] | None = None
         best_key = None
         for key in self._speakers:
-            overlap, latest = 0.0, float("-inf")
-            for a, b in self.intervals(key):
-                b_ = t1 if b is None else b
-                o = min(t1, b_) - max(t0, a)
-                if o > 0:
-                    overlap += o
-                    latest = max(latest, a)
+            overlap, latest = self._overlap(key, t0, t1)
             if overlap > 0 and (best is None or (overlap, latest) > best):
                 best, best_key = (overlap, latest), key
         return None if best_key is None else self._speakers[best_key]

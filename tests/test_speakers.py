@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.clock import AudioClock
 from gateway.protocol import Roster, RosterEntry
@@ -135,3 +139,46 @@ def test_roster_lag_learnt_from_voice_and_roster_starts() -> None:
         lag.voice_started(300.0 + 10 * i)
         lag.roster_started(300.4 + 10 * i)
     assert lag.seconds == pytest.approx(0.4)
+
+
+def brute_force(tl: SpeakerTimeline, t0: float, t1: float) -> str | None:
+    """The attribution rule written out over every interval, as the reference."""
+    best, best_key = None, None
+    for s in tl.speakers:
+        overlap, latest = 0.0, float("-inf")
+        for a, b in tl.intervals(s.key):
+            o = min(t1, t1 if b is None else b) - max(t0, a)
+            if o > 0:
+                overlap, latest = overlap + o, max(latest, a)
+        if overlap > 0 and (best is None or (overlap, latest) > best):
+            best, best_key = (overlap, latest), s.key
+    return best_key
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    changes=st.lists(
+        st.tuples(st.integers(1, 3), st.booleans(), st.floats(-0.5, 3.0)), max_size=40
+    ),
+    queries=st.lists(st.tuples(st.floats(0, 60), st.floats(0.01, 3.0)), min_size=1),
+)
+def test_attribution_matches_the_rule_over_long_timelines(
+    changes: list[tuple[int, bool, float]], queries: list[tuple[float, float]]
+) -> None:
+    tl = timeline()
+    now = T0
+    speaking: dict[int, bool] = {}
+    for who, on, step in changes:
+        now += max(step, 0.0)
+        speaking[who] = on
+        # Timestamps a little out of order at times, as rosters can be.
+        ts = now + min(step, 0.0)
+        roster = tuple(entry(f"P{k}", k, v, ts) for k, v in speaking.items())
+        tl.update(Roster(roster), now)
+    for s in tl.speakers:  # what the binary search relies on
+        closed = [(x, y) for x, y in tl.intervals(s.key) if y is not None]
+        assert all(x[1] < y[0] for x, y in itertools.pairwise(closed))
+    for start, length in queries:
+        a, b = round(start * RATE), round((start + length) * RATE)
+        got = tl.attribute(a, b)
+        assert (got.key if got else None) == brute_force(tl, T0 + a / RATE, T0 + b / RATE)
