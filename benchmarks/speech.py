@@ -181,7 +181,7 @@ def playout_underruns(arrivals: list[float]) -> float:
 
 async def run_point(n: int, opts: argparse.Namespace, audio: np.ndarray, work: Path) -> Any:
     argv = [sys.executable, "-m", "gateway", "serve", "--host", HOST, "--port", "0"]
-    argv += ["--data-dir", str(work / f"data{n}"), "--pipelines", "recording"]
+    argv += ["--data-dir", str(work / f"data{n}"), "--pipelines", opts.pipelines]
     argv += ["--log-level", "INFO", "--linger", "5"]
     # The bots stream a person talking the whole time: barge-in would cut every
     # utterance, and this measures pacing, not barge-in.
@@ -258,7 +258,8 @@ def human(summary: dict[str, Any]) -> str:
         "# Speech benchmark",
         "",
         f"{m['nproc']} cores ({m['cpu_model']}), load average {m['loadavg']} at the end;"
-        f" gateway at {summary['revision']}. A shared, busy machine: timings are upper bounds.",
+        f" gateway at {summary['revision']}, pipelines {summary['settings']['pipelines']}."
+        " A shared, busy machine: timings are upper bounds.",
         "",
         "| N | utterances | first frame p50/p95 ms | jitter p99 ms | send late p99 ms |"
         " underruns bot/gw | ingest lag p99 ms | frames lost | gen late p99 ms | targets |",
@@ -292,7 +293,12 @@ async def main(opts: argparse.Namespace, audio: np.ndarray, root: Path) -> dict[
         "summary": True,
         "machine": common.machine(),
         "revision": common.revision(root),
-        "settings": {"n": opts.n, "window": opts.window, "rate": RATE},
+        "settings": {
+            "n": opts.n,
+            "window": opts.window,
+            "rate": RATE,
+            "pipelines": opts.pipelines,
+        },
         "points": rows,
         "max_n": max(met) if met else 0,
     }
@@ -303,6 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     p.add_argument("--window", type=float, default=20.0, help="seconds of speech per point")
     p.add_argument("--out", type=Path, help="write the summary JSON here (and FILE.md)")
+    p.add_argument(
+        "--pipelines",
+        default="recording",
+        help="the gateway's pipelines, e.g. recording,transcription to speak while transcribing",
+    )
     return p.parse_args(argv)
 
 
