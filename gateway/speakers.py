@@ -16,6 +16,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
+from statistics import median
 from typing import Any
 
 from .clock import AudioClock
@@ -207,6 +208,8 @@ class RosterLag:
         self.limit = limit
         self._voice: list[float] = []  # voice starts not yet matched, oldest first
         self._seen: deque[float] = deque(maxlen=window)
+        self.seconds = 0.0
+        """The estimate: the median of the latest observations, 0 before the first."""
 
     def voice_started(self, wall: float) -> None:
         self._voice = [t for t in self._voice if wall - t <= self.limit]
@@ -220,15 +223,8 @@ class RosterLag:
         start = max(candidates)
         self._voice.remove(start)  # one voice start explains one roster start
         self._seen.append(wall - start)
+        self.seconds = median(self._seen)
 
     @property
     def observations(self) -> int:
         return len(self._seen)
-
-    @property
-    def seconds(self) -> float:
-        if not self._seen:
-            return 0.0
-        ordered = sorted(self._seen)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

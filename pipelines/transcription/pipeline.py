@@ -298,7 +298,7 @@ class TranscriptionPipeline(Pipeline):
 
     def _speaker(self, w: HypWord) -> Speaker | None:
         a, b = round(w.start * self._rate), round(w.end * self._rate)
-        for lag in (self._roster_lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG):
+        for lag in dict.fromkeys((self._roster_lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG)):
             speaker = self._ctx.speakers.attribute(a, b, lag=lag)
             if speaker is not None:
                 return speaker

@@ -10,7 +10,8 @@ The rules:
   VAD's start to ``PAD`` after its end (never reaching back over the previous one).
 - While a person speaks, a partial is requested every ``partial_interval`` seconds of
   audio (the first once ``first_partial`` seconds are in). Each partial re-recognizes the
-  open segment from its start.
+  open segment from its start, or, once words are confirmed, at least ``PARTIAL_SPAN``
+  seconds back from its end.
 - Words are *confirmed* by agreement: the longest common prefix of the last two
   hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
   never changed or dropped afterwards (LocalAgreement-2). Words within
@@ -49,6 +50,8 @@ CONFIRM_MARGIN = 1.0
 #: open, instead of the whole segment: Whisper needs some left context, and the
 #: re-heard words anchor the new ones to the confirmed (:func:`tail_after`).
 RECHECK_CONTEXT = 1.0
+#: A partial hears at least this much audio (or the whole segment, if shorter), and
+#: starts where a final would when that leaves more.
 PARTIAL_SPAN = 4.0
 #: Hypotheses of less audio than this are shown but take no part in agreement: on a
 #: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
@@ -188,6 +191,7 @@ class StreamingPolicy:
         return max(self._seg_start, (words[i - 1].end + words[i].start) / 2)
 
     def _partial_start(self, end: float) -> float:
+        """Where a partial ending at ``end`` starts (see ``PARTIAL_SPAN``)."""
         return max(self._seg_start, min(self._resume_at(), end - PARTIAL_SPAN))
 
     def speech_started(self, t: float) -> None:

@@ -12,8 +12,9 @@ silently lost.
 
 :class:`Scheduler` runs the queue on the event loop with one worker task per
 recognition lane, each handing one job at a time to its own thread. With several
-lanes, lane 0 runs finals only, at a CPU priority above the other lanes (see
-:func:`~pipelines.transcription.engine.lane_priority`): a final never waits for a
+lanes, lane 0 runs finals, and otherwise only the short partials that bring an
+utterance's first text, at a CPU priority above the other lanes (see
+:func:`~pipelines.transcription.engine.lane_priority`): a final never waits for a long
 partial to finish, nor shares a core with one. Batching several sessions into one model
 call was measured and not adopted: on this CPU backend, encoding two 30 s windows as
 one batch took 1.01 s against 0.39 s for one window alone, so a batch is slower than
