@@ -13,6 +13,7 @@ was finalized.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import time
@@ -41,8 +42,6 @@ from .scheduler import Scheduler
 from .window import Window
 
 if TYPE_CHECKING:
-    import asyncio
-
     from prometheus_client import Histogram
 
     from .metrics import TranscriptionMetrics
@@ -87,7 +86,13 @@ class TranscriptionPipeline(Pipeline):
         self._window = Window(max_utterance + partial_interval + LEAD_IN + 2.0)
         self._waiting: list[Request] = []
         self._finals: deque[_Pending] = deque()
-        self._inflight: set[asyncio.Future[Hypothesis | None]] = set()
+        # Recognitions not yet handled by :meth:`_recognized`. ``stop`` waits on ``_idle``,
+        # which only that callback sets: a future the scheduler resolved inside ``submit``
+        # (a superseded partial) is done before its callback has run, and awaiting a done
+        # future does not yield, so waiting on the futures themselves could spin forever.
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._last_final_end = 0.0
         self._first_partial: set[int] = set()
         self._words_in_utterance: dict[int, float] = {}
@@ -126,8 +131,7 @@ class TranscriptionPipeline(Pipeline):
     async def stop(self) -> None:
         try:
             self._cut()
-            while self._inflight:
-                await next(iter(self._inflight))
+            await self._idle.wait()
         finally:
             self._scheduler.forget(self._ctx.key)
             await self._out.close()
@@ -179,11 +183,14 @@ class TranscriptionPipeline(Pipeline):
         future = self._scheduler.submit(
             self._ctx.key, request.kind, fn, urgent=request.kind == "partial" and request.first
         )
-        self._inflight.add(future)
+        self._inflight += 1
+        self._idle.clear()
         future.add_done_callback(functools.partial(self._recognized, pending))
 
     def _recognized(self, pending: _Pending, future: asyncio.Future[Hypothesis | None]) -> None:
-        self._inflight.discard(future)
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
         request = pending.request
         assert request is not None
         hypothesis = None
