@@ -9,7 +9,11 @@ for a binary frame, ``str`` for a text frame) and returns exactly one typed even
 * :class:`Rejected`: anything else, with a short, bounded ``reason`` for the metrics.
 
 Kinds are told apart by opcode only: a binary frame is audio and is never JSON-parsed; a
-text frame is JSON. Every variant listed in PROTOCOL.md is accepted: handshakes without
+text frame is JSON. Whatever a text frame holds, it becomes an event or a :class:`Rejected`:
+its size is bounded by the server's message limit, its nesting by :data:`MAX_DEPTH`
+(checked before parsing, so no input can exhaust the interpreter's stack), and every
+number is checked to be finite and in range before it is used. Every variant listed in
+PROTOCOL.md is accepted: handshakes without
 ``sample_rate``, with ``protocol_version`` 2, ``start_time``, or unknown keys; audio of any
 length (an odd trailing byte is carried into the next message); rosters with ``id`` null or
 0 and timestamps in milliseconds or seconds.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -46,9 +51,21 @@ Samples = npt.NDArray[np.int16]
 
 #: Epoch values above this are milliseconds (1e11 s is the year 5138).
 MS_THRESHOLD: Final = 1e11
+#: Epoch timestamps beyond this (milliseconds: the year 5138) are not times.
+MAX_EPOCH: Final = 1e14
+#: Offsets beyond this many seconds (a year) are not offsets.
+MAX_OFFSET: Final = 366 * 86400.0
+#: Integers beyond this are not ids or versions; JSON numbers this large lose precision.
+MAX_INT: Final = 2**53
+#: Deepest nesting a text frame may have. Handshakes are 1 deep and rosters 2; unknown
+#: keys may nest a little more. Python's JSON decoder recurses once per level.
+MAX_DEPTH: Final = 32
+#: Longest name or id string kept from a roster; longer ones are cut.
+MAX_NAME: Final = 256
 
 RejectReason = Literal[
     "malformed_json",
+    "too_deep",
     "not_json_object_or_array",
     "bad_handshake",
     "bad_roster",
@@ -57,6 +74,7 @@ RejectReason = Literal[
 #: Every reason a message can be rejected for; metrics label values come from here only.
 REJECT_REASONS: Final[tuple[RejectReason, ...]] = (
     "malformed_json",
+    "too_deep",
     "not_json_object_or_array",
     "bad_handshake",
     "bad_roster",
@@ -157,10 +175,14 @@ class OutputDecoder:
         return np.frombuffer(data, dtype="<i2") if data else _EMPTY
 
     def _text(self, text: str) -> Event:
+        if too_deep(text):
+            return Rejected("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
         try:
             value = json.loads(text)
-        except ValueError as exc:
-            return Rejected("malformed_json", f"text message is not JSON: {exc}")
+        except ValueError as exc:  # also a number of more digits than int() takes
+            return Rejected("malformed_json", f"text message is not JSON: {str(exc)[:120]}")
+        except RecursionError:  # unreachable past too_deep(); kept as the last guard
+            return Rejected("too_deep", "JSON nested too deep to decode")
         if isinstance(value, dict):
             return parse_handshake(value)
         if isinstance(value, list):
@@ -168,12 +190,63 @@ class OutputDecoder:
         return Rejected("not_json_object_or_array", f"JSON {type(value).__name__} is neither")
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^][{}]+")
+
+
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``text`` nests arrays and objects deeper than ``limit`` (before parsing).
+
+    Text with fewer brackets than the limit cannot be too deep; only then are strings
+    skipped and brackets counted, which for a 10,000-person roster takes a few ms.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for c in _NOT_BRACKET.sub("", _STRING.sub("", text)):
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def clip(text: str, limit: int = MAX_NAME) -> str:
+    return text if len(text) <= limit else text[:limit]
+
+
+def _number(value: Any, bound: float = math.inf) -> float | None:
+    """``value`` as a float if it is a finite number with ``abs(value) <= bound``.
+
+    Python ints are unbounded: one of 400 digits overflows a float, so it is compared
+    as an int before any conversion.
+    """
+    if isinstance(value, bool):
         return None
-    if not math.isfinite(value):
-        return None
-    return float(value)
+    if isinstance(value, int):
+        return float(value) if abs(value) <= min(bound, MAX_INT) else None
+    if isinstance(value, float) and math.isfinite(value) and abs(value) <= bound:
+        return value
+    return None
+
+
+def _epoch(value: Any) -> float | None:
+    """An epoch time in seconds or milliseconds, as seconds; ``None`` if not one."""
+    number = _number(value, MAX_EPOCH)
+    return epoch_seconds(number) if number is not None and number > 0 else None
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a bad value for a rejection's detail (never the whole value)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return "an integer out of range"
+    return (
+        clip(repr(value), 40)
+        if isinstance(value, str | int | float | bool)
+        else type(value).__name__
+    )
 
 
 def parse_handshake(obj: dict[str, Any]) -> Handshake | Rejected:
@@ -181,26 +254,25 @@ def parse_handshake(obj: dict[str, Any]) -> Handshake | Rejected:
     if not isinstance(bot_id, str) or not bot_id:
         return Rejected("bad_handshake", "handshake without a string bot_id")
     version = obj.get("protocol_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int):
-        return Rejected("bad_handshake", f"protocol_version {version!r} is not an integer")
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= 1000:
+        return Rejected("bad_handshake", f"protocol_version {_show(version)} is not a version")
     rate_value = obj.get("sample_rate")
     rate: int | None = None
     if rate_value is not None:
-        number = _number(rate_value)
+        number = _number(rate_value, 1e6)
         if number is None or number != int(number):
-            return Rejected("bad_handshake", f"sample_rate {rate_value!r} is not an integer")
+            return Rejected("bad_handshake", f"sample_rate {_show(rate_value)} is not a rate")
         rate = int(number)
         if rate not in SUPPORTED_RATES:
             raise UnsupportedRate(f"handshake sample_rate {rate} not in {SUPPORTED_RATES}")
-    offset = _number(obj.get("offset", 0.0))
-    start = obj.get("start_time")
-    start_time = _number(start) if start is not None else None
+    # Informational fields: a value out of range is ignored rather than refused.
+    offset = _number(obj.get("offset", 0.0), MAX_OFFSET)
     return Handshake(
         bot_id=bot_id,
         protocol_version=version,
         sample_rate=rate,
         offset=offset if offset is not None else 0.0,
-        start_time=epoch_seconds(start_time) if start_time else None,
+        start_time=_epoch(obj.get("start_time")),
     )
 
 
@@ -214,25 +286,30 @@ def parse_roster(items: list[Any]) -> Roster | Rejected:
             name = "Unknown"
         if not isinstance(name, str):
             return Rejected("bad_roster", f"roster entry {i}: name is not a string")
+        name = clip(name)
         speaking = item.get("isSpeaking", False)
         if not isinstance(speaking, bool):
             return Rejected("bad_roster", f"roster entry {i}: isSpeaking is not a boolean")
         raw_id = item.get("id")
-        if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, int)):
-            return Rejected("bad_roster", f"roster entry {i}: id is not an integer")
+        if raw_id is not None and (
+            isinstance(raw_id, bool) or not isinstance(raw_id, int) or not 0 <= raw_id <= MAX_INT
+        ):
+            return Rejected("bad_roster", f"roster entry {i}: id {_show(raw_id)} is not an id")
         raw_ts = item.get("timestamp")
-        timestamp = _number(raw_ts) if raw_ts is not None else None
-        if raw_ts is not None and timestamp is None:
+        if raw_ts is not None and (isinstance(raw_ts, bool) or not isinstance(raw_ts, int | float)):
             return Rejected("bad_roster", f"roster entry {i}: timestamp is not a number")
+        # A number that is no time (NaN, negative, 400 digits) is ignored: arrival time
+        # stands in for it, as for a roster without timestamps.
+        timestamp = _epoch(raw_ts)
         device = item.get("deviceId")
         is_self = item.get("isSelf", False)
         entries.append(
             RosterEntry(
                 name=name,
                 id=raw_id or None,
-                timestamp=epoch_seconds(timestamp) if timestamp else None,
+                timestamp=timestamp,
                 is_speaking=speaking,
-                device_id=device if isinstance(device, str) else None,
+                device_id=clip(device) if isinstance(device, str) else None,
                 is_self=is_self is True,
             )
         )

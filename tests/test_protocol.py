@@ -231,3 +231,121 @@ def test_any_chunking_reassembles_exactly(sizes: list[int]) -> None:
         if isinstance(event, Audio):
             out += event.samples.tobytes()
     assert bytes(out) == data[: len(data) & ~1]
+
+
+# -- hostile text: nesting, huge numbers, wrong types ------------------------------------
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"a":' * 50_000 + "1" + "}" * 50_000,
+        "[" * 33 + "]" * 33,
+    ],
+)
+def test_deep_nesting_is_refused_before_decoding(text: str) -> None:
+    event = decode(text)
+    assert isinstance(event, Rejected)
+    assert event.reason == "too_deep"
+
+
+def test_nesting_within_the_limit_and_brackets_in_strings_are_fine() -> None:
+    assert isinstance(decode("[" * 32 + "]" * 32), Rejected | Roster)
+    name = "[" * 500
+    event = decode(json.dumps([{"name": name, "id": 1, "isSpeaking": True}]))
+    assert isinstance(event, Roster)
+    assert event.entries[0].name == name[:256]  # long names are cut, not refused
+
+
+@pytest.mark.parametrize("field", ["start_time", "offset"])
+def test_a_huge_informational_number_is_ignored(field: str) -> None:
+    event = decode(json.dumps({"bot_id": "b", "sample_rate": 16000, field: HUGE}))
+    assert isinstance(event, Handshake)
+    assert event.start_time is None
+    assert event.offset == 0.0
+
+
+@pytest.mark.parametrize(
+    "handshake",
+    [
+        {"bot_id": "b", "sample_rate": HUGE},
+        {"bot_id": "b", "protocol_version": HUGE},
+        {"bot_id": "b", "sample_rate": 1e308},
+    ],
+)
+def test_a_huge_required_number_rejects_the_handshake(handshake: dict[str, object]) -> None:
+    event = decode(json.dumps(handshake))
+    assert isinstance(event, Rejected)
+    assert event.reason == "bad_handshake"
+    assert len(event.detail) < 200  # the value is not echoed whole
+
+
+def test_roster_numbers_out_of_range() -> None:
+    timestamps = [HUGE, -5, 1e300]
+    rosters = [[{"name": "A", "id": 1, "isSpeaking": True, "timestamp": t}] for t in timestamps]
+    for roster in rosters:
+        event = decode(json.dumps(roster))
+        assert isinstance(event, Roster)
+        assert event.entries[0].timestamp is None  # arrival time will stand in
+    event = decode(json.dumps([{"name": "A", "id": HUGE}]))
+    assert isinstance(event, Rejected)
+    assert event.reason == "bad_roster"
+
+
+def test_an_integer_too_long_for_python_is_malformed() -> None:
+    event = decode('{"bot_id": "b", "offset": ' + "9" * 5000 + "}")
+    assert isinstance(event, Rejected)
+    assert event.reason == "malformed_json"
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.sampled_from([HUGE, -HUGE, 2**63, 2**53 + 1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+entry_keys = st.sampled_from(["name", "id", "timestamp", "isSpeaking", "deviceId", "isSelf"])
+hs_keys = st.sampled_from(["bot_id", "protocol_version", "sample_rate", "offset", "start_time"])
+hostile_text = st.one_of(
+    json_values.map(json.dumps),
+    st.dictionaries(hs_keys, json_values).map(json.dumps),
+    st.lists(st.dictionaries(entry_keys, json_values), max_size=5).map(json.dumps),
+    st.integers(min_value=1, max_value=3000).map(lambda n: "[" * n + "]" * n),
+)
+
+
+@given(st.lists(st.one_of(st.binary(max_size=64), hostile_text), max_size=20))
+def test_hostile_text_is_an_event_or_documented_rejection(messages: list[bytes | str]) -> None:
+    decoder = OutputDecoder()
+    audio, sent = bytearray(), bytearray()
+    for message in messages:
+        try:
+            event = decoder.receive(message)
+        except UnsupportedRate:
+            continue
+        if isinstance(event, Rejected):
+            assert event.reason in REJECT_REASONS
+        elif isinstance(event, Handshake):
+            assert event.start_time is None or 0 < event.start_time < 1e12
+            assert abs(event.offset) < 1e8
+        elif isinstance(event, Roster):
+            for e in event.entries:
+                assert e.id is None or 0 < e.id <= 2**53
+                assert e.timestamp is None or 0 < e.timestamp < 1e12
+        if isinstance(message, bytes):
+            sent += message
+        if isinstance(event, Audio):
+            audio += event.samples.tobytes()
+    assert bytes(audio) == bytes(sent[: len(sent) & ~1])
