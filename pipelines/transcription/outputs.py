@@ -33,15 +33,15 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from prometheus_client import Counter
 
+from gateway.files import FileStatus, HeldAppender, disk_watch, write_atomically
 from pipelines.base import Environment, RouteHandler, SessionContext
 
 from .formats import deepgram, meeting_baas, metadata
@@ -65,7 +65,9 @@ class TranscriptOutputs:
     def __init__(self, env: Environment, *, memory: int = MEMORY) -> None:
         self.env = env
         s = env.settings
-        self.hub = SubscriberHub(env.registry, capacity=s.subscriber_queue, memory=memory)
+        self.hub = SubscriberHub(
+            env.registry, capacity=s.subscriber_queue, memory=memory, max_lag=s.subscriber_max_lag
+        )
         self.webhooks = WebhookSender(
             env.registry,
             s.webhook_secret or s.secret,
@@ -81,6 +83,7 @@ class TranscriptOutputs:
             "Failures writing transcript.jsonl or transcript.json",
             registry=r,
         )
+        self.disk = disk_watch(r)
 
     async def startup(self) -> None:
         s = self.env.settings
@@ -137,7 +140,16 @@ class SessionOutputs:
         self._sequence = 0
         self._meta = metadata(str(uuid.uuid4()), outputs.env.settings.model)
         self._closed = False
-        self._jsonl: IO[str] = open(ctx.directory / JSONL, "a", encoding="utf-8")  # noqa: SIM115
+        # A disk that refuses a final holds it (at most MEMORY, the finals late subscribers
+        # get from memory anyway) and retries with a back-off; see gateway.files.
+        dropped = outputs.disk.metrics.dropped_lines.labels("transcript")
+        self._jsonl = HeldAppender(
+            FileStatus(
+                outputs.disk, ctx.directory, JSONL, "transcript", ctx.log, outputs.write_errors.inc
+            ),
+            max_lines=MEMORY,
+            on_drop=dropped.inc,
+        )
 
     def publish(self, event: TranscriptEvent) -> None:
         """Send ``event`` everywhere it goes. Never blocks; safe with no subscribers.
@@ -161,15 +173,10 @@ class SessionOutputs:
         self._outputs.hub.publish(self._channel, text, final=final, partial=partial)
 
     def _append(self, text: str) -> bool:
-        try:
-            # Flushed per final: a crash of the process must not lose what was said.
-            self._jsonl.write(text + "\n")
-            self._jsonl.flush()
-        except OSError:
-            # A full disk must not stop live captions.
-            self._outputs.write_errors.inc()
-            self._ctx.log.exception("could not append a final to %s", JSONL)
-            return False
+        # Written unbuffered per final: a crash of the process must not lose what was said.
+        # A full disk must not stop live captions: the line waits (counted, logged once)
+        # and is written in order when the disk takes it again.
+        self._jsonl.append((text + "\n").encode())
         self._outputs.finals.inc()
         return True
 
@@ -191,32 +198,29 @@ class SessionOutputs:
         if self._closed:
             return
         self._closed = True
+        self._jsonl.finish()  # a last try at finals the disk refused so far
         try:
             speakers = [s.name for s in self._ctx.speakers.speakers]
             transcript = await asyncio.to_thread(
                 _write_transcript, self._jsonl, self._ctx.directory, speakers
             )
             self._webhook("transcript.complete", transcript)
-        except OSError:
+        except OSError as exc:
             self._outputs.write_errors.inc()
-            self._ctx.log.exception("could not write %s", TRANSCRIPT)
+            self._outputs.disk.metrics.errors.labels("transcript").inc()
+            self._ctx.log.error("could not write %s: %s", TRANSCRIPT, exc)
         finally:
+            self._jsonl.close()
             self._outputs.hub.close(self._channel)
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # On failure the temporary file is removed and the OSError raised.
+    write_atomically(path, text.encode())
 
 
-def _write_transcript(jsonl: IO[str], directory: Path, speakers: list[str]) -> dict[str, Any]:
-    with jsonl:
-        jsonl.flush()
-        os.fsync(jsonl.fileno())
+def _write_transcript(jsonl: HeldAppender, directory: Path, speakers: list[str]) -> dict[str, Any]:
+    jsonl.sync()
     return _build_transcript(directory, speakers)
 
 
