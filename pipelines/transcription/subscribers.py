@@ -6,12 +6,28 @@ the finals its session(s) produced so far, then the live stream, as JSON text fr
 Finals so far come from a bounded memory per session and, past it, from the session's
 ``transcript.jsonl``.
 
-Every subscriber has a :class:`MessageQueue`. It is pure logic (no I/O, no event loop,
-tested synchronously): a subscriber that reads slowly loses partials first (each is
-superseded by the next one anyway); when the queue holds nothing but messages that
-must not be lost (finals and events), the subscriber is too slow to follow the meeting
-and is closed with code 1008, reason ``too slow``, rather than grow memory or hold up
-ingest or anyone else. When its session ends a subscriber is closed with 1000,
+A subscriber that cannot keep up is closed with code 1008, reason ``too slow``, counted
+in ``gateway_transcript_subscriber_drops_total{reason}`` and logged once, rather than grow
+memory or hold up ingest or anyone else. Two rules, both pure logic (no I/O, no event
+loop, tested synchronously), find it:
+
+``queue_full`` (:class:`MessageQueue`)
+    A subscriber that reads slowly loses partials first (each is superseded by the next
+    one anyway); when its queue holds nothing but messages that must not be lost (finals
+    and events), it is too slow to follow the meeting.
+``lagging`` (:class:`LagWatch`)
+    Kernel socket buffers hold megabytes, so a reader that stopped reading can swallow
+    a quiet meeting for minutes without its queue ever filling. Every subscriber is
+    pinged every ``max_lag / 2`` seconds; a WebSocket client answers a ping only once it
+    has read everything sent before it, so the age of the oldest unanswered ping is how
+    far behind the reader is, every buffered byte included. At ``max_lag`` it is closed:
+    one that stops reading is closed at most ``1.5 * max_lag`` later, before websockets'
+    keepalive (:data:`KEEPALIVE_TIMEOUT`) would fail the connection silently.
+
+A connection the keepalive fails anyway (it sends close code 1011) is counted as
+``keepalive``. A dropped subscriber that does not complete the closing handshake within
+the connection's close timeout is cut off (TCP abort), even when its socket is too full
+to take the close frame. When its session ends a subscriber is closed with 1000,
 ``session ended``; a subscriber to every session stays.
 """
 
@@ -26,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection
@@ -36,6 +52,25 @@ logger = logging.getLogger("pipelines.transcription.subscribers")
 
 TOO_SLOW = (1008, "too slow")
 ENDED = (1000, "session ended")
+#: The subscriber closed or vanished: nothing more to send, nobody to close.
+GONE = (1000, "")
+
+#: Why a subscriber was dropped: the ``reason`` label of the drops counter, a fixed set.
+DropReason = Literal["queue_full", "lagging", "keepalive"]
+DROP_REASONS: Final[tuple[DropReason, ...]] = ("queue_full", "lagging", "keepalive")
+
+#: The default ``max_lag`` (``GATEWAY_SUBSCRIBER_MAX_LAG``), seconds.
+DEFAULT_MAX_LAG = 10.0
+#: The gateway's keepalive (:data:`gateway.config.KEEPALIVE_TIMEOUT`) fails a connection
+#: whose pong is 20 s late with 1011. :class:`LagWatch` must act first, so ``max_lag`` is
+#: at most :data:`MAX_LAG_LIMIT` (checked by ``Settings.validate``): a reader that stops
+#: reading is dropped within ``1.5 * MAX_LAG_LIMIT`` = 18 s, 2 s before the keepalive.
+MAX_LAG_LIMIT = 12.0
+#: How long a dropped subscriber gets to complete the closing handshake when its
+#: connection has no close timeout of its own, seconds.
+CLOSE_WAIT = 10.0
+#: The reason websockets gives in the 1011 close frame of a keepalive that timed out.
+_KEEPALIVE_FAILED = "keepalive ping timeout"
 
 
 class Offer(enum.Enum):
@@ -103,6 +138,78 @@ class MessageQueue:
         self._partials = 0
 
 
+class LagWatch:
+    """How far behind one reader is, from the pings it has not answered yet.
+
+    Pure logic on a clock the caller reads (any monotonic seconds): ping when
+    :meth:`ping_due`, record it with :meth:`sent`, report its pong with :meth:`answered`,
+    drop the reader once :meth:`lagging`, and sleep until :meth:`wake_at` in between.
+    Pings go out every :attr:`interval` (``max_lag / 2``) whether or not earlier ones
+    were answered, so a reader that reads nothing after some moment is lagging at most
+    :attr:`detects_within` (``1.5 * max_lag``) later.
+    """
+
+    def __init__(self, max_lag: float, now: float) -> None:
+        if not max_lag > 0:
+            raise ValueError("max_lag must be positive")
+        self.max_lag = max_lag
+        self.interval = max_lag / 2
+        self._unanswered: dict[int, float] = {}  # ping number -> time sent, oldest first
+        self._pings = 0
+        self._next_ping = now
+
+    @property
+    def detects_within(self) -> float:
+        """Longest time from a reader's last read until :meth:`lagging` holds."""
+        return self.interval + self.max_lag
+
+    @property
+    def unanswered(self) -> int:
+        return len(self._unanswered)
+
+    def ping_due(self, now: float) -> bool:
+        return now >= self._next_ping
+
+    def sent(self, now: float) -> int:
+        """A ping was sent at ``now``; returns its number for :meth:`answered`."""
+        self._pings += 1
+        self._unanswered[self._pings] = now
+        self._next_ping = now + self.interval
+        return self._pings
+
+    def answered(self, ping: int) -> None:
+        """The pong for ``ping`` came. It answers every earlier ping too: a client may
+        answer only the latest of several (websockets resolves them all then)."""
+        while self._unanswered:
+            oldest = next(iter(self._unanswered))
+            if oldest > ping:
+                break
+            del self._unanswered[oldest]
+
+    def lag(self, now: float) -> float:
+        """How long the oldest unanswered ping has waited; 0 when all are answered."""
+        if not self._unanswered:
+            return 0.0
+        return max(0.0, now - next(iter(self._unanswered.values())))
+
+    def lagging(self, now: float) -> bool:
+        """Whether the reader is ``max_lag`` or more behind: drop it."""
+        deadline = self._deadline()
+        return deadline is not None and now >= deadline
+
+    def wake_at(self) -> float:
+        """When something is next due: a ping, or the oldest unanswered one's deadline."""
+        deadline = self._deadline()
+        return self._next_ping if deadline is None else min(self._next_ping, deadline)
+
+    def _deadline(self) -> float | None:
+        # The one expression both lagging() and wake_at() use: waking at the deadline
+        # must find the reader lagging, whatever the rounding.
+        if not self._unanswered:
+            return None
+        return next(iter(self._unanswered.values())) + self.max_lag
+
+
 class SubscriberMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
@@ -122,9 +229,13 @@ class SubscriberMetrics:
         )
         self.dropped = Counter(
             "gateway_transcript_subscriber_drops",
-            "Subscribers closed because they could not keep up",
+            "Subscribers closed because they could not keep up, by reason "
+            "(queue_full, lagging, keepalive)",
+            ["reason"],
             registry=r,
         )
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
 
 
 @dataclass(eq=False)
@@ -149,16 +260,32 @@ class _Subscriber:
     ws: ServerConnection
     key: str | None
     queue: MessageQueue
+    lag: LagWatch
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     close: tuple[int, str] | None = None
+    dropped: DropReason | None = None
     backlog: list[Backlog] = field(default_factory=list)
 
 
 class SubscriberHub:
-    """Every channel and subscriber of the process; everything runs on the event loop."""
+    """Every channel and subscriber of the process; everything runs on the event loop.
 
-    def __init__(self, registry: CollectorRegistry, *, capacity: int, memory: int) -> None:
+    ``max_lag`` is how far behind (seconds) a subscriber may fall before it is dropped
+    as ``lagging``; see :class:`LagWatch`.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        capacity: int,
+        memory: int,
+        max_lag: float = DEFAULT_MAX_LAG,
+    ) -> None:
+        if not max_lag > 0:
+            raise ValueError("max_lag must be positive")
         self.metrics = SubscriberMetrics(registry)
+        self.max_lag = max_lag
         self._capacity = capacity
         self._memory = memory
         self._channels: dict[str, Channel] = {}
@@ -191,9 +318,7 @@ class SubscriberHub:
             if sub.queue.skipped != before:
                 self.metrics.skipped.inc(sub.queue.skipped - before)
             if outcome is Offer.OVERFLOW:
-                self.metrics.dropped.inc()
-                logger.warning("dropping a transcript subscriber that cannot keep up")
-                self._drop(sub)
+                self._drop(sub, "queue_full")
             elif outcome is Offer.QUEUED:
                 sub.wake.set()
 
@@ -217,13 +342,25 @@ class SubscriberHub:
             channel = self._channels[key] = Channel(key, deque(maxlen=self._memory))
         return channel
 
-    def _drop(self, sub: _Subscriber) -> None:
+    def _drop(self, sub: _Subscriber, reason: DropReason) -> None:
+        """Close ``sub`` with 1008 ``too slow``; counted and logged once per subscriber."""
+        if sub.dropped is not None or sub.close is GONE:
+            return
+        sub.dropped = reason
         sub.close = TOO_SLOW
         sub.queue.clear()
         sub.wake.set()
-        # The sender may be stuck in send() on a full socket: close from outside, which
-        # the connection's close timeout bounds.
-        task = asyncio.get_running_loop().create_task(sub.ws.close(*TOO_SLOW))
+        self.metrics.dropped.labels(reason).inc()
+        behind = f", {sub.lag.lag(_now()):.1f} s behind" if reason == "lagging" else ""
+        logger.warning(
+            "closing transcript subscriber %s of %s: too slow (%s%s)",
+            _remote(sub.ws),
+            "every session" if sub.key is None else f"session {sub.key}",
+            reason,
+            behind,
+        )
+        # The sender may be stuck in send() on a full socket: close from outside.
+        task = asyncio.get_running_loop().create_task(_close_too_slow(sub.ws))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -255,10 +392,10 @@ class SubscriberHub:
     async def serve(self, ws: Any, key: str | None) -> None:
         """Serve one subscriber connection until it or its session ends."""
         scope = "all" if key is None else "session"
-        sub = _Subscriber(ws, key, MessageQueue(self._capacity))
+        sub = _Subscriber(ws, key, MessageQueue(self._capacity), LagWatch(self.max_lag, _now()))
         self._attach(sub)
         self.metrics.subscribers.labels(scope).inc()
-        reader = asyncio.create_task(self._read(sub))
+        helpers = [asyncio.create_task(self._read(sub)), asyncio.create_task(self._watch(sub))]
         try:
             for path, from_disk, remembered in sub.backlog:
                 if from_disk > 0 and path is not None:
@@ -281,11 +418,22 @@ class SubscriberHub:
         finally:
             self._detach(sub)
             self.metrics.subscribers.labels(scope).dec()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        if sub.close is not None:
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if sub.close is not None and sub.close is not GONE:
             await ws.close(*sub.close)
+        if sub.dropped is None and _keepalive_failed(ws):
+            # The lag watch should have acted first (a starved event loop?): not silent.
+            self.metrics.dropped.labels("keepalive").inc()
+            logger.warning(
+                "transcript subscriber %s of %s closed by the keepalive: no pong for %.0f s",
+                _remote(ws),
+                "every session" if key is None else f"session {key}",
+                ws.ping_timeout or 0,
+            )
 
     async def _send(self, sub: _Subscriber, text: str) -> None:
         if sub.close is TOO_SLOW:
@@ -300,8 +448,65 @@ class SubscriberHub:
             async for _ in sub.ws:
                 pass
         if sub.close is None:
-            sub.close = (1000, "")
+            sub.close = GONE
         sub.wake.set()
+
+    async def _watch(self, sub: _Subscriber) -> None:
+        """Ping ``sub`` on :class:`LagWatch`'s schedule; drop it once it is lagging."""
+        lag = sub.lag
+        pings: set[asyncio.Task[None]] = set()
+        try:
+            while sub.close is None or sub.close is ENDED:
+                now = _now()
+                if lag.lagging(now):
+                    self._drop(sub, "lagging")
+                    return
+                if lag.ping_due(now):
+                    # In its own task: ping() waits while the socket is full, and the
+                    # deadline must not wait with it.
+                    task = asyncio.create_task(_ping(sub.ws, lag, lag.sent(now)))
+                    pings.add(task)
+                    task.add_done_callback(pings.discard)
+                await asyncio.sleep(max(0.0, lag.wake_at() - _now()))
+        finally:
+            for task in pings:
+                task.cancel()
+
+
+def _now() -> float:
+    """The clock of :class:`LagWatch` here: the event loop's (monotonic) clock."""
+    return asyncio.get_running_loop().time()
+
+
+async def _ping(ws: ServerConnection, lag: LagWatch, ping: int) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        pong = await ws.ping()
+        await pong
+        lag.answered(ping)
+
+
+async def _close_too_slow(ws: ServerConnection) -> None:
+    # close() queues the close frame behind everything unsent and waits for the socket
+    # to take it, which a reader that never reads again never lets happen: past the
+    # connection's close timeout, cut the connection instead.
+    try:
+        async with asyncio.timeout(ws.close_timeout or CLOSE_WAIT):
+            await ws.close(*TOO_SLOW)
+    except TimeoutError:
+        ws.transport.abort()
+
+
+def _keepalive_failed(ws: ServerConnection) -> bool:
+    """Whether websockets' keepalive failed the connection (it sends 1011 then)."""
+    sent = ws.protocol.close_sent
+    return sent is not None and sent.code == 1011 and sent.reason == _KEEPALIVE_FAILED
+
+
+def _remote(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 def _read_lines(path: Path, count: int) -> list[str]:
