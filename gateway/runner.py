@@ -2,9 +2,21 @@
 
 Audio is not queued: the runner keeps a cursor into the session's ring buffer and reads
 whatever has been written since, so its backlog is bounded by the ring. Events go into
-a bounded queue with their clock position; audio is delivered up to each event's
+bounded queues with their clock position; audio is delivered up to each event's
 position before the event, which keeps the two in clock order. Ingest only compares an
 integer and sets a flag (:meth:`PipelineRunner.poke`); it never waits on a pipeline.
+
+Events come in two kinds with a queue each, delivered in the order they were posted:
+
+* control events (speech starts and ends, gaps) come at most a few a second, whatever
+  the bot sends, and a pipeline that missed one would misread the meeting; their queue
+  holds :data:`CONTROL_FACTOR` times the configured size, so only a pipeline stalled for
+  minutes can overflow it;
+* roster changes arrive at the bot's will: all the changes of one roster message take
+  one place in the queue (:meth:`PipelineRunner.post_batch`), so a 10,000-person
+  roster is one entry, and only these are dropped when the queue is full.
+
+Every drop is counted by pipeline and kind.
 
 A pipeline that raises is stopped alone: logged with its traceback, counted, and its
 queue discarded; the session and its other pipelines go on.
@@ -20,6 +32,9 @@ from pipelines.base import Gap, Pipeline, PipelineEvent, SessionContext
 
 from .audio.ring import Overrun, RingBuffer
 from .metrics import Metrics
+
+#: The control queue holds this many times ``pipeline_queue`` events.
+CONTROL_FACTOR = 16
 
 
 class PipelineRunner:
@@ -39,7 +54,10 @@ class PipelineRunner:
         self._ring = ring
         self._metrics = metrics
         self._log = log
-        self._events: deque[tuple[int, PipelineEvent]] = deque()
+        # (sequence, clock position, events): one entry per post, in posting order.
+        self._control: deque[tuple[int, int, tuple[PipelineEvent, ...]]] = deque()
+        self._bulk: deque[tuple[int, int, tuple[PipelineEvent, ...]]] = deque()
+        self._posted = 0
         self._queue_size = queue_size
         self._block = max(1, ctx.sample_rate * pipeline.audio_block_ms // 1000)
         self._wake = asyncio.Event()
@@ -58,17 +76,28 @@ class PipelineRunner:
             self._wake.set()
 
     def post(self, at: int, event: PipelineEvent) -> None:
-        """Queue an event for delivery after the audio before ``at``; drop if full."""
-        if self.failed:
+        """Queue a control event for delivery after the audio before ``at``."""
+        self.post_batch(at, (event,), roster=False)
+
+    def post_batch(self, at: int, events: tuple[PipelineEvent, ...], *, roster: bool) -> None:
+        """Queue events that happened together as one entry; drop and count if full.
+
+        ``roster`` marks the changes of one roster message (the droppable kind).
+        """
+        if self.failed or not events:
             return
-        if len(self._events) >= self._queue_size:
-            self.dropped += 1
-            self._metrics.pipeline_drops.labels(self.name).inc()
-            if self.dropped == 1:
-                self._log.warning("pipeline %s queue full; dropping events", self.name)
+        bulk = roster
+        queue = self._bulk if bulk else self._control
+        if len(queue) >= (self._queue_size if bulk else self._queue_size * CONTROL_FACTOR):
+            kind = "roster" if bulk else "control"
+            self.dropped += len(events)
+            self._metrics.pipeline_drops.labels(self.name, kind).inc(len(events))
+            if self.dropped == len(events):
+                self._log.warning("pipeline %s queue full; dropping %s events", self.name, kind)
             return
-        self._events.append((at, event))
-        self._metrics.pipeline_queue.labels(self.name).inc()
+        self._posted += 1
+        queue.append((self._posted, at, events))
+        self._metrics.pipeline_queue.labels(self.name).inc(len(events))
         self._wake.set()
 
     async def close(self) -> None:
@@ -93,8 +122,10 @@ class PipelineRunner:
             self.failed = True
             self._metrics.pipeline_errors.labels(self.name).inc()
             self._log.exception("pipeline %s failed and was stopped", self.name)
-            self._metrics.pipeline_queue.labels(self.name).dec(len(self._events))
-            self._events.clear()
+            waiting = sum(len(e) for q in (self._control, self._bulk) for _, _, e in q)
+            self._metrics.pipeline_queue.labels(self.name).dec(waiting)
+            self._control.clear()
+            self._bulk.clear()
         try:
             await self.pipeline.stop()
         except Exception:
@@ -103,13 +134,16 @@ class PipelineRunner:
             self._log.exception("pipeline %s failed while stopping", self.name)
 
     async def _drain(self, final: bool) -> None:
-        while self._events:
-            at, event = self._events.popleft()
-            self._metrics.pipeline_queue.labels(self.name).dec()
+        control, bulk = self._control, self._bulk
+        while control or bulk:
+            queue = control if not bulk or (control and control[0][0] < bulk[0][0]) else bulk
+            _, at, events = queue.popleft()
+            self._metrics.pipeline_queue.labels(self.name).dec(len(events))
             await self._deliver(min(at, self._ring.written))
-            await self.pipeline.event(event)
-            if isinstance(event, Gap):
-                self.cursor = max(self.cursor, event.sample + event.length)
+            for event in events:
+                await self.pipeline.event(event)
+                if isinstance(event, Gap):
+                    self.cursor = max(self.cursor, event.sample + event.length)
         # Deliver whole blocks while live; everything at the end.
         end = self._ring.written
         if not final:

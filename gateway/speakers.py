@@ -9,12 +9,17 @@ sample are placed correctly once audio starts.
 
 A roster timestamp is trusted when it is within ``max_skew`` seconds of the roster's
 arrival; otherwise the bot's clock is off and the arrival time is used.
+
+Only people who speak matter for attribution, so the timeline remembers those who have
+spoken (and the bot), not everyone listed: a 10,000-person webinar roster costs one pass
+per message and no memory. At most ``max_speakers`` are remembered; past that the one
+silent the longest is forgotten with their intervals, and :attr:`forgotten` counts them.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from statistics import median
 from typing import Any
@@ -24,6 +29,8 @@ from .protocol import Roster, RosterEntry
 
 #: Roster timestamps further than this from the arrival time are not trusted.
 MAX_SKEW = 5.0
+#: Speakers remembered per session by default.
+MAX_SPEAKERS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,18 +72,35 @@ def _identity(entry: RosterEntry) -> str:
 
 
 class SpeakerTimeline:
-    def __init__(self, clock: AudioClock, bot_name: str = "", max_skew: float = MAX_SKEW) -> None:
+    def __init__(
+        self,
+        clock: AudioClock,
+        bot_name: str = "",
+        max_skew: float = MAX_SKEW,
+        max_speakers: int = MAX_SPEAKERS,
+    ) -> None:
         self.clock = clock
         self._bot_name = bot_name.casefold()
         self._max_skew = max_skew
-        self._speakers: dict[str, Speaker] = {}
+        self._max_speakers = max(1, max_speakers)
+        # Least recently started speaking first, so the one to forget is at the front.
+        self._speakers: OrderedDict[str, Speaker] = OrderedDict()
+        #: Speakers forgotten to keep within ``max_speakers``.
+        self.forgotten = 0
+        #: Entries in the latest roster: the meeting's size as the bot last saw it.
+        self.roster_size = 0
+        self._first: dict[str, int] = {}  # key -> order of first appearance
+        self._seen = 0
+        # Resolved names of roster entries, speaking or not (a name resolves late, maybe
+        # while its owner only listens); bounded, oldest first.
+        self._names: dict[str, str] = {}
         self._speaking: dict[str, float] = {}  # key -> wall start of the open interval
         self._intervals: dict[str, list[tuple[float, float]]] = {}
 
     @property
     def speakers(self) -> list[Speaker]:
-        """Everyone seen in a roster so far, in order of first appearance."""
-        return list(self._speakers.values())
+        """Everyone remembered (who spoke, and the bot), in order of first appearance."""
+        return sorted(self._speakers.values(), key=lambda s: self._first[s.key])
 
     def speaker(self, key: str) -> Speaker | None:
         return self._speakers.get(key)
@@ -85,20 +109,33 @@ class SpeakerTimeline:
     def bot(self) -> Speaker | None:
         return next((s for s in self._speakers.values() if s.is_bot), None)
 
-    def _learn(self, entry: RosterEntry) -> Speaker:
-        key = _identity(entry)
+    def _learn(self, entry: RosterEntry, key: str, is_bot: bool) -> Speaker:
         old = self._speakers.get(key)
-        is_bot = entry.is_self or (bool(self._bot_name) and entry.name.casefold() == self._bot_name)
         name = entry.name
+        if name == "Unknown":  # names resolve late; never regress to the placeholder
+            name = self._names.get(key, name)
         if old is not None:
             is_bot = is_bot or old.is_bot
-            if name == "Unknown":  # names resolve late; never regress to the placeholder
-                name = old.name
             if old.name == name and old.is_bot == is_bot:
                 return old
         speaker = Speaker(key, entry.id, name, is_bot)
         self._speakers[key] = speaker
+        if old is None:
+            self._seen += 1
+            self._first[key] = self._seen
+            if len(self._speakers) > self._max_speakers:
+                self._forget(keep=key)
         return speaker
+
+    def _forget(self, keep: str) -> None:
+        """Forget the speaker silent the longest (never one speaking now, the bot, or ``keep``)."""
+        for key in self._speakers:
+            if key != keep and key not in self._speaking and not self._speakers[key].is_bot:
+                del self._speakers[key]
+                del self._first[key]
+                self._intervals.pop(key, None)
+                self.forgotten += 1
+                return
 
     def _when(self, entry: RosterEntry | None, arrival: float) -> float:
         if entry is not None and entry.timestamp is not None:  # noqa: SIM102 - reads clearer
@@ -110,11 +147,24 @@ class SpeakerTimeline:
         """Apply a full roster received at wall time ``arrival``; return what changed."""
         changes: list[SpeakerChange] = []
         present = set()
+        self.roster_size = len(roster.entries)
+        names = self._names
         for entry in roster.entries:
-            speaker = self._learn(entry)
-            present.add(speaker.key)
-            was = speaker.key in self._speaking
+            key = _identity(entry)
+            present.add(key)
+            if entry.name != "Unknown" and names.get(key) != entry.name:
+                names[key] = entry.name
+                if len(names) > 4 * self._max_speakers + len(roster.entries):
+                    del names[next(iter(names))]
+            was = key in self._speaking
+            is_bot = entry.is_self or (
+                bool(self._bot_name) and entry.name.casefold() == self._bot_name
+            )
+            if not (entry.is_speaking or was or is_bot or key in self._speakers):
+                continue  # a listener: nothing to remember
+            speaker = self._learn(entry, key, is_bot)
             if entry.is_speaking and not was:
+                self._speakers.move_to_end(key)
                 changes.append(self._start(speaker, self._when(entry, arrival)))
             elif was and not entry.is_speaking:
                 changes.append(self._stop(speaker, self._when(entry, arrival)))
@@ -184,7 +234,7 @@ class SpeakerTimeline:
         t0, t1 = t0 + lag, max(t1, t0 + 1e-3) + lag
         best: tuple[float, float] | None = None
         best_key = None
-        for key in self._speakers:
+        for key in self._first:  # ties go to who appeared first, whatever spoke last
             overlap, latest = self._overlap(key, t0, t1)
             if overlap > 0 and (best is None or (overlap, latest) > best):
                 best, best_key = (overlap, latest), key

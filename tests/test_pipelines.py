@@ -130,13 +130,13 @@ async def test_event_queue_overflow_is_counted(
     registry = gw.gateway.metrics.registry
     dropped = await wait_for(
         lambda: registry.get_sample_value(
-            "gateway_pipeline_dropped_events_total", {"pipeline": "slow"}
+            "gateway_pipeline_dropped_events_total", {"pipeline": "slow", "kind": "roster"}
         )
     )
     assert dropped >= 1
     assert (
         registry.get_sample_value(
-            "gateway_pipeline_dropped_events_total", {"pipeline": "recording"}
+            "gateway_pipeline_dropped_events_total", {"pipeline": "recording", "kind": "roster"}
         )
         is None
     )

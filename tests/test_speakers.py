@@ -75,6 +75,9 @@ def test_bot_by_is_self_or_name() -> None:
         ),
         T0,
     )
+    # Eve only listens: she is not remembered until she speaks.
+    assert [(s.name, s.is_bot) for s in tl.speakers] == [("Me", True), ("notetaker", True)]
+    tl.update(Roster((entry("Eve", 3, True),)), T0 + 1)
     assert [s.is_bot for s in tl.speakers] == [True, True, False]
 
 
