@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from . import __version__, logs, tokens
+from . import __version__, logs, memory, tokens
 from .config import SUPPORTED_RATES, Settings
 from .errors import GatewayError
 
@@ -38,6 +38,8 @@ async def _serve(settings: Settings) -> None:
 
     gateway = Gateway(settings)
     await gateway.start()
+    # The process is the gateway's alone: what start-up left alive stays for its life.
+    memory.after_startup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

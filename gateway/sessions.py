@@ -16,6 +16,7 @@ from pathlib import Path
 from pipelines.base import PipelineFactory
 
 from .config import Settings
+from .memory import Trimmer
 from .metrics import Metrics
 from .session import Session
 
@@ -38,6 +39,7 @@ class SessionManager:
         self._finalizing: set[asyncio.Task[None]] = set()
         self._time = clock
         self.root = settings.data_dir / "sessions"
+        self.trimmer = Trimmer()
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
@@ -106,11 +108,13 @@ class SessionManager:
             if self._sessions.get(session.key) is session:
                 del self._sessions[session.key]
             self._update_gauge()
+            self.trimmer.session_ended()
 
     async def finalize_all(self) -> None:
         await asyncio.gather(*(self.finalize(s) for s in list(self._sessions.values())))
         if self._finalizing:
             await asyncio.gather(*self._finalizing, return_exceptions=True)
+        await self.trimmer.close()
 
     def _update_gauge(self) -> None:
         counts = {"waiting": 0, "live": 0, "lingering": 0}

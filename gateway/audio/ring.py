@@ -9,10 +9,27 @@ get read-only views into the ring, valid only until the writer has written
 
 from __future__ import annotations
 
+import mmap
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
 Samples = npt.NDArray[np.int16]
+
+
+def mapped_zeros(n: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """A zeroed array on an anonymous memory mapping of its own.
+
+    Per-session buffers of a megabyte or so must go back to the system when the session
+    ends. From the heap they may not: glibc raises its mmap threshold to the size of the
+    largest block freed (up to 32 MiB), after which such buffers come from the heap,
+    and a heap fragmented by thousands of sessions keeps its pages. A mapping is
+    unmapped when the last array over it is freed; its pages are touched, and so made
+    resident, only as audio is written, so an idle session costs no resident memory.
+    """
+    size = max(1, n) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=n)
 
 
 class Overrun(Exception):
@@ -35,8 +52,7 @@ class RingBuffer:
         if capacity < 1:
             raise ValueError(f"capacity must be positive, not {capacity}")
         self.capacity = capacity
-        # np.zeros maps untouched pages lazily: an idle session costs no resident memory.
-        self._buf: Samples = np.zeros(capacity, dtype=np.int16)
+        self._buf: Samples = mapped_zeros(capacity, np.int16)
         self._view: Samples = self._buf.view()
         self._view.flags.writeable = False
         #: Absolute index one past the newest sample: the total ever written.

@@ -8,6 +8,7 @@ every session on a shared :class:`~.scheduler.Scheduler`, and hands results to
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 
 from pipelines.base import Environment, Pipeline, PipelineFactory, RouteHandler, SessionContext
@@ -41,6 +42,9 @@ class TranscriptionFactory(PipelineFactory):
             stale_after=max(1.0, 2 * s.partial_interval),
         )
         await self.scheduler.start()
+        await self.scheduler.run_in_lanes(
+            functools.partial(self.engine.warm_up, seconds=s.max_utterance + 1.0)
+        )
         await self.outputs.startup()
 
     async def shutdown(self) -> None:

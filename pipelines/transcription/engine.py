@@ -219,6 +219,7 @@ class Engine:
         self.models = models
         self.directory = directory
         self._locks = [threading.Lock() for _ in models]
+        self._warm: set[int] = set()
         self.compact = _install_compact_window()
 
     @property
@@ -264,6 +265,23 @@ class Engine:
             lanes,
         )
         return cls(models, directory)
+
+    def warm_up(self, lane: int, seconds: float) -> None:
+        """Run ``lane`` once on a short and once on a ``seconds`` long stretch of noise.
+
+        A lane's first calls are slow and allocate its working memory (about 60 MB for
+        tiny.en at 16 s windows, in its thread's heap). Paid at start-up, the first
+        meeting's first words do not wait for it, and memory measured once the gateway
+        is up already holds it. Once per lane and process; call it in the lane's thread.
+        """
+        if lane in self._warm:
+            return
+        rng = np.random.default_rng(lane)
+        for length in (2.0, seconds):
+            noise = rng.standard_normal(int(length * ASR_RATE)).astype(np.float32)
+            noise *= 0.01
+            self.transcribe(noise, 0.0, lane=lane)
+        self._warm.add(lane)
 
     def transcribe(
         self,

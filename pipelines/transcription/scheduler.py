@@ -176,6 +176,13 @@ class Scheduler:
             for lane in range(self.lanes)
         ]
 
+    async def run_in_lanes(self, fn: Callable[[int], Any]) -> None:
+        """Call ``fn(lane)`` once in every lane's thread, all at once (start-up work)."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(ex, fn, lane) for lane, ex in enumerate(self._executors))
+        )
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from gateway.audio.ring import mapped_zeros
+
 from .engine import ASR_RATE
 
 Samples = npt.NDArray[np.int16]
@@ -19,7 +21,7 @@ class Window:
     """A bounded stretch of 16 kHz audio on the session clock."""
 
     def __init__(self, seconds: float) -> None:
-        self._buf: Samples = np.zeros(int(seconds * ASR_RATE), dtype=np.int16)
+        self._buf: Samples = mapped_zeros(int(seconds * ASR_RATE), np.int16)
         self.base = 0  # 16 kHz index of _buf[0]
         self.size = 0
         self.overflowed = 0
