@@ -24,11 +24,12 @@ $(VENV)/.dev: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(VENV)/.installed $@
 
-## testdata: real human speech with exact transcripts (Debian's pocketsphinx-testdata)
-testdata: $(TESTDATA)
-$(TESTDATA):
+## testdata: real human speech with exact transcripts (Debian's pocketsphinx-testdata), and
+## espeak-ng voices for the conversation test set (benchmarks/conversations.py)
+testdata: $(TESTDATA) /usr/bin/espeak-ng
+$(TESTDATA) /usr/bin/espeak-ng &:
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq pocketsphinx-testdata
+	$(SUDO) apt-get install -y -qq pocketsphinx-testdata espeak-ng
 
 ## lint: formatting, lint rules and strict typing
 lint: dev
