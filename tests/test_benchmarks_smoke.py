@@ -104,3 +104,46 @@ def test_ingest_benchmark_reports_a_consistent_point(tmp_path: Path) -> None:
     assert re.search(r"^\| 4( \*)? \|", table, re.M), table
     # Recordings and logs go under the work directory and are removed afterwards.
     assert not list(tmp_path.glob("ingest-4-*"))
+
+
+@pytest.mark.skipif(not LIBRIVOX.exists(), reason="LibriVox test speech not installed")
+def test_soak_benchmark_reports_both_phases(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "soak.py")]
+    argv += ["--meeting-minutes", "1", "--speed", "20", "--warmup-minutes", "0.25"]
+    argv += ["--churn-sessions", "20", "--concurrency", "10", "--churn-speed", "4"]
+    argv += ["--settle", "1", "--churn-pipelines", "recording", "--roster-every", "2"]
+    argv += ["--out", str(out), "--workdir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert json.loads(out.read_text()) == result
+    assert result["benchmark"] == "soak"
+    meeting, churn = result["meeting"], result["churn"]
+    # The meeting went in at 20x real time, and the recording is exactly what was sent.
+    assert meeting["frames_sent"] == 3000
+    assert meeting["bit_identical"] is True
+    assert meeting["wav_bytes"] == meeting["bytes_sent"] == 3000 * 960
+    assert meeting["first_bad_frame"] is None
+    assert meeting["session"]["gaps"] == []
+    assert meeting["rosters_sent"] == 30
+    for name in ("rss_warmup_mib", "rss_end_mib", "gateway_cpu_seconds"):
+        assert meeting[name] > 0
+    assert meeting["rss_growth_mib_per_audio_hour"] is not None
+    for phase in (meeting, churn):
+        for name in ("pipeline_dropped_events", "ring_overruns", "messages_rejected"):
+            assert phase["metrics"][f"gateway_{name}"] == 0
+        assert phase["log"]["errors"] == 0, phase["log"]
+    # Every churn session was recorded in full and finalized.
+    assert churn["sessions"] == 20
+    assert churn["failed"] == 0
+    assert churn["recordings_complete"] == 20
+    assert churn["metrics"]["gateway_audio_frames_received"] == 20 * 50
+    for name in ("rss_before_mib", "rss_peak_mib", "rss_after_mib", "rss_settled_mib"):
+        assert churn[name] > 0
+    assert churn["settled_vs_start"] > 0
+    assert isinstance(churn["target_settled_within_10pct"], bool)
+    assert result["targets"]["meeting_wav_bit_identical"] is True
+    # Recordings and logs go under the work directory and are removed afterwards.
+    assert not list(tmp_path.glob("soak-*"))
