@@ -24,6 +24,13 @@ from .errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
 
+#: WebSocket keepalive on every connection: a ping every ``KEEPALIVE_INTERVAL`` seconds,
+#: and a connection whose pong is ``KEEPALIVE_TIMEOUT`` seconds late is closed (1011).
+#: Transcript subscribers have a stricter policy of their own that acts first
+#: (``subscriber_max_lag``).
+KEEPALIVE_INTERVAL = 20.0
+KEEPALIVE_TIMEOUT = 20.0
+
 #: Rates a Meeting BaaS bot can stream at (API v2 allows all four; v1 only 16k and 24k).
 SUPPORTED_RATES = (16000, 24000, 32000, 48000)
 
@@ -59,13 +66,19 @@ class Settings:
     pipelines: str = _setting(
         "recording,transcription", "comma-separated pipelines run for every session"
     )
-    pipeline_queue: int = _setting(256, "events queued per pipeline before drops are counted")
+    pipeline_queue: int = _setting(
+        256, "roster messages queued per pipeline before drops are counted"
+    )
+    max_speakers: int = _setting(1000, "speakers remembered per session; the longest silent go")
     bot_name: str = _setting("", "the bot's display name in rosters, to recognise its own voice")
     vad_aggressiveness: int = _setting(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
     vad_frame_ms: int = _setting(30, "webrtcvad frame length: 10, 20 or 30 ms")
     vad_min_speech_ms: int = _setting(90, "voiced audio needed to start speech, ms")
     vad_hangover_ms: int = _setting(300, "unvoiced audio needed to end speech, ms")
     wav_refresh: float = _setting(2.0, "seconds between WAV header refreshes while recording")
+    disk_backlog_seconds: float = _setting(
+        60.0, "recorded audio held in memory per session while the disk refuses it, seconds"
+    )
     # --- transcription
     model: str = _setting("tiny.en", "Whisper model: tiny.en, base, or a CTranslate2 directory")
     model_cache: Path = _setting(
@@ -87,6 +100,9 @@ class Settings:
     webhook_queue: int = _setting(1000, "webhook bodies pending per process before spilling")
     webhook_attempts: int = _setting(6, "POST attempts per webhook body, with backoff between")
     subscriber_queue: int = _setting(256, "messages queued per transcript subscriber")
+    subscriber_max_lag: float = _setting(
+        10.0, "seconds a transcript subscriber may fall behind before it is closed (at most 12)"
+    )
     # --- speech
     playback_lead_ms: int = _setting(100, "how far playback runs ahead of real time, ms")
     playback_frame_ms: int = _setting(20, "audio per message sent to the bot, ms")
@@ -113,6 +129,8 @@ class Settings:
         for name in ("linger", "ring_seconds", "token_ttl", "wav_refresh", "partial_interval"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
+        if not self.disk_backlog_seconds >= 0:
+            raise bad("disk_backlog_seconds", "must be 0 or more")
         if self.ring_seconds < 1:
             raise bad("ring_seconds", "must be at least 1 second")
         if self.max_utterance < 2:
@@ -122,12 +140,17 @@ class Settings:
             "max_connections_per_ip",
             "max_message_bytes",
             "pipeline_queue",
+            "max_speakers",
             "webhook_queue",
             "webhook_attempts",
             "subscriber_queue",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        if not 0 < self.subscriber_max_lag <= 12:
+            # Pinged every max_lag / 2 s, a reader that stops is closed within 1.5 * max_lag
+            # s: that must beat websockets' keepalive, which fails it after 20 s.
+            raise bad("subscriber_max_lag", "must be more than 0 and at most 12 seconds")
         if self.asr_threads < 0:
             raise bad("asr_threads", "must be 0 (automatic) or more")
         if self.vad_aggressiveness not in (0, 1, 2, 3):

@@ -44,6 +44,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.handler_errors = Counter(
+            "gateway_handler_errors",
+            "Unexpected errors in a connection handler, by stage (audio, text, connection);"
+            " audio and text errors skip one message and the connection goes on",
+            ["stage"],
+            registry=r,
+        )
         self.audio_bytes = Counter(
             "gateway_audio_received_bytes", "PCM bytes received from bots", registry=r
         )
@@ -79,14 +86,19 @@ class Metrics:
         )
         self.pipeline_drops = Counter(
             "gateway_pipeline_dropped_events",
-            "Events dropped because a pipeline's queue was full",
-            ["pipeline"],
+            "Events dropped because a pipeline's queue was full, by kind (roster, control)",
+            ["pipeline", "kind"],
             registry=r,
         )
         self.pipeline_errors = Counter(
             "gateway_pipeline_errors",
             "Pipelines stopped by an exception",
             ["pipeline"],
+            registry=r,
+        )
+        self.speakers_forgotten = Counter(
+            "gateway_speakers_forgotten",
+            "Speakers a session forgot to stay within max_speakers",
             registry=r,
         )
         self.speech_seconds = Counter(
@@ -152,3 +164,45 @@ class Metrics:
             "Speech events not sent to a control client that read too slowly",
             registry=r,
         )
+
+
+class DiskMetrics:
+    """Writes to the data volume that failed, and what they cost; one set per registry.
+
+    Built by :func:`gateway.files.disk_watch`, shared by session metadata, the recording
+    and the transcript files. ``what`` is ``recording``, ``metadata`` or ``transcript``.
+    """
+
+    WHAT = ("recording", "metadata", "transcript")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.errors = Counter(
+            "gateway_disk_errors",
+            "Failed write attempts to the data volume (full disk, quota, I/O error), by what"
+            " was written; failing writers retry with a back-off",
+            ["what"],
+            registry=r,
+        )
+        self.dropped_audio_seconds = Counter(
+            "gateway_disk_dropped_audio_seconds",
+            "Recorded audio the disk could not take before the backlog bound: silence in"
+            " audio.wav instead, seconds",
+            registry=r,
+        )
+        self.dropped_lines = Counter(
+            "gateway_disk_dropped_lines",
+            "speakers.jsonl (recording) and transcript.jsonl (transcript) lines the disk could"
+            " not take before the backlog bound, by what",
+            ["what"],
+            registry=r,
+        )
+        self.held_audio_bytes = Gauge(
+            "gateway_disk_held_audio_bytes",
+            "Recorded audio waiting in memory for the disk, bytes, all sessions",
+            registry=r,
+        )
+        for what in self.WHAT:
+            self.errors.labels(what)
+        for what in ("recording", "transcript"):
+            self.dropped_lines.labels(what)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pipelines import speech
 from pipelines.base import Environment, PipelineFactory, RouteHandler, load_factory
 
 from . import tokens
-from .config import SUPPORTED_RATES, Settings
+from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
 from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
 from .metrics import Metrics, close_label
@@ -123,6 +124,8 @@ class Gateway:
             s.port,
             process_request=self._process_request,
             max_size=s.max_message_bytes,
+            ping_interval=KEEPALIVE_INTERVAL,
+            ping_timeout=KEEPALIVE_TIMEOUT,
             compression="deflate" if s.compression else None,
             server_header=None,
         )
@@ -165,9 +168,16 @@ class Gateway:
         if path == "/healthz":
             return _response(200, "text/plain", b"ok\n")
         if path == "/readyz":
-            if self.ready:
-                return _response(200, "text/plain", b"ready\n")
-            return _response(503, "text/plain", b"not ready\n")
+            if not self.ready:
+                return _response(503, "text/plain", b"not ready\n")
+            # A session that cannot write (a full data volume) keeps new meetings away
+            # until its writes go through again; the check is a dictionary lookup.
+            from .files import disk_watch
+
+            problem = disk_watch(self.metrics.registry).problem
+            if problem is not None:
+                return _response(503, "text/plain", f"not ready: {problem}\n".encode())
+            return _response(200, "text/plain", b"ready\n")
         if path == "/metrics":
             self.sessions.refresh()  # states change on every connect; count them now
             return _response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
@@ -196,6 +206,11 @@ class Gateway:
             await self._dispatch(ws, route)
         except ProtocolError as exc:
             await self._refuse(ws, exc, role)
+        except Exception:
+            # Never let an exception reach websockets (a bare 1011 with nothing counted).
+            self.metrics.handler_errors.labels("connection").inc()
+            logger.exception("unexpected error in a %s connection from %s", role, ip)
+            await ws.close(1011, "internal error")
         finally:
             self._per_ip[ip] -= 1
             if not self._per_ip[ip]:
@@ -253,30 +268,35 @@ class Gateway:
         decoder = OutputDecoder()
         try:
             async for message in ws:
-                if type(message) is bytes:
-                    # Audio is nearly every message: decode it without building an event.
-                    samples = decoder.samples(message)
-                    if samples is None:
-                        self._reject(session, EMPTY_AUDIO)
+                try:
+                    if type(message) is bytes:
+                        # Audio is nearly every message: decode it without building an event.
+                        samples = decoder.samples(message)
+                        if samples is None:
+                            self._reject(session, EMPTY_AUDIO)
+                            continue
+                        if session is None:
+                            session = self._attach(ws, self._anonymous(), route.params, record)
+                        session.receive_audio(samples, time.time())
                         continue
-                    if session is None:
-                        key = f"conn-{id(ws):x}"
-                        session = self._attach(ws, key, route.params, record)
-                    session.receive_audio(samples, time.time())
-                    continue
-                event = decoder.receive(message)
-                if type(event) is Handshake:
-                    if session is None:
-                        key = key_from_bot_id(event.bot_id)
-                        session = self._attach(ws, key, route.params, record)
-                    session.handshake(event, url_rate)
-                elif type(event) is Roster:
-                    if session is None:
-                        session = self._attach(ws, f"conn-{id(ws):x}", route.params, record)
-                    session.roster(event, time.time())
-                else:
-                    assert isinstance(event, Rejected)
-                    self._reject(session, event)
+                    event = decoder.receive(message)
+                    if type(event) is Handshake:
+                        if session is None:
+                            key = key_from_bot_id(event.bot_id)
+                            session = self._attach(ws, key, route.params, record)
+                        session.handshake(event, url_rate)
+                    elif type(event) is Roster:
+                        if session is None:
+                            session = self._attach(ws, self._anonymous(), route.params, record)
+                        session.roster(event, time.time())
+                    else:
+                        assert isinstance(event, Rejected)
+                        self._reject(session, event)
+                except ProtocolError:
+                    raise
+                except Exception:
+                    # A defect, not the bot's fault: skip this message, keep the meeting.
+                    self._failed(session, "audio" if type(message) is bytes else "text")
         except ConnectionClosed:
             pass  # 1005 and 1006 are how bots end a meeting, not errors
         finally:
@@ -285,6 +305,19 @@ class Gateway:
                 if decoder.pending_odd_byte:
                     session.count_bytes(1)
                 self._detach(ws, session, record)
+
+    def _anonymous(self) -> str:
+        """A key for a bot that sent no handshake, never reused (also across restarts)."""
+        return f"conn-{uuid.uuid4().hex[:16]}"
+
+    def _failed(self, session: Session | None, stage: str) -> None:
+        self.metrics.handler_errors.labels(stage).inc()
+        log = session.log if session is not None else logger
+        errors = session.handler_errors if session is not None else None
+        if errors is None or stage not in errors:  # once per session and stage
+            log.exception("unexpected error handling a %s message; skipped it", stage)
+        if errors is not None:
+            errors.add(stage)
 
     def _reject(self, session: Session | None, event: Rejected) -> None:
         if session is None:

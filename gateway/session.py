@@ -13,9 +13,10 @@ few integer updates; VAD, metrics and pipeline wake-ups run once per audio block
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.base import Gap, PipelineFactory
+from pipelines.base import Disconnected, Gap, PipelineFactory
 from pipelines.speech import resample, tts
 
 from .audio.ring import RingBuffer
@@ -43,8 +44,13 @@ Samples = npt.NDArray[np.int16]
 
 logger = logging.getLogger("gateway.session")
 
-_KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+#: Keys as they appear in URLs and directory names: a safe alphabet, 128 at most.
+_KEY_OK = re.compile(r"^[A-Za-z0-9~][A-Za-z0-9._~-]{0,127}$")
+#: A bot_id in this form is its own key. Anything else is encoded behind a ``~``, which
+#: such a bot_id never contains, so two different bot_ids never share a key.
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Longest bot_id kept in metadata and logs; the key still comes from the whole id.
+MAX_BOT_ID = 256
 
 #: VAD and pipeline bookkeeping run every this much audio. Shorter blocks detect speech
 #: sooner (barge-in) but pay soxr's and Python's per-call cost more often.
@@ -57,9 +63,24 @@ def valid_key(key: str) -> bool:
 
 
 def key_from_bot_id(bot_id: str) -> str:
-    """A safe key derived from a bot_id (which arrives from the network)."""
-    key = _KEY_BAD_CHARS.sub("_", bot_id)[:128].lstrip("._-")
-    return key or "bot"
+    """A key for ``bot_id`` (which arrives from the network): distinct ids, distinct keys.
+
+    A bot_id of letters, digits, ``.``, ``_`` and ``-`` (every real one: a UUID) is used
+    as it is. Any other is encoded, never stripped: ``~`` and the base32 of its UTF-8,
+    or, past 128 characters, ``~~`` and 40 hex digits of its SHA-256.
+    """
+    if _PLAIN_ID.match(bot_id):
+        return bot_id
+    raw = bot_id.encode("utf-8", "surrogatepass")
+    encoded = base64.b32encode(raw).decode().rstrip("=").lower()
+    if len(encoded) < 128:
+        return "~" + encoded
+    return "~~" + hashlib.sha256(raw).hexdigest()[:40]
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut for a log line or a metadata field, marked where it was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 class SessionLog(logging.LoggerAdapter[logging.Logger]):
@@ -111,13 +132,16 @@ class Session:
         self.log: logging.LoggerAdapter[logging.Logger] = SessionLog(logger, {"session": self.key})
         self.sample_rate = 0
         self.clock = AudioClock(self.settings.default_rate)
-        self.speakers = SpeakerTimeline(self.clock, self.settings.bot_name)
+        self.speakers = SpeakerTimeline(
+            self.clock, self.settings.bot_name, max_speakers=self.settings.max_speakers
+        )
         self.ring: RingBuffer | None = None
         self.vad: VoiceActivity | None = None
         self.runners: list[PipelineRunner] = []
         self.connections: list[ConnectionRecord] = []
         self.gaps: list[GapRecord] = []
         self.rejected: dict[str, int] = {}
+        self.handler_errors: set[str] = set()  # stages that failed, logged once each
         self.reconnects = 0
         self.ended_at: float | None = None
         self.output: Any = None  # the live output connection, if any
@@ -166,7 +190,11 @@ class Session:
             self._bot_speaking,
             self.log,
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # A full disk: every writer makes the directory when it can write again.
+            self.log.error("cannot create %s yet: %s", self.directory, exc)
         for name in self._pipeline_names():
             pipeline = self.factories[name].create(self)
             runner = PipelineRunner(
@@ -195,9 +223,10 @@ class Session:
         return names
 
     def handshake(self, hs: Handshake, url_rate: int | None) -> None:
-        if self.bot_id is not None and hs.bot_id != self.bot_id:
-            self.log.warning("bot_id changed from %s to %s", self.bot_id, hs.bot_id)
-        self.bot_id = hs.bot_id
+        bot_id = clip(hs.bot_id, MAX_BOT_ID)
+        if self.bot_id is not None and bot_id != self.bot_id:
+            self.log.warning("bot_id changed from %s to %s", clip(self.bot_id), clip(bot_id))
+        self.bot_id = bot_id
         self.protocol_version = hs.protocol_version
         self.start(hs.sample_rate or url_rate or self.settings.default_rate)
 
@@ -223,6 +252,7 @@ class Session:
         if self.vad is not None and self.ring is not None:
             self._process_block()
             self._post_all(self.vad.interrupt(self.ring.written))
+            self._post_all([Disconnected(self.ring.written)])
         return True
 
     # -- ingest -------------------------------------------------------------------------
@@ -311,7 +341,16 @@ class Session:
         self._total.bytes += n
 
     def roster(self, roster: Roster, now: float) -> None:
-        self._post_all(self.speakers.update(roster, now))
+        forgotten = self.speakers.forgotten
+        changes = tuple(self.speakers.update(roster, now))
+        if self.speakers.forgotten != forgotten:
+            self.metrics.speakers_forgotten.inc(self.speakers.forgotten - forgotten)
+        if not changes:
+            return
+        if self.player is not None:
+            self.player.observe(changes)
+        for runner in self.runners:
+            runner.post_batch(changes[0].sample, changes, roster=True)
 
     def count_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -449,6 +488,8 @@ class Session:
                 {"key": s.key, "id": s.id, "name": s.name, "is_bot": s.is_bot}
                 for s in self.speakers.speakers
             ],
+            "speakers_forgotten": self.speakers.forgotten,
+            "roster_size": self.speakers.roster_size,
             "pipelines": {
                 r.name: {"failed": r.failed, "dropped_events": r.dropped} for r in self.runners
             },
@@ -456,8 +497,24 @@ class Session:
         }
 
     def write_metadata(self) -> None:
-        """Write ``session.json`` atomically (a crash leaves the old or the new file)."""
-        path = self.directory / "session.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.metadata(), indent=2) + "\n")
-        os.replace(tmp, path)
+        """Write ``session.json`` atomically (a crash leaves the old or the new file).
+
+        Never raises for the disk: a failed write removes its temporary file, keeps the
+        previous ``session.json``, is counted (``gateway_disk_errors_total{what=
+        "metadata"}``), logged once, holds ``/readyz`` back and is retried with a back-off
+        (:func:`gateway.files.DiskWatch.retry_later`) with the metadata of that moment.
+        """
+        from .files import FileStatus, disk_watch, write_atomically
+
+        watch = disk_watch(self.metrics.registry)
+        status = FileStatus(watch, self.directory, "session.json", "metadata", self.log)
+        try:
+            write_atomically(status.path, (json.dumps(self.metadata(), indent=2) + "\n").encode())
+        except OSError as exc:
+            status.failed(exc, "the previous session.json is kept; retrying")
+            if not watch.retry_later(status.path, self.write_metadata):
+                self.log.error("giving up on session.json for now: %s", exc)
+                status.forget()
+            return
+        watch.retry_done(status.path)
+        status.recovered()

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTINS",
     "ENTRY_POINT_GROUP",
+    "Disconnected",
     "Environment",
     "Gap",
     "Pipeline",
@@ -84,7 +85,16 @@ class Gap:
     """``"disconnected"`` (the bot was away) or ``"overrun"`` (this pipeline fell behind)."""
 
 
-PipelineEvent = SpeechStarted | SpeechEnded | SpeakerChange | Gap
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The bot's output socket dropped after ``sample``: no audio follows until it comes
+    back (a :class:`Gap` then) or the session ends. Finish what was heard: the bot drops
+    what it captures while away, so what was cut off will not be continued."""
+
+    sample: int
+
+
+PipelineEvent = SpeechStarted | SpeechEnded | SpeakerChange | Gap | Disconnected
 
 
 class SessionContext(Protocol):

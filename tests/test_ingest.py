@@ -141,7 +141,7 @@ async def test_bare_url_keys_by_bot_id_and_resumes(
     second = SimulatedBot(gw.url("/"), samples[rate:], rate, speed=10.0, bot_id="bot/../1")
     await second.run()
     (session,) = list(gw.gateway.sessions)
-    assert session.key == "bot_.._1"  # sanitized before it names a directory
+    assert session.key == "~mjxxilzofyxtc"  # encoded before it names a directory
     assert session.reconnects == 1
     assert session.directory.parent == gw.data_dir / "sessions"
 

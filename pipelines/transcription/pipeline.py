@@ -26,6 +26,7 @@ import numpy.typing as npt
 from gateway.audio.resample import Resampler
 from gateway.speakers import RosterLag, Speaker
 from pipelines.base import (
+    Disconnected,
     Gap,
     Pipeline,
     PipelineEvent,
@@ -123,10 +124,11 @@ class TranscriptionPipeline(Pipeline):
                 self._roster_lag.roster_started(event.time)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
+        elif isinstance(event, Disconnected):
+            # What was heard is all there will be of it: finalize it now.
+            self._restart(event.sample)
         elif isinstance(event, Gap):
-            self._cut()
-            self._resampler = Resampler(self._rate, ASR_RATE)
-            self._window.reset(round((event.sample + event.length) * ASR_RATE / self._rate))
+            self._restart(event.sample + event.length)
 
     async def stop(self) -> None:
         try:
@@ -135,6 +137,12 @@ class TranscriptionPipeline(Pipeline):
         finally:
             self._scheduler.forget(self._ctx.key)
             await self._out.close()
+
+    def _restart(self, sample: int) -> None:
+        """Finish everything heard, and take the next audio as from ``sample`` on."""
+        self._cut()
+        self._resampler = Resampler(self._rate, ASR_RATE)
+        self._window.reset(round(sample * ASR_RATE / self._rate))
 
     def _cut(self) -> None:
         """The audio stream breaks here: end speech and send what waits for more audio."""
