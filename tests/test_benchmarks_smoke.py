@@ -113,6 +113,7 @@ def test_soak_benchmark_reports_both_phases(tmp_path: Path) -> None:
     argv += ["--meeting-minutes", "1", "--speed", "20", "--warmup-minutes", "0.25"]
     argv += ["--churn-sessions", "20", "--concurrency", "10", "--churn-speed", "4"]
     argv += ["--settle", "1", "--churn-pipelines", "recording", "--roster-every", "2"]
+    argv += ["--churn-warmup", "2"]
     argv += ["--out", str(out), "--workdir", str(tmp_path)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -139,7 +140,9 @@ def test_soak_benchmark_reports_both_phases(tmp_path: Path) -> None:
     assert churn["sessions"] == 20
     assert churn["failed"] == 0
     assert churn["recordings_complete"] == 20
-    assert churn["metrics"]["gateway_audio_frames_received"] == 20 * 50
+    assert churn["warmup_sessions"] == 2
+    assert churn["metrics"]["gateway_audio_frames_received"] == (20 + 2) * 50
+    assert churn["settled_vs_warm"] > 0
     for name in ("rss_before_mib", "rss_peak_mib", "rss_after_mib", "rss_settled_mib"):
         assert churn[name] > 0
     assert churn["settled_vs_start"] > 0
