@@ -19,9 +19,8 @@ silent the longest is forgotten with their intervals, and :attr:`forgotten` coun
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
-from statistics import median
 from typing import Any
 
 from .clock import AudioClock
@@ -239,42 +238,3 @@ class SpeakerTimeline:
             if overlap > 0 and (best is None or (overlap, latest) > best):
                 best, best_key = (overlap, latest), key
         return None if best_key is None else self._speakers[best_key]
-
-
-#: A roster start later than this after a voice start is not taken for its echo.
-MAX_ROSTER_LAG = 2.0
-
-
-class RosterLag:
-    """How far the roster trails the audio, learnt from the meeting itself.
-
-    Meeting platforms mark a person speaking some time after their voice is heard, up
-    to a second or two. Each roster start that follows a voice start (from the VAD) by
-    at most ``limit`` seconds is one observation; the estimate is the median of the
-    last ``window`` observations, and 0 until there is one. Times are wall seconds.
-    """
-
-    def __init__(self, window: int = 9, limit: float = MAX_ROSTER_LAG) -> None:
-        self.limit = limit
-        self._voice: list[float] = []  # voice starts not yet matched, oldest first
-        self._seen: deque[float] = deque(maxlen=window)
-        self.seconds = 0.0
-        """The estimate: the median of the latest observations, 0 before the first."""
-
-    def voice_started(self, wall: float) -> None:
-        self._voice = [t for t in self._voice if wall - t <= self.limit]
-        self._voice.append(wall)
-
-    def roster_started(self, wall: float) -> None:
-        """A speaker was marked speaking at ``wall``: pair it with the latest voice start."""
-        candidates = [t for t in self._voice if 0.0 <= wall - t <= self.limit]
-        if not candidates:
-            return
-        start = max(candidates)
-        self._voice.remove(start)  # one voice start explains one roster start
-        self._seen.append(wall - start)
-        self.seconds = median(self._seen)
-
-    @property
-    def observations(self) -> int:
-        return len(self._seen)

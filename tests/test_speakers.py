@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.clock import AudioClock
 from gateway.protocol import Roster, RosterEntry
-from gateway.speakers import RosterLag, SpeakerTimeline
+from gateway.speakers import SpeakerTimeline
 
 T0 = 1_795_479_000.0
 RATE = 16000
@@ -118,30 +118,6 @@ def test_rosters_before_audio_are_placed_once_audio_starts() -> None:
     assert speaker.name == "Alice"
     assert clock.at_wall(T0 + 12) == 2 * RATE
     assert clock.wall(RATE) == pytest.approx(T0 + 11)
-
-
-def test_roster_lag_learnt_from_voice_and_roster_starts() -> None:
-    lag = RosterLag(window=5)
-    assert lag.seconds == 0.0
-    for i, delay in enumerate([1.2, 1.1, 1.3, 1.2]):
-        voice = 100.0 + 10 * i
-        lag.voice_started(voice)
-        lag.roster_started(voice + delay)
-    assert lag.seconds == pytest.approx(1.2)
-    # A roster start with no voice start shortly before it teaches nothing, and one
-    # voice start pairs with one roster start only; an odd observation (0.1 s) does
-    # not move the median.
-    lag.roster_started(200.0)
-    lag.voice_started(210.0)
-    lag.roster_started(210.1)
-    lag.roster_started(210.2)
-    assert lag.observations == 5
-    assert lag.seconds == pytest.approx(1.2)
-    # The estimate follows the meeting: a median of the latest observations.
-    for i in range(5):
-        lag.voice_started(300.0 + 10 * i)
-        lag.roster_started(300.4 + 10 * i)
-    assert lag.seconds == pytest.approx(0.4)
 
 
 def brute_force(tl: SpeakerTimeline, t0: float, t1: float) -> str | None:

@@ -16,6 +16,7 @@ from pipelines.transcription.policy import (
     Request,
     StreamingPolicy,
     agreement,
+    split_sentences,
     tail_after,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
@@ -54,7 +55,7 @@ def test_agreement_is_normalized_common_prefix() -> None:
     assert agreement([], words("a b")) == 0
 
 
-def test_partials_then_final_keep_confirmed_words() -> None:
+def test_partials_confirm_and_release_words_the_final_adds_the_rest() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
     policy.speech_started(1.0)
     assert requests(policy.advance(1.4)) == []
@@ -64,27 +65,50 @@ def test_partials_then_final_keep_confirmed_words() -> None:
     drafts = policy.recognized(first[0], words("how do you", 0.9))
     assert [w.text for w in drafts[0].words] == ["how", "do", "you"]
     assert policy.confirmed == ()
-    # Two long-enough hypotheses agree on their first words.
+    # Two long-enough hypotheses agree on their first words: those are final at once.
     texts = ("had he married a more amiable", "had he married a more amiable woman he")
+    released: list[str] = []
     for end, text in zip((4.0, 5.0), texts, strict=True):
         (req,) = requests(policy.advance(end))
         assert req.end - req.start >= CONFIRM_CONTEXT
-        policy.recognized(req, words(text, 0.9))
+        for draft in policy.recognized(req, words(text, 0.9)):
+            if draft.is_final:
+                assert not draft.speech_final
+                released += [w.text for w in draft.words]
+            else:  # a partial shows only what is not final yet
+                assert not {w.start for w in draft.words} & {w.start for w in policy.confirmed}
     confirmed = [w.text for w in policy.confirmed]
     assert confirmed[:3] == ["had", "he", "married"]
+    assert released == confirmed
     (final,) = requests(policy.speech_ended(5.5))
     assert final.kind == "final" and final.speech_final
-    # The final hypothesis disagrees on a confirmed word: the confirmed one stays.
+    assert final.released == len(confirmed)
+    # The final hypothesis disagrees on a confirmed word: what was final stays final,
+    # and the speech_final carries only the words after it.
     (draft,) = policy.recognized(final, words("had he marry a more amiable woman he might", 0.9))
-    assert [w.text for w in draft.words][: len(confirmed)] == confirmed
-    assert [w.text for w in draft.words][-1] == "might"
+    assert released + [w.text for w in draft.words] == [*texts[1].split(), "might"]
+
+
+def test_finals_split_at_sentence_ends_and_pauses() -> None:
+    hyp = [
+        HypWord("Yes.", 0.0, 0.3, 0.9),
+        HypWord("I", 0.35, 0.4, 0.9),
+        HypWord("think", 0.4, 0.7, 0.9),
+        HypWord("so", 1.2, 1.4, 0.9),  # after a pause
+        HypWord("too", 1.4, 1.6, 0.9),
+    ]
+    assert [[w.text for w in part] for part in split_sentences(hyp)] == [
+        ["Yes."],
+        ["I", "think"],
+        ["so", "too"],
+    ]
 
 
 def test_final_rehears_only_the_audio_after_confirmed_words() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=30.0)
     policy.speech_started(0.0)
     script = words("one two three four five six seven eight nine ten eleven twelve", 0.0)
-    for t in (1.0, 3.0, 4.0, 5.0):
+    for t in (1.0, 3.0, 4.0, 4.6):
         for req in requests(policy.advance(t)):
             policy.recognized(req, [w for w in script if w.end <= req.end])
     confirmed = policy.confirmed
@@ -97,7 +121,9 @@ def test_final_rehears_only_the_audio_after_confirmed_words() -> None:
     # The engine hears only that audio; the re-heard words are not repeated.
     heard = [w for w in script if w.start >= final.start and w.end <= final.end]
     (draft,) = policy.recognized(final, heard)
-    assert [w.text for w in draft.words] == [w.text for w in script if w.end <= final.end]
+    # Only the words after those already final; the re-heard ones are not repeated.
+    said = [w.text for w in script if w.end <= final.end]
+    assert [w.text for w in (*confirmed, *draft.words)] == said
 
 
 def test_partial_after_final_is_ignored() -> None:
@@ -145,24 +171,26 @@ vocab = st.sampled_from(["a", "b", "c", "d", "e"])
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(vocab, max_size=12), min_size=1, max_size=12))
 def test_confirmed_words_never_change(hypotheses: list[list[str]]) -> None:
-    """Whatever the hypotheses say, each partial and the final extend what was confirmed."""
+    """Whatever the hypotheses say, what was final stays final: each final continues the
+    ones before it, and a partial never shows a word that is final already."""
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=100.0)
     policy.speech_started(0.0)
-    confirmed: list[str] = []
+    final: list[str] = []
     t = 0.0
     for hyp in hypotheses:
         t += 1.0
         for request in requests(policy.advance(t)):
             span = [w for w in words(" ".join(hyp), 0.0, step=0.3) if w.end <= request.end]
             for draft in policy.recognized(request, span):
-                assert [w.text for w in draft.words][: len(confirmed)] == confirmed
-            now = [w.text for w in policy.confirmed]
-            assert now[: len(confirmed)] == confirmed
-            confirmed = now
+                if draft.is_final:
+                    final += [w.text for w in draft.words]
+            assert [w.text for w in policy.confirmed] == final
     for request in requests(policy.speech_ended(t)):
         last = words(" ".join(hypotheses[-1]), 0.0, step=0.3)
         (draft,) = policy.recognized(request, last)
-        assert [w.text for w in draft.words][: len(confirmed)] == confirmed
+        assert request.confirmed == policy.confirmed or not policy.confirmed
+        final += [w.text for w in draft.words]
+    assert final[: len(policy.confirmed)] == [w.text for w in policy.confirmed]
 
 
 @settings(max_examples=200, deadline=None)
@@ -285,3 +313,18 @@ def test_window_matches_a_plain_array(steps: list[tuple[int, int]]) -> None:
         assert at == window.base
         expected = everything[window.base : window.end].astype(np.float32) / 32768
         np.testing.assert_array_equal(got, expected)
+
+
+def test_re_heard_words_with_drifted_times_are_not_repeated() -> None:
+    confirmed = words("so i don't hear that new jersey now", 0.0)
+    # The final re-hears them with times shifted late, and a word differs, so the
+    # sequence match fails and the time fallback lets the copies through.
+    heard = words("i don't here that new jersey now and then", confirmed[1].start + 2.5)
+    heard = [*words("so", 0.0), *heard]
+    tail = tail_after(confirmed, heard)
+    assert [w.text for w in tail][:2] != ["i", "don't"]
+    drifted = words("that new jersey now and then", confirmed[-1].end + 0.1)
+    assert [w.text for w in tail_after(confirmed, drifted)] == ["and", "then"]
+    # A person really saying two words twice keeps them.
+    again = words("jersey now", confirmed[-1].end + 1.5)
+    assert [w.text for w in tail_after(confirmed, again)] == ["jersey", "now"]

@@ -67,7 +67,7 @@ class Context:
 
 
 def request(n: int, kind: str, confirmed: tuple[HypWord, ...] = ()) -> Request:
-    return Request(n, kind, 1, 1, 0.0, 1.0, confirmed, kind == "final", 0.0, 1.0, False)
+    return Request(n, kind, 1, 1, 0.0, 1.0, confirmed, 0, kind == "final", 0.0, 1.0, False)
 
 
 def run_within(seconds: float, scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.audio.resample import Resampler
-from gateway.speakers import RosterLag, Speaker
+from gateway.speakers import Speaker
 from pipelines.base import (
     Disconnected,
     Gap,
@@ -40,6 +40,7 @@ from . import results
 from .engine import ASR_RATE, Engine, Hypothesis, HypWord
 from .policy import Draft, Request, StreamingPolicy
 from .scheduler import Scheduler
+from .turns import RosterLag
 from .window import Window
 
 if TYPE_CHECKING:
@@ -53,9 +54,15 @@ Samples = npt.NDArray[np.int16]
 #: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
 LEAD_IN = 1.0
 #: Rosters trail the audio: a word is looked up in the roster as it was the session's
-#: measured roster lag later (:class:`~gateway.speakers.RosterLag`); a word nobody was
-#: marked speaking for then is looked up with no lag, then this much later, then twice.
+#: measured roster lag later (:class:`~.turns.RosterLag`); a word nobody was marked
+#: speaking for then is looked up with no lag, then this much later, then twice.
 ROSTER_LAG = 0.75
+#: A word follows a gap this long (or a sentence end): it may start a turn.
+TURN_GAP = 0.15
+#: A final waits until the roster has had the measured lag, and this much more, to mark
+#: who said its last word; with a late roster, publishing earlier would name the speaker
+#: before the roster knew.
+ROSTER_SLACK = 0.1
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,6 +105,8 @@ class TranscriptionPipeline(Pipeline):
         self._first_partial: set[int] = set()
         self._words_in_utterance: dict[int, float] = {}
         self._roster_lag = RosterLag()
+        self._last_word: HypWord | None = None  # the last word handed to a final
+        self._hold: asyncio.TimerHandle | None = None
 
     async def start(self, ctx: SessionContext) -> None:
         self._ctx = ctx
@@ -120,7 +129,7 @@ class TranscriptionPipeline(Pipeline):
             if wall is not None:
                 self._roster_lag.voice_started(wall)
         elif isinstance(event, SpeakerChange):
-            if event.speaking:
+            if event.speaking and not event.speaker.is_bot:
                 self._roster_lag.roster_started(event.time)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
@@ -134,7 +143,10 @@ class TranscriptionPipeline(Pipeline):
         try:
             self._cut()
             await self._idle.wait()
+            self._flush(hold=False)  # no roster comes any more: publish what waits
         finally:
+            if self._hold is not None:
+                self._hold.cancel()
             self._scheduler.forget(self._ctx.key)
             await self._out.close()
 
@@ -224,24 +236,53 @@ class TranscriptionPipeline(Pipeline):
         if request.kind == "final":
             if hypothesis is None:
                 # Never lose what was confirmed, even if recognition could not run.
-                pending.draft = Draft(request.confirmed, True, request.speech_final, request)
+                kept = request.confirmed[request.released :]
+                pending.draft = Draft(kept, True, request.speech_final, request)
             else:
                 pending.draft = self._policy.recognized(request, words)[0]
             self._flush()
         elif hypothesis is not None:
             for draft in self._policy.recognized(request, words):
-                self._publish(draft)
+                if draft.is_final:
+                    # Words final now go after any final still being recognized.
+                    self._finals.append(_Pending(None, draft))
+                else:
+                    self._publish(draft)
+            self._flush()
 
     # -- output -------------------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, hold: bool = True) -> None:
+        """Publish the finals that are ready, in order; a late roster holds them back."""
         while self._finals and self._finals[0].draft is not None:
-            draft = self._finals.popleft().draft
-            assert draft is not None
+            draft = self._finals[0].draft
+            wait = self._roster_wait(draft) if hold else 0.0
+            if wait > 0:
+                if self._hold is None:
+                    loop = asyncio.get_running_loop()
+                    self._hold = loop.call_later(wait, self._held)
+                return
+            self._finals.popleft()
             self._publish(draft)
+
+    def _held(self) -> None:
+        self._hold = None
+        self._flush()
+
+    def _roster_wait(self, draft: Draft) -> float:
+        """Seconds until the roster can have marked who said ``draft``'s last word."""
+        lag = self._roster_lag.seconds
+        if lag <= 0 or not draft.words:
+            return 0.0
+        wall = self._ctx.clock.wall(round(draft.words[-1].end * self._rate))
+        if wall is None:
+            return 0.0
+        return wall + lag + ROSTER_SLACK - time.time()
 
     def _publish(self, draft: Draft) -> None:
         request = draft.request
+        if draft.is_final:
+            self._turn_starts(draft.words)
         words = self._attribute(draft.words)
         if draft.is_final:
             words = self._after_last_final(words)
@@ -257,6 +298,10 @@ class TranscriptionPipeline(Pipeline):
                     self._observe(self._metrics.first_partial_latency, request.speech_start)
             return
         groups = _by_speaker(words)
+        if not groups and draft.speech_final and utterance in self._words_in_utterance:
+            # Every word was final already: the endpoint still gets its speech_final.
+            end = self._words_in_utterance[utterance]
+            self._out.publish(results.Result(end, end, (), True, True))
         for i, group in enumerate(groups):
             speech_final = draft.speech_final and i == len(groups) - 1
             self._out.publish(
@@ -272,6 +317,21 @@ class TranscriptionPipeline(Pipeline):
             if last_end is not None:
                 self._out.publish(results.UtteranceEnd(round(last_end, 3)))
             self._first_partial.discard(utterance)
+
+    def _turn_starts(self, words: tuple[HypWord, ...]) -> None:
+        """Words that may start a turn (after a sentence end or a gap) are voice starts
+        for the roster lag: in a conversation they are most of what there is."""
+        for w in words:
+            prev = self._last_word
+            self._last_word = w
+            if (
+                prev is None
+                or prev.text.endswith((".", "?", "!"))
+                or (w.start - prev.end >= TURN_GAP)
+            ):
+                wall = self._ctx.clock.wall(round(w.start * self._rate))
+                if wall is not None:
+                    self._roster_lag.voice_started(wall)
 
     def _observe(self, histogram: Histogram, seconds: float) -> None:
         wall = self._ctx.clock.wall(round(seconds * self._rate))

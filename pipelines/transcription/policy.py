@@ -16,15 +16,27 @@ The rules:
   hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
   never changed or dropped afterwards (LocalAgreement-2). Words within
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
-  hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing.
-- The utterance's end brings a final: the confirmed words followed by the final
-  hypothesis' words after them, matched by word sequence, else by time. The final
-  recognizes only the audio from shortly before the last confirmed words
-  (``RECHECK_CONTEXT``), not the whole segment again.
+  hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
+  with ``FORCE_AGE`` seconds of audio after it is confirmed as the latest hypothesis has
+  it, agreement or not, which bounds how late any word becomes final.
+- Confirmed words are *final* at once: they are released as finals
+  (``is_final``, not ``speech_final``) as soon as they are confirmed, without waiting
+  for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
+  Partials show only the words not final yet. In a conversation the VAD rarely ends
+  (people answer each other with 0-200 ms gaps), so this is what keeps finals a second
+  or two behind the voice.
+- The utterance's end brings a ``speech_final``: the words not yet final, followed by
+  the final hypothesis' words after the confirmed ones, matched by word sequence, else
+  by time. It recognizes only the audio from shortly before the last confirmed words
+  (``RECHECK_CONTEXT``), not the whole segment again; the confirmed words re-heard there
+  anchor the new ones and are never repeated.
 - A segment reaching ``max_utterance`` is split after its last confirmed word, at the
-  pause before the next word: the confirmed words become a final at once and the rest is
-  recognized again with the following audio, so nothing is duplicated or lost. With no
-  confirmed word to split at, the whole segment is finalized as it is.
+  pause before the next word: the confirmed words not yet final become a final at once
+  and the rest is recognized again with the following audio, so nothing is duplicated or
+  lost. With no confirmed word to split at, the whole segment is finalized as it is.
+
+Every word reaches exactly one final: a segment's confirmed words are counted as they
+are released, and each final carries only words after the last one released.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ MIN_SPEECH = 0.2
 MATCH_SLACK = 1.0
 #: Words ending this close to the end of the audio heard are not confirmed yet: with
 #: little right context Whisper still revises them, even twice in a row.
-CONFIRM_MARGIN = 1.0
+CONFIRM_MARGIN = 0.5
 #: A final re-hears at least this much already-confirmed speech before the words still
 #: open, instead of the whole segment: Whisper needs some left context, and the
 #: re-heard words anchor the new ones to the confirmed (:func:`tail_after`).
@@ -53,10 +65,20 @@ RECHECK_CONTEXT = 1.0
 #: A partial hears at least this much audio (or the whole segment, if shorter), and
 #: starts where a final would when that leaves more.
 PARTIAL_SPAN = 4.0
+#: A word heard with this much audio after it is confirmed without agreement: words
+#: are final at most about this long, plus a partial interval, after they were said.
+FORCE_AGE = 2.0
 #: Hypotheses of less audio than this are shown but take no part in agreement: on a
 #: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
 #: "Had he married") and only more context corrects them.
 CONFIRM_CONTEXT = 2.5
+#: Words released together are split into separate finals where one word ends a
+#: sentence or where this much silence separates two words.
+SPLIT_PAUSE = 0.3
+#: A tail starting with this many or more of the confirmed words' last ones repeats
+#: them (see :func:`tail_after`); fewer may be a person repeating themselves.
+REPEAT_GUARD = 3
+_SENTENCE_END = (".", "?", "!")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +94,8 @@ class Request:
     end: float
     confirmed: tuple[HypWord, ...]
     """Words already confirmed in this segment: a final keeps them as they are."""
+    released: int
+    """How many of ``confirmed`` are already final (a final carries the rest)."""
     speech_final: bool
     speech_start: float
     speech_end: float | None
@@ -111,7 +135,26 @@ def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> l
             matched = hypothesis[b.b + b.size - 1]
             if abs(matched.end - last.end) <= MATCH_SLACK:
                 return list(hypothesis[b.b + b.size :])
-    return [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
+    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
+    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
+    # past the last one. Confirmed words repeated at the head of the tail are that.
+    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
+        if [w.norm for w in tail[:k]] == c[-k:]:
+            return tail[k:]
+    return tail
+
+
+def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
+    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``."""
+    out: list[list[HypWord]] = []
+    for w in words:
+        if out:
+            last = out[-1][-1]
+            if not last.text.endswith(_SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
+                out[-1].append(w)
+                continue
+        out.append([w])
+    return out
 
 
 def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
@@ -146,6 +189,7 @@ class StreamingPolicy:
         self._seg_start = 0.0
         self._floor = 0.0  # no request reaches back before this (the last final's end)
         self._confirmed: list[HypWord] = []
+        self._released = 0  # confirmed words of the segment already final
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._partial_pending = False
         self._shown = False
@@ -164,6 +208,7 @@ class StreamingPolicy:
             self._resume_at() if kind == "final" else self._partial_start(end),
             end,
             tuple(self._confirmed),
+            self._released,
             speech_final,
             self._speech_start,
             speech_end,
@@ -174,6 +219,7 @@ class StreamingPolicy:
         self.segment += 1
         self._seg_start = max(start, self._floor)
         self._confirmed = []
+        self._released = 0
         self._previous = []
         self._partial_pending = False
         self._shown = False
@@ -234,20 +280,26 @@ class StreamingPolicy:
 
     def _split(self, t: float) -> list[Request | Draft]:
         if self._confirmed:
-            words = tuple(self._confirmed)
+            words = self._confirmed
             after = tail_after(words, self._previous)
             boundary = words[-1].end
             if after:
                 boundary = (boundary + max(boundary, after[0].start)) / 2
-            draft = Draft(words, is_final=True, speech_final=False, request=None)
-            self.emitted_words += len(words)
+            out: list[Request | Draft] = [*self._release(None)]
             self._floor = boundary
             self._new_segment(boundary)
-            return [draft]
+            return out
         request = self._request("final", t, speech_final=False)
         self._floor = t
         self._new_segment(t)
         return [request]
+
+    def _release(self, request: Request | None) -> list[Draft]:
+        """Every confirmed word not yet final, as finals split at sentence ends and pauses."""
+        words = self._confirmed[self._released :]
+        self._released = len(self._confirmed)
+        self.emitted_words += len(words)
+        return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
     def skipped(self, request: Request) -> None:
         """The scheduler dropped a partial request (finals are never skipped)."""
@@ -262,10 +314,10 @@ class StreamingPolicy:
         )
 
     def recognized(self, request: Request, words: Sequence[HypWord]) -> list[Draft]:
-        """The words recognized for ``request``; returns what to publish."""
+        """The words recognized for ``request``; returns what to publish, finals first."""
         if request.kind == "final":
             tail = tail_after(request.confirmed, words)
-            final = (*request.confirmed, *tail)
+            final = (*request.confirmed[request.released :], *tail)
             self.emitted_words += len(final)
             return [Draft(final, is_final=True, speech_final=request.speech_final, request=request)]
         if not self._current(request):
@@ -273,19 +325,25 @@ class StreamingPolicy:
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
         if request.end - self._seg_start < CONFIRM_CONTEXT:
-            shown = (*self._confirmed, *tail)
+            shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
         agreed = agreement(self._previous, tail)
         while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
             agreed -= 1
+        # Hypotheses that keep disagreeing must not hold words back for long: a word with
+        # FORCE_AGE of audio after it is as good as one more hypothesis will make it.
+        while agreed < len(tail) and tail[agreed].end <= request.end - FORCE_AGE:
+            agreed += 1
         self._confirmed.extend(tail[:agreed])
         self._previous = tail[agreed:]
-        shown = (*self._confirmed, *self._previous)
-        if not shown:
-            return []
-        self._shown = True
-        return [Draft(shown, is_final=False, speech_final=False, request=request)]
+        out = self._release(request) if agreed else []
+        shown = (*self._confirmed[self._released :], *self._previous)
+        if agreed or shown:
+            self._shown = True
+        if shown:
+            out.append(Draft(shown, is_final=False, speech_final=False, request=request))
+        return out
 
     @property
     def segment_start(self) -> float:

@@ -1,0 +1,74 @@
+"""The roster lag learnt from voice starts and roster starts, driven synchronously."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.transcription.turns import RosterLag
+
+
+def conversation(lag: float, turns: int, seed: int) -> list[tuple[str, float]]:
+    """Events of a back-and-forth: each turn's first word starts a voice, its roster
+    start comes ``lag`` later, and sentence starts inside turns add voice starts that
+    no roster start follows."""
+    rng = random.Random(seed)
+    events: list[tuple[str, float]] = []
+    t = 100.0
+    for _ in range(turns):
+        events.append(("voice", t))
+        events.append(("roster", t + lag + rng.uniform(-0.08, 0.08)))
+        length = rng.uniform(2.0, 6.0)
+        # Sentence starts within the turn.
+        events += [("voice", t + rng.uniform(0.8, length)) for _ in range(rng.randint(0, 2))]
+        t += length + rng.uniform(0.0, 0.2)  # the next person answers at once
+    # Words reach the estimator late (recognition), rosters at once: deliver in an
+    # order that mixes both, as the pipeline does.
+    return sorted(events, key=lambda e: e[1] + (1.5 if e[0] == "voice" else 0.0))
+
+
+def feed(lag: RosterLag, events: list[tuple[str, float]]) -> None:
+    for kind, t in events:
+        if kind == "voice":
+            lag.voice_started(t)
+        else:
+            lag.roster_started(t)
+
+
+@pytest.mark.parametrize("true_lag", [-0.5, 0.0, 0.4, 1.0, 2.0])
+def test_lag_learnt_from_a_conversation_without_pauses(true_lag: float) -> None:
+    lag = RosterLag()
+    feed(lag, conversation(true_lag, turns=12, seed=1))
+    assert lag.settled
+    assert lag.seconds == pytest.approx(true_lag, abs=0.1)
+
+
+def test_nothing_is_learnt_from_coincidences() -> None:
+    lag = RosterLag()
+    assert lag.seconds == 0.0 and not lag.settled
+    lag.voice_started(10.0)
+    lag.roster_started(11.2)  # one pair is no agreement
+    assert not lag.settled and lag.seconds == 0.0
+    lag.roster_started(40.0)  # nothing near it
+    lag.voice_started(80.0)  # and nothing after it
+    assert not lag.settled
+
+
+def test_the_estimate_follows_a_change_of_platform_delay() -> None:
+    lag = RosterLag(votes=60)
+    feed(lag, conversation(0.3, turns=12, seed=2))
+    assert lag.seconds == pytest.approx(0.3, abs=0.1)
+    later = [(kind, t + 1000.0) for kind, t in conversation(1.5, turns=30, seed=3)]
+    feed(lag, later)
+    assert lag.seconds == pytest.approx(1.5, abs=0.1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(-0.9, 2.4), st.integers(0, 10_000))
+def test_any_lag_in_range_is_found(true_lag: float, seed: int) -> None:
+    lag = RosterLag()
+    feed(lag, conversation(true_lag, turns=15, seed=seed))
+    assert lag.seconds == pytest.approx(true_lag, abs=0.15)
