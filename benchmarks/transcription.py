@@ -2,24 +2,49 @@
 
 Runs a real gateway (pipelines ``recording,transcription``, the configured model) in
 this process and simulated bots plus transcript subscribers in a child process, so
-the gateway's event loop is measured alone. Measures:
+the gateway's event loop is measured alone. Two workloads (``--workload``):
 
-(i)   word error rate of streaming vs offline transcription of the LibriVox test
-      utterances, at 16 and 24 kHz;
+``conversation`` (the dialogue and meeting of :mod:`benchmarks.conversations`, 24 kHz,
+with the roster the bot would send):
+
+(i)   one meeting at a time, roster on time: per-word final latency (when each
+      reference word's end was streamed to the final carrying it, p50/p95),
+      speech_final latency (end of its last word to its arrival), first partial from
+      a turn's start (p95), and WER streaming vs offline (same model, standard window);
+(ii)  for each roster timing (``--lags``, seconds late; negative: early): speaker
+      attribution of the matched final words, duplicated words and repeated phrases;
+(iii) for each number of concurrent meetings (the recipes looped, each meeting starting
+      at a different turn after a different lead-in): the latencies of (i), reference
+      words lost, partials skipped and the event loop's lag p99.
+
+``read`` (the LibriVox test utterances back to back, one reader):
+
+(i)   word error rate of streaming vs offline transcription, at 16 and 24 kHz;
 (ii)  end of speech to its final (p50/p95) and start of speech to the first partial
-      (p95), as a subscriber sees them;
+      (p95), as a subscriber sees them; also per-word final and speech_final latency
+      measured as for conversations;
 (iii) for each number of concurrent meetings (continuous speech at real time): p95
       final latency, finals lost, partials skipped, and the event loop's lag p99.
 
-Prints one JSON document on stdout and a short summary on stderr (or ``--summary``).
+How transcripts are scored per word: :mod:`benchmarks.transcript_metrics`, which also
+holds the conversation targets. Prints one JSON document on stdout and a short summary
+on stderr (or ``--summary``). The full run (about 40 minutes):
 
-    .venv/bin/python benchmarks/transcription.py --sessions 1,4,8,12 --duration 60
+    .venv/bin/python benchmarks/transcription.py --sessions 1,2,4,8,12,16 --duration 60
+
+A short one while developing:
+
+    .venv/bin/python benchmarks/transcription.py --workload conversation \\
+        --conversations dialogue --excerpt 30 --lags 0 --sessions 1,2 --duration 30
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
+import itertools
 import json
 import multiprocessing
 import re
@@ -32,6 +57,9 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from benchmarks import common
+from benchmarks import transcript_metrics as tm
+from benchmarks.conversations import DEFAULT_CACHE, Conversation, Turn, build, recognize
 from gateway.config import Settings
 from gateway.server import Gateway
 from gateway.simulator import SimulatedBot, read_wav
@@ -44,6 +72,8 @@ PAUSE = 0.8  # between utterances: longer than the VAD hangover, like a breath i
 FRAME_MS = 10
 STAGGER = 5.0  # seconds over which meetings' start times are spread
 GOLDEN = 0.6180339887  # spreads any number of meetings evenly over the stagger
+TAIL = 0.5  # silence after a conversation meeting's last turn, as after the recipes' own
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def references() -> list[tuple[Path, str]]:
@@ -59,8 +89,7 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def pct(values: list[float], q: float) -> float | None:
-    return None if not values else round(float(np.percentile(values, q)), 3)
+pct = tm.pct
 
 
 # -- the client side (child process) ----------------------------------------------------
@@ -105,10 +134,57 @@ def layout(
     return np.concatenate(parts), spans
 
 
-async def one_meeting(
-    port: int, key: str, rate: int, seconds: float, rotate: int, stagger: float
-) -> Any:
-    samples, spans = layout(rate, seconds, rotate, stagger)
+def cut_points(conv: Conversation) -> list[float]:
+    """Seconds where nobody speaks: the middle of every gap between turns, and both ends."""
+    cuts, reach = [0.0], 0.0
+    for turn in sorted(conv.turns, key=lambda t: t.start):
+        if reach > 0 and turn.start > reach:
+            cuts.append((reach + turn.start) / 2)
+        reach = max(reach, turn.end)
+    return [*cuts, conv.duration]
+
+
+def meeting_audio(
+    conv: Conversation,
+    seconds: float = 0.0,
+    offset: float = 0.0,
+    lead: float = 0.0,
+    excerpt: float = 0.0,
+) -> Conversation:
+    """A meeting's audio and turns: ``lead`` seconds of silence, then the conversation
+    from the gap ``offset`` (a fraction) of the way in, looped and cut between turns
+    once ``seconds`` are reached (``seconds <= 0``: once round), and :data:`TAIL` seconds
+    of silence. ``excerpt > 0`` plays only the first ``excerpt`` seconds of the
+    conversation (to the next gap)."""
+    rate = conv.rate
+    cuts = [round(c * rate) for c in cut_points(conv)]
+    if excerpt > 0:
+        end = next((c for c in cuts[1:] if c >= excerpt * rate), cuts[-1])
+        cuts = [*(c for c in cuts if c < end), end]
+    blocks = list(itertools.pairwise(cuts))
+    first = int(offset * len(blocks)) % len(blocks)
+    pos = round(lead * rate)
+    parts, turns, n = [np.zeros(pos, np.int16)], [], 0
+    while (n < len(blocks)) if seconds <= 0 else (pos < seconds * rate):
+        a, b = blocks[(first + n) % len(blocks)]
+        shift = (pos - a) / rate
+        parts.append(conv.samples[a:b])
+        turns += [
+            dataclasses.replace(t, start=t.start + shift, end=t.end + shift)
+            for t in conv.turns
+            if a <= t.start * rate < b
+        ]
+        pos, n = pos + b - a, n + 1
+    turns.sort(key=lambda t: t.start)
+    samples = np.concatenate([*parts, np.zeros(round(TAIL * rate), np.int16)])
+    return Conversation(conv.name, rate, samples, tuple(turns), conv.recipe)
+
+
+async def stream(
+    port: int, key: str, samples: Any, rate: int, roster: list[dict[str, Any]] | None = None
+) -> tuple[list[tuple[float, dict[str, Any]]], list[float]]:
+    """Play ``samples`` as a bot at real time while subscribed to the session's transcripts:
+    every message with its arrival time, and the send time of every frame."""
     received: list[tuple[float, dict[str, Any]]] = []
     ready = asyncio.Event()
     from websockets.asyncio.client import connect
@@ -121,17 +197,29 @@ async def one_meeting(
     reader = asyncio.create_task(subscribe())
     await ready.wait()
     bot = SimulatedBot(
-        f"ws://127.0.0.1:{port}/bots/{key}", samples, rate, frame_ms=FRAME_MS, record_times=True
+        f"ws://127.0.0.1:{port}/bots/{key}",
+        samples,
+        rate,
+        frame_ms=FRAME_MS,
+        record_times=True,
+        roster=roster or [],
     )
     await bot.run()
     async with asyncio.timeout(120):
         await reader
+    return received, bot.send_times
+
+
+def read_scores(spans: list[Any], rate: int, received: Any, sent: list[float]) -> Any:
+    """Each utterance's final and first-partial latency, and the per-word measures."""
     frame = rate * FRAME_MS // 1000
-    sent = bot.send_times
 
     def at(sample: int) -> float:
         return sent[min(len(sent) - 1, sample // frame)]
 
+    turns = [
+        Turn("reader", 0, text, a / rate, b / rate, tuple(norm_words(text))) for a, b, text in spans
+    ]
     utterances = []
     for a, b, text in spans:
         t0, t1 = a / rate, b / rate
@@ -158,24 +246,77 @@ async def one_meeting(
                 "first_partial_latency": None if first is None else first - at(a),
             }
         )
-    return utterances
+    return {
+        "utterances": utterances,
+        "words": tm.score(turns, received, lambda t: at(max(0, round(t * rate)))),
+    }
 
 
-def clients(port: int, n: int, rate: int, seconds: float, stagger: float, out: Any) -> None:
+def conversation_scores(conv: Conversation, received: Any, sent: list[float]) -> Any:
+    frame = conv.rate * FRAME_MS // 1000
+
+    def sent_at(t: float) -> float:
+        return sent[min(len(sent) - 1, max(0, round(t * conv.rate)) // frame)]
+
+    return tm.score(conv.turns, received, sent_at)
+
+
+def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
+    """Play the meetings of ``specs`` at once; their audio is made before any is played,
+    and what was received is scored once all have ended."""
+    load = functools.cache(build)
+    meetings: list[tuple[Any, int, list[dict[str, Any]], Any]] = []
+    for s in specs:
+        if s["kind"] == "read":
+            samples, spans = layout(s["rate"], s["seconds"], s["rotate"], s["stagger"])
+            meetings.append((samples, s["rate"], [], spans))
+        else:
+            conv = meeting_audio(
+                load(s["name"], Path(s["cache"]), s["rate"]),
+                s["seconds"],
+                s["offset"],
+                s["lead"],
+                s["excerpt"],
+            )
+            meetings.append((conv.samples, conv.rate, conv.roster_script(s["lag"]), conv))
+
     async def main() -> list[Any]:
-        return await asyncio.gather(
-            *(one_meeting(port, f"bench{i}", rate, seconds, i, stagger) for i in range(n))
+        got = await asyncio.gather(
+            *(
+                stream(port, f"bench{i}", samples, rate, roster)
+                for i, (samples, rate, roster, _) in enumerate(meetings)
+            )
         )
+        return list(got)
 
-    out.put(asyncio.run(main()))
+    out.put(
+        [
+            read_scores(ref, rate, *got)
+            if isinstance(ref, list)
+            else conversation_scores(ref, *got)
+            for (_, rate, _, ref), got in zip(meetings, asyncio.run(main()), strict=True)
+        ]
+    )
 
 
 # -- the gateway side (this process) ----------------------------------------------------
 
 
-async def run(
-    sessions: int, rate: int, seconds: float, settings: dict[str, Any], stagger: float = STAGGER
-) -> Any:
+def _counter(registry: CollectorRegistry, name: str, kind: str) -> int:
+    return int(
+        sum(
+            s.value
+            for metric in registry.collect()
+            if metric.name == name
+            for s in metric.samples
+            if s.name.endswith("_total") and s.labels.get("kind") == kind
+        )
+    )
+
+
+async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One gateway, the meetings of ``specs`` at once: what each client measured and the
+    gateway's scheduler metrics and event-loop lag."""
     registry = CollectorRegistry()
     with tempfile.TemporaryDirectory(prefix="bench-transcription-") as tmp:
         s = Settings(
@@ -196,43 +337,19 @@ async def run(
         sampler = asyncio.create_task(sample_lag())
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        proc = ctx.Process(target=clients, args=(port, sessions, rate, seconds, stagger, out))
+        proc = ctx.Process(target=clients, args=(port, specs, out))
         proc.start()
         meetings = await asyncio.to_thread(_collect, out, proc)
         stop.set()
         await sampler
         await gateway.stop()
-    skipped = sum(
-        s.value
-        for metric in registry.collect()
-        if metric.name == "gateway_asr_skipped"
-        for s in metric.samples
-        if s.name.endswith("_total") and s.labels.get("kind") == "partial"
-    )
-    partials = sum(
-        s.value
-        for metric in registry.collect()
-        if metric.name == "gateway_asr_jobs"
-        for s in metric.samples
-        if s.name.endswith("_total") and s.labels.get("kind") == "partial"
-    )
-    utterances = [u for m in meetings for u in m]
-    finals = [u["final_latency"] for u in utterances if u["final_latency"] is not None]
-    firsts = [u["first_partial_latency"] for u in utterances if u["first_partial_latency"]]
     return {
-        "sessions": sessions,
-        "rate": rate,
-        "utterances": len(utterances),
-        "finals_lost": sum(1 for u in utterances if not u["said"]),
-        "final_latency_p50": pct(finals, 50),
-        "final_latency_p95": pct(finals, 95),
-        "first_partial_p50": pct(firsts, 50),
-        "first_partial_p95": pct(firsts, 95),
-        "partials_run": int(partials),
-        "partials_skipped": int(skipped),
+        "meetings": meetings,
+        "partials_run": _counter(registry, "gateway_asr_jobs", "partial"),
+        "partials_skipped": _counter(registry, "gateway_asr_skipped", "partial"),
+        "finals_skipped": _counter(registry, "gateway_asr_skipped", "final"),
         "loop_lag_p99_ms": None if not lags else round(1000 * float(np.percentile(lags, 99)), 2),
         "loop_lag_max_ms": None if not lags else round(1000 * max(lags), 2),
-        "_utterances": utterances,
     }
 
 
@@ -251,6 +368,47 @@ def _collect(out: Any, proc: Any) -> Any:
         return result
 
 
+# -- the read workload ------------------------------------------------------------------
+
+#: Measures of the conversation workload that mean the same for read speech.
+READ_WORD_FIELDS = (
+    "word_final_p50",
+    "word_final_p95",
+    "words_expected",
+    "words_matched",
+    "speech_final_p50",
+    "speech_final_p95",
+)
+
+
+async def read_point(
+    sessions: int, rate: int, seconds: float, settings: dict[str, Any], stagger: float = STAGGER
+) -> Any:
+    spec = {"kind": "read", "rate": rate, "seconds": seconds, "stagger": stagger}
+    r = await run(settings, [{**spec, "rotate": i} for i in range(sessions)])
+    meetings = r.pop("meetings")
+    utterances = [u for m in meetings for u in m["utterances"]]
+    words = tm.summarize(m["words"] for m in meetings)
+    finals = [u["final_latency"] for u in utterances if u["final_latency"] is not None]
+    firsts = [u["first_partial_latency"] for u in utterances if u["first_partial_latency"]]
+    return {
+        "sessions": sessions,
+        "rate": rate,
+        "utterances": len(utterances),
+        "finals_lost": sum(1 for u in utterances if not u["said"]),
+        "final_latency_p50": pct(finals, 50),
+        "final_latency_p95": pct(finals, 95),
+        "first_partial_p50": pct(firsts, 50),
+        "first_partial_p95": pct(firsts, 95),
+        **{k: words[k] for k in READ_WORD_FIELDS},
+        "partials_run": r["partials_run"],
+        "partials_skipped": r["partials_skipped"],
+        "loop_lag_p99_ms": r["loop_lag_p99_ms"],
+        "loop_lag_max_ms": r["loop_lag_max_ms"],
+        "_utterances": utterances,
+    }
+
+
 def offline_wer(settings: dict[str, Any]) -> tuple[float, list[str]]:
     engine = shared_engine(Settings(**settings))
     refs, hyps, texts = [], [], []
@@ -264,29 +422,12 @@ def offline_wer(settings: dict[str, Any]) -> tuple[float, list[str]]:
     return wer(refs, hyps), texts
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", default="1,2,4,6,8,10,12", help="meeting counts to try")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds per load run")
-    parser.add_argument("--model", default="tiny.en")
-    parser.add_argument("--asr-threads", type=int, default=0, help="0: one lane per core")
-    parser.add_argument(
-        "--stagger",
-        type=float,
-        default=STAGGER,
-        help="seconds over which meetings' start times are spread (0: lockstep)",
-    )
-    parser.add_argument("--load-only", action="store_true", help="skip (i) and (ii)")
-    parser.add_argument("--summary", type=Path, help="write the human summary here too")
-    args = parser.parse_args()
-    settings = {"model": args.model, "asr_threads": args.asr_threads}
-    shared_engine(Settings(**settings))  # load before timing anything
-
+async def read_workload(args: Any, settings: dict[str, Any]) -> dict[str, Any]:
     offline, _ = offline_wer(settings)
     accuracy = {"offline_wer": round(offline, 4)}
     latency: dict[str, Any] = {}
     for rate in () if args.load_only else (16000, 24000):
-        r = await run(1, rate, 0.0, settings)
+        r = await read_point(1, rate, 0.0, settings)
         said = [w for u in r["_utterances"] for w in norm_words(u["said"])]
         ref = [w for u in r["_utterances"] for w in norm_words(u["text"])]
         accuracy[f"streaming_wer_{rate}"] = round(wer(ref, said), 4)
@@ -300,8 +441,8 @@ async def main() -> None:
             for u in r["_utterances"]
         ]
     load = []
-    for n in (int(x) for x in args.sessions.split(",")):
-        r = await run(n, 16000, args.duration, settings, args.stagger)
+    for n in args.sessions:
+        r = await read_point(n, 16000, args.duration, settings, args.stagger)
         r.pop("_utterances")
         r["ok"] = bool(
             r["finals_lost"] == 0
@@ -309,17 +450,113 @@ async def main() -> None:
             and r["final_latency_p95"] <= 1.5
         )
         load.append(r)
-        print(json.dumps(r), file=sys.stderr)
+        print("read", json.dumps(r), file=sys.stderr)
     passing = [r["sessions"] for r in load if r["ok"]]
-    result = {
-        "model": args.model,
-        "asr_threads": args.asr_threads,
-        "stagger": args.stagger,
+    return {
         "accuracy": accuracy,
         "single_session": latency,
         "load": load,
         "max_sessions_p95_final_le_1_5s": max(passing, default=0),
     }
+
+
+# -- the conversation workload ----------------------------------------------------------
+
+
+def conversation_spec(args: Any, name: str, **kw: Any) -> dict[str, Any]:
+    spec = {"kind": "conversation", "name": name, "cache": str(args.cache), "rate": args.rate}
+    return {**spec, "lag": 0.0, "seconds": 0.0, "offset": 0.0, "lead": 0.0, "excerpt": 0.0, **kw}
+
+
+async def conversation_workload(args: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    names = args.conversations
+    convs = {n: build(n, args.cache, args.rate) for n in names}
+    result: dict[str, Any] = {"conversations": names, "rate": args.rate, "excerpt": args.excerpt}
+    if not args.load_only:
+        engine = shared_engine(Settings(**settings))
+        offline = {}
+        for n in names:
+            audio = meeting_audio(convs[n], excerpt=args.excerpt)
+            offline[n] = wer(audio.text(), recognize(audio, engine))
+        runs: dict[float, dict[str, Any]] = {}
+        for lag in dict.fromkeys([0.0, *args.lags]):
+            runs[lag] = {}
+            for n in names:
+                spec = conversation_spec(args, n, lag=lag, excerpt=args.excerpt)
+                runs[lag][n] = (await run(settings, [spec]))["meetings"][0]
+            row = tm.summarize(runs[lag].values())
+            print(f"conversation lag {lag}:", json.dumps(row), file=sys.stderr)
+        result.update(tm.single_session(runs[0.0], offline))
+        result["attribution"] = [tm.attribution_row(lag, runs[lag]) for lag in args.lags]
+    load = []
+    for n in args.sessions:
+        specs = [
+            conversation_spec(
+                args,
+                names[i % len(names)],
+                seconds=args.duration,
+                offset=(i // len(names) * GOLDEN) % 1.0,
+                lead=(i * GOLDEN) % 1.0 * args.stagger,
+            )
+            for i in range(n)
+        ]
+        r = await run(settings, specs)
+        row = {"sessions": n, **tm.summarize(r.pop("meetings")), **r}
+        row["ok"] = tm.load_ok(row)
+        load.append(row)
+        print("conversation", json.dumps(row), file=sys.stderr)
+    result["load"] = load
+    result["max_sessions"] = max((r["sessions"] for r in load if r["ok"]), default=0)
+    result["targets"] = tm.targets(result)
+    return result
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, default, help in (
+        ("--workload", "conversation,read", "workloads to run, in order: conversation, read"),
+        ("--sessions", "1,2,4,6,8,10,12", "meeting counts to try (empty: no load sweep)"),
+        ("--duration", 60.0, "seconds per load run"),
+        ("--model", "tiny.en", "Whisper model"),
+        ("--asr-threads", 0, "recognition lanes (0: one per core)"),
+        ("--stagger", STAGGER, "seconds over which meetings' starts are spread (0: lockstep)"),
+        ("--conversations", "dialogue,meeting", "conversation recipes to play"),
+        ("--lags", "0,1,2,-0.5", "roster lags to score attribution at, s (negative: early)"),
+        ("--rate", 24000, "conversation sample rate"),
+        ("--cache", DEFAULT_CACHE, "where built conversations are kept"),
+        ("--excerpt", 0.0, "single-meeting conversation runs play only this many s (0: all)"),
+    ):
+        parser.add_argument(flag, type=type(default), default=default, help=help)
+    parser.add_argument("--load-only", action="store_true", help="only the load sweeps")
+    parser.add_argument("--summary", type=Path, help="write the human summary here too")
+    args = parser.parse_args()
+    args.sessions = [int(x) for x in _floats(args.sessions)]
+    args.lags = _floats(args.lags)
+    args.conversations = [x for x in args.conversations.split(",") if x]
+    workloads = [x for x in args.workload.split(",") if x]
+    if unknown := set(workloads) - {"conversation", "read"}:
+        parser.error(f"unknown workload {', '.join(sorted(unknown))}")
+    settings = {"model": args.model, "asr_threads": args.asr_threads}
+    shared_engine(Settings(**settings))  # load before timing anything
+
+    result: dict[str, Any] = {
+        "model": args.model,
+        "asr_threads": args.asr_threads,
+        "stagger": args.stagger,
+        "duration": args.duration,
+        "revision": common.revision(ROOT),
+        "machine": common.machine(),
+        "workloads": workloads,
+    }
+    for workload in workloads:
+        if workload == "read":
+            result["read"] = await read_workload(args, settings)
+        else:
+            result["conversation"] = await conversation_workload(args, settings)
     print(json.dumps(result, indent=2))
     summary = render(result)
     print(summary, file=sys.stderr)
@@ -328,35 +565,47 @@ async def main() -> None:
 
 
 def render(r: dict[str, Any]) -> str:
-    a, one = r["accuracy"], r["single_session"].get("16000")
     lines = [
         f"# Transcription benchmark ({r['model']}, asr_threads={r['asr_threads']},"
-        f" stagger={r['stagger']} s)",
+        f" stagger={r['stagger']} s, revision {r['revision']})",
         "",
     ]
+    if "conversation" in r:
+        lines += tm.render(r["conversation"], r["duration"])
+    if "read" in r:
+        lines += render_read(r["read"])
+    return "\n".join(lines) + "\n"
+
+
+def render_read(r: dict[str, Any]) -> list[str]:
+    a, one = r["accuracy"], r["single_session"].get("16000")
+    lines = ["## Read speech (LibriVox, one reader)", ""]
     if one is not None:
         lines += [
             f"- WER offline {a['offline_wer']:.3f}; streaming 16 kHz"
             f" {a['streaming_wer_16000']:.3f}, 24 kHz {a['streaming_wer_24000']:.3f}",
             f"- one meeting: end of speech to final p50 {one['final_latency_p50']} s,"
             f" p95 {one['final_latency_p95']} s; start to first partial p95"
-            f" {one['first_partial_p95']} s",
+            f" {one['first_partial_p95']} s; per-word final p50 {one['word_final_p50']} s,"
+            f" p95 {one['word_final_p95']} s ({one['words_matched']}/{one['words_expected']}"
+            " words)",
         ]
     lines += [
         f"- largest load with p95 final <= 1.5 s and no final lost:"
         f" {r['max_sessions_p95_final_le_1_5s']} meetings",
         "",
         "| meetings | final p50 | final p95 | first partial p95 | lost | partials run/skipped"
-        " | loop lag p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        " | loop lag p99 ms | word final p50/p95 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {x['sessions']} | {x['final_latency_p50']} | {x['final_latency_p95']} |"
         f" {x['first_partial_p95']} | {x['finals_lost']} | {x['partials_run']}/"
         f"{x['partials_skipped']} | {x['loop_lag_p99_ms']} |"
+        f" {x['word_final_p50']}/{x['word_final_p95']} |"
         for x in r["load"]
     ]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

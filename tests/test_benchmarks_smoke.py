@@ -1,4 +1,4 @@
-"""The ingest benchmark runs end to end: real gateway and floor processes, real sockets.
+"""The benchmarks run end to end: real gateway and floor processes, real sockets.
 
 Tiny N and a short window: this checks the script works and what it reports is
 consistent, not how fast anything is (speed lives in the benchmark's own output).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,59 @@ def test_soak_benchmark_reports_both_phases(tmp_path: Path) -> None:
     assert result["targets"]["meeting_wav_bit_identical"] is True
     # Recordings and logs go under the work directory and are removed afterwards.
     assert not list(tmp_path.glob("soak-*"))
+
+
+@pytest.mark.model
+@pytest.mark.tts
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "transcription.py")]
+    argv += ["--workload", "conversation", "--conversations", "dialogue", "--excerpt", "12"]
+    argv += ["--lags", "0,1", "--sessions", "2", "--duration", "12"]
+    argv += ["--cache", str(tmp_path / "conversations"), "--summary", str(summary)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result = json.loads(done.stdout)
+    assert result["workloads"] == ["conversation"]
+    assert "read" not in result
+    conv = result["conversation"]
+    assert conv["conversations"] == ["dialogue"]
+    assert conv["rate"] == 24000
+    # One meeting at a time: its reference words were aligned and timed.
+    one = conv["single_session"]
+    assert 0 < one["words_matched"] <= one["words_expected"]
+    assert 0 <= one["words_lost"] <= one["words_expected"] - one["words_matched"]
+    assert 0 < one["word_final_p50"] <= one["word_final_p95"]
+    assert one["speech_finals"] >= 1 and one["speech_final_p50"] is not None
+    assert one["turns_timed"] >= 1 and one["first_partial_p95"] > 0
+    assert one["per_conversation"]["dialogue"]["words_expected"] == one["words_expected"]
+    accuracy = conv["accuracy"]
+    assert 0 <= accuracy["offline_wer"] < 1 and 0 <= accuracy["streaming_wer"] < 1
+    assert accuracy["ratio"] is None or accuracy["ratio"] >= 0
+    # Attribution at every roster timing asked for.
+    assert [row["lag"] for row in conv["attribution"]] == [0.0, 1.0]
+    for row in conv["attribution"]:
+        assert 0 <= row["attribution"] <= 1
+        assert row["duplicates"] >= 0 and row["repeats"] >= 0
+    # The load sweep: two staggered meetings, each its own excerpt of the dialogue.
+    [point] = conv["load"]
+    assert point["sessions"] == 2
+    assert point["words_expected"] > one["words_expected"]
+    assert point["word_final_p95"] is not None and point["loop_lag_p99_ms"] is not None
+    assert point["partials_run"] > 0 and point["finals_skipped"] >= 0
+    assert isinstance(point["ok"], bool)
+    assert conv["max_sessions"] in (0, 2)
+    assert set(conv["targets"]) == {
+        "word_final_p50",
+        "word_final_p95",
+        "speech_final_p50",
+        "attribution_min",
+        "wer_ratio",
+        "max_sessions",
+    }
+    assert all(isinstance(t["met"], bool) for t in conv["targets"].values())
+    table = summary.read_text()
+    assert re.search(r"^\| \+1 \|", table, re.M), table
+    assert re.search(r"^\| 2 \|", table, re.M), table
