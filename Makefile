@@ -6,7 +6,7 @@ TESTDATA := /usr/share/pocketsphinx/test/data/librivox/transcription
 # apt-get needs root; use sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run install dev testdata lint test test-fast bench-ingest bench-transcription bench-speech clean
+.PHONY: run install dev testdata lint test test-fast bench-ingest bench-transcription bench-speech bench-soak clean
 
 ## run: install the gateway and start it with the defaults (recording + transcription on :8080)
 run: install
@@ -53,6 +53,9 @@ bench-transcription: dev testdata
 
 bench-speech: dev
 	$(BIN)/python benchmarks/speech.py
+
+bench-soak: dev testdata
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
