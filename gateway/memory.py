@@ -57,6 +57,12 @@ def trim() -> bool:
     return True
 
 
+#: Seconds from a session's end to the collection and trim that cover it. A full
+#: collection also walks every live session's objects (tens of ms with hundreds live),
+#: so it runs at most this often however fast sessions end.
+INTERVAL = 10.0
+
+
 def after_startup() -> None:
     """Start-up is done (models loaded, lanes warm): collect, freeze what is alive now
     out of later collections, and give back what start-up freed. Blocks briefly."""
@@ -68,7 +74,7 @@ def after_startup() -> None:
 class Trimmer:
     """Trims once the sessions that ended in the last ``interval`` seconds are gone."""
 
-    def __init__(self, interval: float = 2.0) -> None:
+    def __init__(self, interval: float = INTERVAL) -> None:
         self.interval = interval
         self.runs = 0
         self._task: asyncio.Task[None] | None = None
