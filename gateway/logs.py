@@ -1,7 +1,7 @@
 """Logging set-up: stdlib logging, one line per record, text or JSON.
 
 Session loggers prefix every message with ``[key]`` (see
-:class:`gateway.session.SessionLog`), so one grep follows a meeting through connects,
+:class:`SessionLog`), so one grep follows a meeting through connects,
 reconnects and the end. Nothing is logged per audio frame.
 """
 
@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,3 +44,10 @@ def setup(level: str, fmt: str) -> None:
     # health check); the gateway logs connects and disconnects itself, with the session.
     quiet = logging.getLevelName(level) != logging.DEBUG
     logging.getLogger("websockets").setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the session key."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session'] if self.extra else '-'}] {msg}", kwargs

@@ -86,10 +86,9 @@ class PipelineRunner:
         """
         if self.failed or not events:
             return
-        bulk = roster
-        queue = self._bulk if bulk else self._control
-        if len(queue) >= (self._queue_size if bulk else self._queue_size * CONTROL_FACTOR):
-            kind = "roster" if bulk else "control"
+        queue = self._bulk if roster else self._control
+        if len(queue) >= (self._queue_size if roster else self._queue_size * CONTROL_FACTOR):
+            kind = "roster" if roster else "control"
             self.dropped += len(events)
             self._metrics.pipeline_drops.labels(self.name, kind).inc(len(events))
             if self.dropped == len(events):

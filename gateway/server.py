@@ -38,13 +38,16 @@ from websockets.http11 import Request, Response
 from pipelines import speech
 from pipelines.base import Environment, PipelineFactory, RouteHandler, load_factory
 
-from . import tokens
+from . import reports, tokens
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
 from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
+from .files import disk_watch
+from .keys import key_from_bot_id, valid_key
 from .metrics import Metrics, close_label
 from .protocol import Handshake, OutputDecoder, Rejected, Roster
-from .session import ConnectionRecord, Session, key_from_bot_id, valid_key
+from .reports import ConnectionRecord
+from .session import Session
 from .sessions import SessionManager
 
 logger = logging.getLogger("gateway.server")
@@ -172,8 +175,6 @@ class Gateway:
                 return _response(503, "text/plain", b"not ready\n")
             # A session that cannot write (a full data volume) keeps new meetings away
             # until its writes go through again; the check is a dictionary lookup.
-            from .files import disk_watch
-
             problem = disk_watch(self.metrics.registry).problem
             if problem is not None:
                 return _response(503, "text/plain", f"not ready: {problem}\n".encode())
@@ -182,7 +183,7 @@ class Gateway:
             self.sessions.refresh()  # states change on every connect; count them now
             return _response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
         if path == "/sessions":
-            body = json.dumps([s.summary() for s in self.sessions], indent=1).encode()
+            body = json.dumps([reports.summary(s) for s in self.sessions], indent=1).encode()
             return _response(200, "application/json", body)
         if "upgrade" not in request.headers.get("Connection", "").lower():
             return _response(404, "text/plain", b"not found\n")

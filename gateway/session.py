@@ -13,13 +13,10 @@ few integer updates; VAD, metrics and pipeline wake-ups run once per audio block
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import logging
-import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +27,18 @@ import numpy.typing as npt
 from pipelines.base import Disconnected, Gap, PipelineFactory
 from pipelines.speech import resample, tts
 
+from . import reports
 from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
 from .clock import AudioClock
 from .config import Settings
+from .files import FileStatus, disk_watch, write_atomically
+from .keys import MAX_BOT_ID, clip
+from .logs import SessionLog
 from .metrics import Metrics
 from .playback import Player
 from .protocol import Handshake, Roster
+from .reports import ConnectionRecord, GapRecord
 from .runner import PipelineRunner
 from .speakers import Speaker, SpeakerChange, SpeakerTimeline
 
@@ -44,67 +46,9 @@ Samples = npt.NDArray[np.int16]
 
 logger = logging.getLogger("gateway.session")
 
-#: Keys as they appear in URLs and directory names: a safe alphabet, 128 at most.
-_KEY_OK = re.compile(r"^[A-Za-z0-9~][A-Za-z0-9._~-]{0,127}$")
-#: A bot_id in this form is its own key. Anything else is encoded behind a ``~``, which
-#: such a bot_id never contains, so two different bot_ids never share a key.
-_PLAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: Longest bot_id kept in metadata and logs; the key still comes from the whole id.
-MAX_BOT_ID = 256
-
 #: VAD and pipeline bookkeeping run every this much audio. Shorter blocks detect speech
 #: sooner (barge-in) but pay soxr's and Python's per-call cost more often.
 BLOCK_MS = 100
-
-
-def valid_key(key: str) -> bool:
-    """A key from a URL is used as a directory name: accept only a safe alphabet."""
-    return bool(_KEY_OK.match(key))
-
-
-def key_from_bot_id(bot_id: str) -> str:
-    """A key for ``bot_id`` (which arrives from the network): distinct ids, distinct keys.
-
-    A bot_id of letters, digits, ``.``, ``_`` and ``-`` (every real one: a UUID) is used
-    as it is. Any other is encoded, never stripped: ``~`` and the base32 of its UTF-8,
-    or, past 128 characters, ``~~`` and 40 hex digits of its SHA-256.
-    """
-    if _PLAIN_ID.match(bot_id):
-        return bot_id
-    raw = bot_id.encode("utf-8", "surrogatepass")
-    encoded = base64.b32encode(raw).decode().rstrip("=").lower()
-    if len(encoded) < 128:
-        return "~" + encoded
-    return "~~" + hashlib.sha256(raw).hexdigest()[:40]
-
-
-def clip(text: str, limit: int = 80) -> str:
-    """``text`` cut for a log line or a metadata field, marked where it was cut."""
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
-
-
-class SessionLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the session key."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['session'] if self.extra else '-'}] {msg}", kwargs
-
-
-@dataclass(slots=True)
-class ConnectionRecord:
-    role: str
-    remote: str
-    connected_at: float
-    closed_at: float | None = None
-    close_code: int | None = None
-
-
-@dataclass(slots=True)
-class GapRecord:
-    sample: int
-    seconds: float
-    wall_start: float
-    wall_end: float
 
 
 @dataclass(slots=True)
@@ -148,7 +92,7 @@ class Session:
         self.input: Any = None  # the live separate input connection, if any
         self.player: Player | None = None
         self._away_since: float | None = None
-        self._total = _Counts()
+        self.totals = _Counts()
         self._unflushed = _Counts()
         self._vad_pos = 0
         self._block = 0
@@ -322,7 +266,7 @@ class Session:
             runner.poke()
 
     def flush_counts(self) -> None:
-        c, t, m = self._unflushed, self._total, self.metrics
+        c, t, m = self._unflushed, self.totals, self.metrics
         if c.frames:
             nbytes = 2 * c.samples
             m.frames.inc(c.frames)
@@ -338,30 +282,32 @@ class Session:
 
     def count_bytes(self, n: int) -> None:
         """Bytes received that did not become samples (a carried odd byte)."""
-        self._total.bytes += n
+        self.totals.bytes += n
 
     def roster(self, roster: Roster, now: float) -> None:
         forgotten = self.speakers.forgotten
         changes = tuple(self.speakers.update(roster, now))
         if self.speakers.forgotten != forgotten:
             self.metrics.speakers_forgotten.inc(self.speakers.forgotten - forgotten)
-        if not changes:
-            return
-        if self.player is not None:
-            self.player.observe(changes)
-        for runner in self.runners:
-            runner.post_batch(changes[0].sample, changes, roster=True)
+        self._post_all(changes, roster=True)
 
     def count_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.metrics.rejected.labels(reason).inc()
 
-    def _post_all(self, events: list[Any]) -> None:
-        if self.player is not None and events:
+    def _post_all(self, events: Sequence[Any], *, roster: bool = False) -> None:
+        """Hand events to the player and every pipeline; a roster message's changes go as
+        one entry of the droppable roster queue, anything else to the control queue."""
+        if not events:
+            return
+        if self.player is not None:
             self.player.observe(events)  # barge-in first: it is the latency-critical reader
-        for event in events:
-            for runner in self.runners:
-                runner.post(event.sample, event)
+        for runner in self.runners:
+            if roster:
+                runner.post_batch(events[0].sample, tuple(events), roster=True)
+            else:
+                for event in events:
+                    runner.post(event.sample, event)
 
     # -- speech -------------------------------------------------------------------------
 
@@ -429,73 +375,6 @@ class Session:
             len(self.gaps),
         )
 
-    # -- views ----------------------------------------------------------------------------
-
-    def summary(self) -> dict[str, Any]:
-        """What ``GET /sessions`` shows."""
-        return {
-            "key": self.key,
-            "bot_id": self.bot_id,
-            "state": self.state,
-            "sample_rate": self.sample_rate or None,
-            "connected": self.output is not None,
-            "input_connected": self.input is not None,
-            "audio_seconds": round(self.audio_seconds, 3),
-            "speakers": [s.name for s in self.speakers.speakers],
-            "gaps": [
-                {"at": round(g.sample / self.sample_rate, 3), "seconds": round(g.seconds, 3)}
-                for g in self.gaps
-            ],
-            "reconnects": self.reconnects,
-            "pipelines": {r.name: ("failed" if r.failed else "running") for r in self.runners},
-        }
-
-    def metadata(self) -> dict[str, Any]:
-        t = self._total
-        return {
-            "key": self.key,
-            "bot_id": self.bot_id,
-            "sample_rate": self.sample_rate,
-            "protocol_version": self.protocol_version,
-            "created_at": self.created_at,
-            "audio_started_at": self.clock.origin,
-            "ended_at": self.ended_at,
-            "audio_seconds": round(self.audio_seconds, 6),
-            "bytes_received": t.bytes,
-            "frames_received": t.frames,
-            "reconnects": self.reconnects,
-            "gaps": [
-                {
-                    "sample": g.sample,
-                    "at": round(g.sample / self.sample_rate, 6),
-                    "seconds": round(g.seconds, 6),
-                    "wall_start": g.wall_start,
-                    "wall_end": g.wall_end,
-                }
-                for g in self.gaps
-            ],
-            "connections": [
-                {
-                    "role": c.role,
-                    "remote": c.remote,
-                    "connected_at": c.connected_at,
-                    "closed_at": c.closed_at,
-                    "close_code": c.close_code,
-                }
-                for c in self.connections
-            ],
-            "speakers": [
-                {"key": s.key, "id": s.id, "name": s.name, "is_bot": s.is_bot}
-                for s in self.speakers.speakers
-            ],
-            "speakers_forgotten": self.speakers.forgotten,
-            "roster_size": self.speakers.roster_size,
-            "pipelines": {
-                r.name: {"failed": r.failed, "dropped_events": r.dropped} for r in self.runners
-            },
-            "rejected": dict(self.rejected),
-        }
-
     def write_metadata(self) -> None:
         """Write ``session.json`` atomically (a crash leaves the old or the new file).
 
@@ -504,12 +383,13 @@ class Session:
         "metadata"}``), logged once, holds ``/readyz`` back and is retried with a back-off
         (:func:`gateway.files.DiskWatch.retry_later`) with the metadata of that moment.
         """
-        from .files import FileStatus, disk_watch, write_atomically
 
         watch = disk_watch(self.metrics.registry)
         status = FileStatus(watch, self.directory, "session.json", "metadata", self.log)
         try:
-            write_atomically(status.path, (json.dumps(self.metadata(), indent=2) + "\n").encode())
+            write_atomically(
+                status.path, (json.dumps(reports.metadata(self), indent=2) + "\n").encode()
+            )
         except OSError as exc:
             status.failed(exc, "the previous session.json is kept; retrying")
             if not watch.retry_later(status.path, self.write_metadata):

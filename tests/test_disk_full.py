@@ -244,7 +244,7 @@ def test_a_short_odd_write_never_splits_a_sample(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The disk takes an odd number of bytes, then nothing; the bound then drops audio."""
-    from pipelines import recording
+    from pipelines import wav
 
     real = os.pwrite
     budget = [44 + 1001]  # the header and 500.5 samples, then the disk is full
@@ -256,9 +256,9 @@ def test_a_short_odd_write_never_splits_a_sample(
         budget[0] -= n
         return n
 
-    monkeypatch.setattr(recording.os, "pwrite", pwrite)
+    monkeypatch.setattr(wav.os, "pwrite", pwrite)
     path = tmp_path / "audio.wav"
-    writer = recording.WavWriter(path, RATE, refresh_samples=RATE, hold_samples=1500)
+    writer = wav.WavWriter(path, RATE, refresh_samples=RATE, hold_samples=1500)
     sent = speech(1.0, 8)
     for block in np.split(sent, 10):
         writer.write(block)

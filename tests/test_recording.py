@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.recording import WavWriter, repair, wav_header
+from pipelines.wav import WavWriter, repair, wav_header
 
 from .conftest import GatewayFactory
 

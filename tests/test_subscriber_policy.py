@@ -35,13 +35,8 @@ from websockets.protocol import State
 
 from gateway.config import KEEPALIVE_TIMEOUT, Settings
 from gateway.errors import ConfigError
-from pipelines.transcription.subscribers import (
-    DEFAULT_MAX_LAG,
-    DROP_REASONS,
-    MAX_LAG_LIMIT,
-    LagWatch,
-    SubscriberHub,
-)
+from pipelines.transcription.backpressure import DEFAULT_MAX_LAG, MAX_LAG_LIMIT, LagWatch
+from pipelines.transcription.subscribers import DROP_REASONS, SubscriberHub
 
 from .conftest import GatewayFactory, wait_for
 from .test_transcript_outputs import Bot, final, start

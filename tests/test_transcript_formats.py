@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.speakers import Speaker
+from pipelines.transcription.backpressure import MessageQueue, Offer
 from pipelines.transcription.formats import UNKNOWN_SPEAKER, deepgram, meeting_baas, metadata
 from pipelines.transcription.results import Result, SpeechStarted, UtteranceEnd, Word
-from pipelines.transcription.subscribers import MessageQueue, Offer
 
 ALICE = Speaker("id:1", 1, "Alice", is_bot=False)
 BOB = Speaker("id:2", 2, "Bob", is_bot=False)

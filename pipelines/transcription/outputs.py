@@ -41,7 +41,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from gateway.files import FileStatus, HeldAppender, disk_watch, write_atomically
+from gateway.files import FileStatus, disk_watch, write_atomically
+from gateway.held import HeldAppender
 from pipelines.base import Environment, RouteHandler, SessionContext
 
 from .formats import deepgram, meeting_baas, metadata

@@ -38,7 +38,7 @@ from pipelines.base import (
 
 from . import results
 from .engine import ASR_RATE, Engine, Hypothesis, HypWord
-from .policy import Draft, Request, StreamingPolicy
+from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
 from .scheduler import Scheduler
 from .turns import RosterLag
 from .window import Window
@@ -324,11 +324,7 @@ class TranscriptionPipeline(Pipeline):
         for w in words:
             prev = self._last_word
             self._last_word = w
-            if (
-                prev is None
-                or prev.text.endswith((".", "?", "!"))
-                or (w.start - prev.end >= TURN_GAP)
-            ):
+            if prev is None or prev.text.endswith(SENTENCE_END) or (w.start - prev.end >= TURN_GAP):
                 wall = self._ctx.clock.wall(round(w.start * self._rate))
                 if wall is not None:
                     self._roster_lag.voice_started(wall)

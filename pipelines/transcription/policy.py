@@ -78,7 +78,7 @@ SPLIT_PAUSE = 0.3
 #: A tail starting with this many or more of the confirmed words' last ones repeats
 #: them (see :func:`tail_after`); fewer may be a person repeating themselves.
 REPEAT_GUARD = 3
-_SENTENCE_END = (".", "?", "!")
+SENTENCE_END = (".", "?", "!")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
     for w in words:
         if out:
             last = out[-1][-1]
-            if not last.text.endswith(_SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
+            if not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
                 out[-1].append(w)
                 continue
         out.append([w])

@@ -74,9 +74,9 @@ class RosterLag:
             times.popleft()
 
     def _vote(self, offsets: Iterable[float]) -> None:
-        before = len(self._votes), self._votes[-1] if self._votes else None
-        self._votes.extend(o for o in offsets if -self.early <= o <= self.late)
-        if (len(self._votes), self._votes[-1] if self._votes else None) != before:
+        votes = [o for o in offsets if -self.early <= o <= self.late]
+        if votes:
+            self._votes.extend(votes)
             self._estimate()
 
     def _estimate(self) -> None:
