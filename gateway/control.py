@@ -39,13 +39,12 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipelines.speech import decode_wav, preload
-
 from .errors import RouteError
 from .metrics import Metrics
 from .playback import PlaybackFull
 from .session import Session
 from .sessions import SessionManager
+from .voice import decode_wav, preload
 
 #: Longest text one ``say`` accepts, characters.
 MAX_TEXT = 5000

@@ -24,9 +24,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.base import Disconnected, Gap, PipelineFactory
-from pipelines.speech import resample, tts
-
 from . import reports
 from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
@@ -36,11 +33,13 @@ from .files import FileStatus, disk_watch, write_atomically
 from .keys import MAX_BOT_ID, clip
 from .logs import SessionLog
 from .metrics import Metrics
+from .pipeline import Disconnected, Gap, PipelineFactory
 from .playback import Player
 from .protocol import Handshake, Roster
 from .reports import ConnectionRecord, GapRecord
 from .runner import PipelineRunner
 from .speakers import Speaker, SpeakerChange, SpeakerTimeline
+from .voice import resample, tts
 
 Samples = npt.NDArray[np.int16]
 

@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from pipelines.base import PipelineFactory
-
 from .config import Settings
 from .memory import Trimmer
 from .metrics import Metrics
+from .pipeline import PipelineFactory
 from .session import Session
 
 

@@ -1,52 +1,27 @@
-"""The pipeline contract.
+"""The pipeline contract, re-exported from :mod:`gateway.pipeline`, where it lives.
 
-A pipeline consumes one session's audio and events. The gateway owns all concurrency:
-each pipeline instance runs on its own task, fed from the session's ring buffer and a
-bounded event queue, so a slow pipeline falls behind on its own (its losses counted as
-ring overruns and queue drops) and a failing one is stopped alone.
-
-Calls arrive in session-clock order, never concurrently::
-
-    await start(ctx)
-    ( await audio(start, samples) | await event(ev) )*
-    await stop()
-
-``audio`` receives a read-only view into the ring: valid only during the call, so copy
-what must outlive it. ``start`` is the absolute sample index of ``samples[0]`` on the
-session audio clock (native rate, counted from the session's first audio sample, gaps
-included). Audio comes in blocks of about :attr:`Pipeline.audio_block_ms`; where samples
-were skipped (the bot was away, or this pipeline fell so far behind the ring that audio
-was overwritten) a :class:`Gap` event says so and audio resumes after it.
-
-A deployment enables pipelines by name. Each name resolves to a
-:class:`PipelineFactory`, made once per process with the :class:`Environment` (settings,
-metrics registry) and asked for one :class:`Pipeline` per session. Built-in factories are
-listed in :data:`BUILTINS`; other packages add theirs under the ``meeting_gateway.pipelines``
-entry point group, each entry pointing at a factory class.
+The gateway never imports ``pipelines``; pipelines build on the gateway. Plugin authors
+may import these names from either module: third-party pipelines written against
+``pipelines.base`` keep working.
 """
 
-from __future__ import annotations
-
-import abc
-import importlib
-import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from importlib.metadata import entry_points
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
-
-import numpy as np
-import numpy.typing as npt
-from prometheus_client import CollectorRegistry
-
-from gateway.audio.vad import SpeechEnded, SpeechStarted
-from gateway.config import Settings
-from gateway.errors import ConfigError
-from gateway.speakers import SpeakerChange, SpeakerTimeline
-
-if TYPE_CHECKING:
-    from gateway.clock import AudioClock
+from gateway.pipeline import (
+    BUILTINS,
+    ENTRY_POINT_GROUP,
+    Disconnected,
+    Environment,
+    Gap,
+    Pipeline,
+    PipelineEvent,
+    PipelineFactory,
+    RouteHandler,
+    Samples,
+    SessionContext,
+    SpeakerChange,
+    SpeechEnded,
+    SpeechStarted,
+    load_factory,
+)
 
 __all__ = [
     "BUILTINS",
@@ -57,159 +32,11 @@ __all__ = [
     "Pipeline",
     "PipelineEvent",
     "PipelineFactory",
+    "RouteHandler",
+    "Samples",
     "SessionContext",
     "SpeakerChange",
     "SpeechEnded",
     "SpeechStarted",
     "load_factory",
 ]
-
-Samples = npt.NDArray[np.int16]
-
-ENTRY_POINT_GROUP = "meeting_gateway.pipelines"
-
-#: Built-in pipelines by name, as import strings (imported only when enabled).
-BUILTINS: Mapping[str, str] = {
-    "recording": "pipelines.recording:RecordingFactory",
-    "transcription": "pipelines.transcription:TranscriptionFactory",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """``length`` samples from ``sample`` on carry no audio (they count on the clock)."""
-
-    sample: int
-    length: int
-    reason: str
-    """``"disconnected"`` (the bot was away) or ``"overrun"`` (this pipeline fell behind)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnected:
-    """The bot's output socket dropped after ``sample``: no audio follows until it comes
-    back (a :class:`Gap` then) or the session ends. Finish what was heard: the bot drops
-    what it captures while away, so what was cut off will not be continued."""
-
-    sample: int
-
-
-PipelineEvent = SpeechStarted | SpeechEnded | SpeakerChange | Gap | Disconnected
-
-
-class SessionContext(Protocol):
-    """What a pipeline may see and use of its session."""
-
-    @property
-    def key(self) -> str: ...
-    @property
-    def bot_id(self) -> str | None: ...
-    @property
-    def sample_rate(self) -> int: ...
-    @property
-    def directory(self) -> Path:
-        """``<data-dir>/sessions/<key>/``, created before ``start``."""
-        ...
-
-    @property
-    def params(self) -> Mapping[str, str]:
-        """The query parameters of the bot's output URL (e.g. a per-session webhook)."""
-        ...
-
-    @property
-    def clock(self) -> AudioClock: ...
-    @property
-    def speakers(self) -> SpeakerTimeline: ...
-    @property
-    def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
-    def speak(self, samples: Samples, rate: int) -> str:
-        """Queue int16 mono audio at ``rate`` to play into the meeting; returns its id.
-
-        The audio is resampled to the session's rate, paced in real time and can be cut
-        by barge-in. Raises :class:`~gateway.playback.PlaybackFull` when too much waits.
-        """
-        ...
-
-    def say(self, text: str) -> str:
-        """Queue ``text`` as synthesized speech; returns the utterance id."""
-        ...
-
-
-class Pipeline(abc.ABC):
-    """One session's consumer. Subclasses override what they need."""
-
-    #: How much audio to gather before each :meth:`audio` call.
-    audio_block_ms: ClassVar[int] = 100
-
-    async def start(self, ctx: SessionContext) -> None:  # noqa: B027 - optional hook
-        """Called once before any audio or event."""
-
-    @abc.abstractmethod
-    async def audio(self, start: int, samples: Samples) -> None:
-        """Consume samples ``[start, start + len(samples))``; the view dies on return."""
-
-    async def event(self, event: PipelineEvent) -> None:  # noqa: B027 - optional hook
-        """Consume a VAD, speaker or gap event, in clock order with the audio."""
-
-    async def stop(self) -> None:  # noqa: B027 - optional hook
-        """Called once when the session ends, after all audio and events."""
-
-
-@dataclass(frozen=True, slots=True)
-class Environment:
-    """Process-wide services handed to every factory."""
-
-    settings: Settings
-    registry: CollectorRegistry
-
-
-#: A WebSocket route a factory serves: ``handler(connection, key)`` where ``key`` is the
-#: session key from ``/bots/{key}/<name>``, or ``None`` for ``/<name>`` (all sessions).
-RouteHandler = Callable[[Any, str | None], Awaitable[None]]
-
-
-class PipelineFactory(abc.ABC):
-    """Made once per process; builds a pipeline per session and owns shared state."""
-
-    name: ClassVar[str]
-
-    def __init__(self, env: Environment) -> None:
-        self.env = env
-
-    async def startup(self) -> None:  # noqa: B027 - optional hook
-        """Load what every session shares (a model); called before the server listens."""
-
-    async def shutdown(self) -> None:  # noqa: B027 - optional hook
-        """Release shared state; called after every session has stopped."""
-
-    @abc.abstractmethod
-    def create(self, ctx: SessionContext) -> Pipeline:
-        """A new pipeline for one session."""
-
-    def routes(self) -> Mapping[str, tuple[str, RouteHandler]]:
-        """Extra WebSocket endpoints: ``{name: (token_role, handler)}``."""
-        return {}
-
-
-def _resolve(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def load_factory(name: str, env: Environment) -> PipelineFactory:
-    """Build the factory registered under ``name`` (built-in first, then entry points)."""
-    if name in BUILTINS:
-        cls = _resolve(BUILTINS[name])
-    else:
-        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-        if not found:
-            known = sorted({*BUILTINS, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
-            raise ConfigError(f"pipelines: unknown pipeline {name!r}; known: {', '.join(known)}")
-        cls = found[0].load()
-    if not (isinstance(cls, type) and issubclass(cls, PipelineFactory)):
-        raise ConfigError(f"pipelines: {name!r} does not name a PipelineFactory subclass")
-    factory: PipelineFactory = cls(env)
-    return factory

@@ -27,9 +27,16 @@ import numpy.typing as npt
 
 from gateway.files import DiskWatch, FileStatus, disk_watch, standalone
 from gateway.held import HeldAppender
+from gateway.pipeline import (
+    Environment,
+    Gap,
+    Pipeline,
+    PipelineEvent,
+    PipelineFactory,
+    SessionContext,
+)
 from gateway.speakers import SpeakerChange
 
-from .base import Environment, Gap, Pipeline, PipelineEvent, PipelineFactory, SessionContext
 from .wav import WavWriter, repair
 
 Samples = npt.NDArray[np.int16]

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.pipeline import Gap, Pipeline, PipelineEvent, PipelineFactory, SessionContext
 from gateway.simulator import SimulatedBot, read_wav
-from pipelines.base import Gap, Pipeline, PipelineEvent, PipelineFactory, SessionContext
 
 from .conftest import (
     GatewayFactory,

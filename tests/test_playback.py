@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from gateway.bargein import BargeIn
 from gateway.pacing import Pacer
+from gateway.pipeline import Pipeline, PipelineFactory, Samples, SessionContext
 from gateway.playback import Player
 from gateway.session import Session
 from gateway.simulator import read_wav
 from gateway.speakers import SpeakerChange
-from pipelines.base import Pipeline, PipelineFactory, Samples, SessionContext
 
 from .conftest import GatewayFactory, RunningGateway, Utterance, wait_for
 from .playout import PlayoutBot, playout

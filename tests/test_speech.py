@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gateway import voice
 from gateway.audio.resample import Resampler
-from pipelines import speech
 
 from .conftest import GatewayFactory, wait_for
 from .playout import PlayoutBot
@@ -83,10 +83,10 @@ async def test_said_text_reaches_the_bot_and_is_understood(
 
 @pytest.mark.tts
 async def test_speech_starts_before_the_whole_text_is_synthesized() -> None:
-    await speech.preload()
+    await voice.preload()
     # Nine sentences: with two synthesized at once, the first must still come well before
     # the last; three would make that a near thing on a busy machine.
-    source = speech.tts(" ".join([TEXT] * 3), 16000)
+    source = voice.tts(" ".join([TEXT] * 3), 16000)
     began = time.monotonic()
     arrived = [time.monotonic() - began async for _ in source]
     assert len(arrived) >= 9  # one chunk per sentence
@@ -95,12 +95,12 @@ async def test_speech_starts_before_the_whole_text_is_synthesized() -> None:
 
 @pytest.mark.tts
 async def test_stopping_a_tts_source_early_ends_its_thread() -> None:
-    source = speech.tts(" ".join([TEXT] * 6), 16000)
+    source = voice.tts(" ".join([TEXT] * 6), 16000)
     first = await anext(source)
     assert len(first) > 0
     await source.aclose()
     # The producer stops after its current sentence; a new source still gets the voice.
-    again = [c async for c in speech.tts("Still here.", 16000)]
+    again = [c async for c in voice.tts("Still here.", 16000)]
     assert sum(map(len, again)) > 8000
 
 
@@ -117,7 +117,7 @@ def wav_bytes(samples: np.ndarray, rate: int, channels: int = 1, width: int = 2)
 @pytest.mark.parametrize(("src", "dst"), [(16000, 16000), (22050, 24000), (44100, 48000)])
 def test_wav_is_decoded_at_the_session_rate(src: int, dst: int) -> None:
     samples = (np.arange(src) % 200 * 50).astype(np.int16)
-    out = speech.decode_wav(wav_bytes(samples, src), dst)
+    out = voice.decode_wav(wav_bytes(samples, src), dst)
     assert out.dtype == np.int16
     assert len(out) == dst
 
@@ -126,7 +126,7 @@ def test_stereo_wav_is_mixed_down() -> None:
     left = np.full(1000, 1000, dtype=np.int16)
     right = np.full(1000, 3000, dtype=np.int16)
     stereo = np.stack([left, right], axis=1).reshape(-1)
-    out = speech.decode_wav(wav_bytes(stereo, 16000, channels=2), 16000)
+    out = voice.decode_wav(wav_bytes(stereo, 16000, channels=2), 16000)
     assert len(out) == 1000
     assert np.all(out == 2000)
 
@@ -142,4 +142,4 @@ def test_stereo_wav_is_mixed_down() -> None:
 )
 def test_bad_wav_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"WAV|wav"):
-        speech.decode_wav(data, 16000)
+        voice.decode_wav(data, 16000)

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.transcription.engine import HypWord, looping, normalize
+from pipelines.transcription.engine import looping
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
     RECHECK_CONTEXT,
@@ -21,6 +21,7 @@ from pipelines.transcription.policy import (
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
 from pipelines.transcription.window import Window
+from pipelines.transcription.words import HypWord, normalize
 
 
 def words(text: str, start: float = 0.0, step: float = 0.4) -> list[HypWord]:

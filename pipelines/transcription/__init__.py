@@ -11,7 +11,7 @@ import asyncio
 import functools
 from collections.abc import Mapping
 
-from pipelines.base import Environment, Pipeline, PipelineFactory, RouteHandler, SessionContext
+from gateway.pipeline import Environment, Pipeline, PipelineFactory, RouteHandler, SessionContext
 
 from .engine import Engine, shared_engine
 from .metrics import TranscriptionMetrics

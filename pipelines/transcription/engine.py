@@ -29,11 +29,15 @@ from gateway.errors import ModelError
 
 from .models import resolve_model
 
+# Re-exported from where they live, for code that imported them from here.
+from .words import ASR_RATE as ASR_RATE
+from .words import HypWord as HypWord
+from .words import normalize as normalize
+
 logger = logging.getLogger("pipelines.transcription.engine")
 
 T = TypeVar("T")
 
-ASR_RATE = 16000
 # Whisper's own thresholds for rejecting a segment (openai/whisper transcribe defaults).
 NO_SPEECH_PROB = 0.6
 LOGPROB_FLOOR = -1.0
@@ -42,7 +46,6 @@ COMPRESSION_RATIO_MAX = 2.4
 # looping, and a loop left to run to Whisper's 448-token limit costs seconds.
 TOKENS_PER_SECOND = 10
 TOKEN_SLACK = 16
-_PUNCTUATION = "\"'\u201c\u201d\u2018\u2019\u00bf\u00a1([{-.,!?;:)]}\u2026"
 
 
 def asr_threads(settings: Settings) -> int:
@@ -105,25 +108,6 @@ def _in_lane_thread(lane: int, lanes: int, fn: Callable[..., T], *args: Any, **k
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True, slots=True)
-class HypWord:
-    """A recognized word; times are seconds on the session clock."""
-
-    text: str
-    """As written by the model (case, punctuation), without surrounding spaces."""
-    start: float
-    end: float
-    probability: float
-
-    @property
-    def norm(self) -> str:
-        return normalize(self.text)
-
-
-def normalize(text: str) -> str:
-    return text.strip().strip(_PUNCTUATION).lower()
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from prometheus_client import Counter
 
 from gateway.files import FileStatus, disk_watch, write_atomically
 from gateway.held import HeldAppender
-from pipelines.base import Environment, RouteHandler, SessionContext
+from gateway.pipeline import Environment, RouteHandler, SessionContext
 
 from .formats import deepgram, meeting_baas, metadata
 from .results import Result, TranscriptEvent

@@ -24,8 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.audio.resample import Resampler
-from gateway.speakers import Speaker
-from pipelines.base import (
+from gateway.pipeline import (
     Disconnected,
     Gap,
     Pipeline,
@@ -35,13 +34,15 @@ from pipelines.base import (
     SpeechEnded,
     SpeechStarted,
 )
+from gateway.speakers import Speaker
 
 from . import results
-from .engine import ASR_RATE, Engine, Hypothesis, HypWord
+from .engine import Engine, Hypothesis
 from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
 from .scheduler import Scheduler
 from .turns import RosterLag
 from .window import Window
+from .words import ASR_RATE, HypWord
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-from .engine import HypWord
+from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
 #: consonants fall just outside what webrtcvad calls voiced.

@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from gateway.audio.ring import mapped_zeros
 
-from .engine import ASR_RATE
+from .words import ASR_RATE
 
 Samples = npt.NDArray[np.int16]
 

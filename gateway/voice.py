@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.audio.resample import Resampler
-from gateway.errors import ModelError
+from .audio.resample import Resampler
+from .errors import ModelError
 
 Samples = npt.NDArray[np.int16]
 
