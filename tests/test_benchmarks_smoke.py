@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks.loadgen import BINARY, TEXT, audio_frames, encode_frame
 from tests.conftest import LIBRIVOX
+from tests.timing import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,7 @@ def test_ingest_benchmark_reports_a_consistent_point(tmp_path: Path) -> None:
     argv = [sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--n", "4"]
     argv += ["--warmup", "1", "--window", "2", "--roster-every", "0.5"]
     argv += ["--out", str(out), "--workdir", str(tmp_path)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(90), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -116,7 +117,7 @@ def test_soak_benchmark_reports_both_phases(tmp_path: Path) -> None:
     argv += ["--settle", "1", "--churn-pipelines", "recording", "--roster-every", "2"]
     argv += ["--churn-warmup", "2"]
     argv += ["--out", str(out), "--workdir", str(tmp_path)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(120), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
     result = json.loads(done.stdout.splitlines()[-1])
@@ -162,7 +163,7 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     argv += ["--workload", "conversation", "--conversations", "dialogue", "--excerpt", "12"]
     argv += ["--lags", "0,1", "--sessions", "2", "--duration", "12"]
     argv += ["--cache", str(tmp_path / "conversations"), "--summary", str(summary)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(300), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
     result = json.loads(done.stdout)

@@ -20,6 +20,7 @@ from gateway.errors import ConfigError
 from gateway.simulator import SimulatedBot, read_wav
 
 from .conftest import Utterance, ended_metadata, read_recording, session_dir
+from .timing import scaled
 
 
 class TestSettings:
@@ -114,7 +115,7 @@ async def test_sigterm_drains_and_flushes_the_recording(
     assert proc.stderr is not None
     port = None
     while port is None:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        line = (await asyncio.wait_for(proc.stderr.readline(), scaled(60))).decode()
         assert line, "gateway exited before listening"
         if m := re.search(r"listening on [\d.]+:(\d+)", line):
             port = int(m.group(1))
@@ -124,7 +125,7 @@ async def test_sigterm_drains_and_flushes_the_recording(
     # The bot is gone but the session lingers (600 s): only the drain can end it.
     assert ended_metadata(session_dir(tmp_path, "term")) is None
     proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert await asyncio.wait_for(proc.wait(), scaled(30)) == 0
     await proc.stderr.read()
     meta = ended_metadata(session_dir(tmp_path, "term"))
     assert meta is not None

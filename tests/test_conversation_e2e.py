@@ -25,6 +25,7 @@ from pipelines.transcription.scoring import wer
 from pipelines.transcription.scoring import words as norm_words
 
 from .conftest import GatewayFactory, RunningGateway, wait_for
+from .timing import scaled
 
 pytestmark = [pytest.mark.model, pytest.mark.tts]
 
@@ -62,7 +63,7 @@ async def stream(
         gw.url(f"/bots/{key}"), samples, RATE, roster=conv.roster_script(lag), bot_id=key
     )
     await bot.run()
-    await asyncio.wait_for(reader, 60)  # the subscriber is closed when the session ends
+    await asyncio.wait_for(reader, scaled(60))  # the subscriber is closed when the session ends
     return received, began
 
 

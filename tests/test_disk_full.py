@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from gateway.files import disk_watch
 
 from .conftest import GatewayFactory, RunningGateway, ended_metadata, read_recording, wait_for
+from .timing import scaled
 
 RATE = 16000
 FRAME = RATE // 50  # 20 ms frames, as a bot sends
@@ -88,7 +89,7 @@ async def readyz(gw: RunningGateway) -> tuple[int, str]:
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=scaled(5)) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()

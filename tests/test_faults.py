@@ -29,6 +29,7 @@ from .conftest import (
     wait_for,
 )
 from .test_protocol import hostile_text
+from .timing import scaled
 
 RATE = 16000
 PCM = np.arange(-8000, 8000, dtype="<i2").tobytes()  # one second
@@ -208,9 +209,9 @@ async def test_short_sessions_ending_mid_speech_never_freeze_the_gateway(
     async def healthy() -> None:
         # The loop must answer within a second, every time, while sessions come and go.
         for _ in range(40):
-            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gw.port), 5)
+            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gw.port), scaled(5))
             w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 200")
+            assert (await asyncio.wait_for(r.read(), scaled(5))).startswith(b"HTTP/1.1 200")
             w.close()
             await asyncio.sleep(0.25)
 

@@ -21,6 +21,7 @@ from .conftest import (
     session_dir,
     wait_for,
 )
+from .timing import scaled
 
 
 async def fetch(url: str) -> tuple[int, str]:
@@ -30,7 +31,7 @@ async def fetch(url: str) -> tuple[int, str]:
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=scaled(5)) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()

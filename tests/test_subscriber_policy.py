@@ -40,6 +40,7 @@ from pipelines.transcription.subscribers import DROP_REASONS, SubscriberHub
 
 from .conftest import GatewayFactory, wait_for
 from .test_transcript_outputs import Bot, final, start
+from .timing import scaled
 
 LOGGER = "pipelines.transcription.subscribers"
 DROPS = "gateway_transcript_subscriber_drops_total"
@@ -188,7 +189,7 @@ class NeverReads:
         loop = asyncio.get_running_loop()
         buffer = b""
         frames: list[tuple[int, bytes]] = []
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(scaled(within)):
             while not frames or frames[-1][0] != 0x8:
                 chunk = await loop.sock_recv(self.sock, 65536)
                 assert chunk, f"connection ended without a close frame after {frames[-3:]}"
@@ -292,13 +293,15 @@ async def test_a_subscriber_that_never_reads_is_dropped_as_lagging_and_a_reader_
                 published = 0
                 # A quiet meeting: a small final every 50 ms, far from filling any queue.
                 while not h.drops("lagging"):
-                    assert loop.time() - began < 10, "the silent subscriber was never dropped"
+                    assert loop.time() - began < scaled(10), (
+                        "the silent subscriber was never dropped"
+                    )
                     h.hub.publish(channel, _text(published), final=True, partial=False)
                     published += 1
                     await asyncio.sleep(0.05)
                 took = loop.time() - began
                 # The policy acted in time, and without a queue ever filling.
-                assert took <= LagWatch(max_lag, 0.0).detects_within + 0.5
+                assert took <= LagWatch(max_lag, 0.0).detects_within + scaled(0.5)
                 assert {r: h.drops(r) for r in DROP_REASONS} == {
                     "queue_full": 0,
                     "lagging": 1,

@@ -30,6 +30,7 @@ from pipelines.transcription.scoring import wer
 from pipelines.transcription.scoring import words as norm_words
 
 from .conftest import GatewayFactory, Utterance
+from .timing import scaled
 
 pytestmark = pytest.mark.model
 
@@ -84,7 +85,7 @@ async def stream(
     await subscribed.wait()
     await SimulatedBot(gw.url(f"/bots/{key}"), samples, rate, **bot).run()
     # The session ends after its linger; the subscriber socket closes with it.
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(scaled(60)):
         await reader
     return received
 
@@ -280,7 +281,7 @@ async def test_reconnect_gap_ends_the_utterance_and_transcription_goes_on(
     m = meeting(librivox, 16000)
     cut = (m.spans[1][0] + m.spans[1][1]) / 2  # the bot drops mid-utterance
     messages = await asyncio.wait_for(
-        stream(gw, "gap", m.samples, 16000, reconnect_after=cut, reconnect_delay=1.0), 120
+        stream(gw, "gap", m.samples, 16000, reconnect_after=cut, reconnect_delay=1.0), scaled(120)
     )
     results = finals(messages)
     errors = gw.gateway.metrics.pipeline_errors.labels("transcription")._value.get()

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Scheduler
 
+from .timing import scaled
+
 linux = pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are Linux's")
 
 
@@ -35,10 +37,10 @@ async def test_partials_never_take_the_finals_lane() -> None:
         # Eight sessions' partials at once: lane 0 stays free for the final after them.
         partials = [scheduler.submit(f"p{i}", PARTIAL, job(PARTIAL, 0.05)) for i in range(8)]
         final = scheduler.submit("f", FINAL, job(FINAL, 0.0))
-        assert await asyncio.wait_for(final, 5) == 0
+        assert await asyncio.wait_for(final, scaled(5)) == 0
         # The final did not queue behind them: most partials are still to run.
         assert sum(p.done() for p in partials) < len(partials) // 2
-        await asyncio.wait_for(asyncio.gather(*partials), 5)
+        await asyncio.wait_for(asyncio.gather(*partials), scaled(5))
     finally:
         await scheduler.stop()
     assert ("final", 0) in ran
@@ -51,12 +53,12 @@ async def test_finals_lane_takes_first_text_partials() -> None:
     gate = threading.Event()
     try:
         # Lane 1 is held by a long partial; a first-text partial still runs, on lane 0.
-        held = scheduler.submit("a", PARTIAL, lambda lane: gate.wait(5) and lane)
-        await asyncio.sleep(0.05)
+        held = scheduler.submit("a", PARTIAL, lambda lane: gate.wait(scaled(5)) and lane)
+        await asyncio.sleep(scaled(0.05))  # for the held partial to take lane 1
         first = scheduler.submit("b", PARTIAL, lambda lane: lane, urgent=True)
-        assert await asyncio.wait_for(first, 5) == 0
+        assert await asyncio.wait_for(first, scaled(5)) == 0
         gate.set()
-        assert await asyncio.wait_for(held, 5) == 1
+        assert await asyncio.wait_for(held, scaled(5)) == 1
     finally:
         gate.set()
         await scheduler.stop()

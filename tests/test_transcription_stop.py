@@ -23,14 +23,17 @@ from prometheus_client import CollectorRegistry
 
 from gateway.clock import AudioClock
 from gateway.config import Settings
+from gateway.pipeline import Environment
 from gateway.speakers import SpeakerTimeline
-from pipelines.base import Environment
-from pipelines.transcription.engine import Hypothesis, HypWord
+from pipelines.transcription.engine import Hypothesis
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.outputs import TranscriptOutputs
 from pipelines.transcription.pipeline import TranscriptionPipeline
 from pipelines.transcription.policy import Request
 from pipelines.transcription.scheduler import Scheduler
+from pipelines.transcription.words import HypWord
+
+from .timing import scaled
 
 RATE = 16000
 
@@ -75,7 +78,7 @@ def run_within(seconds: float, scenario: Callable[[], Coroutine[Any, Any, Any]])
     out: list[Any] = []
     thread = threading.Thread(target=lambda: out.append(asyncio.run(scenario())), daemon=True)
     thread.start()
-    thread.join(seconds)
+    thread.join(scaled(seconds))
     assert not thread.is_alive(), "the event loop never got control back"
     return out[0]
 
@@ -130,7 +133,7 @@ def test_stop_after_partials_superseded_inside_submit(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         assert not stopping.done()  # the last partial has not run: stop waits for it
         await scheduler.start()
-        await asyncio.wait_for(stopping, 5)
+        await asyncio.wait_for(stopping, scaled(5))
         await scheduler.stop()
         return p._inflight
 

@@ -25,6 +25,7 @@ from pipelines.transcription.webhook import (
 )
 
 from .conftest import wait_for
+from .timing import scaled
 
 KEY = "webhook-key"
 
@@ -115,7 +116,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 async def test_post_returns_status_and_sends_headers(receiver: Receiver) -> None:
     receiver.statuses = [204]
-    status = await post(receiver.url, b'{"a":1}', {"X-Test": "yes"}, 5.0)
+    status = await post(receiver.url, b'{"a":1}', {"X-Test": "yes"}, scaled(5.0))
     assert status == 204
     (request,) = receiver.requests
     assert request.target == "/hook?x=1"
@@ -153,9 +154,9 @@ async def test_post_over_tls_verifies_the_certificate(certificate: tuple[Path, P
         assert r.url.startswith("https://")
         # Not signed by a trusted authority: refused by default.
         with pytest.raises(DeliveryError, match="SSL"):
-            await post(r.url, b"{}", {}, 5.0)
+            await post(r.url, b"{}", {}, scaled(5.0))
         trusted = ssl.create_default_context(cafile=cert)
-        assert await post(r.url, b'{"a":1}', {}, 5.0, trusted) == 200
+        assert await post(r.url, b'{"a":1}', {}, scaled(5.0), trusted) == 200
         assert r.requests[-1].body == b'{"a":1}'
     finally:
         await r.stop()
@@ -164,12 +165,12 @@ async def test_post_over_tls_verifies_the_certificate(certificate: tuple[Path, P
 async def test_post_reports_a_peer_that_hangs_up(receiver: Receiver) -> None:
     receiver.statuses = [None]
     with pytest.raises(DeliveryError, match="bad status line"):
-        await post(receiver.url, b"{}", {}, 5.0)
+        await post(receiver.url, b"{}", {}, scaled(5.0))
 
 
 async def test_post_refuses_other_schemes() -> None:
     with pytest.raises(DeliveryError, match="unsupported URL"):
-        await post("ftp://example.org/x", b"{}", {}, 1.0)
+        await post("ftp://example.org/x", b"{}", {}, scaled(1.0))
 
 
 def test_signature_verifies_only_the_same_body_and_key() -> None:
@@ -189,7 +190,7 @@ async def test_retries_with_backoff_until_delivered(receiver: Receiver, tmp_path
     sender.start()
     sender.submit(receiver.url, {"event": "transcript.final", "n": 1}, tmp_path)
     await wait_for(lambda: len(receiver.requests) == 3 and sender.pending == 0)
-    await sender.close(1.0)
+    await sender.close(scaled(1.0))
     bodies = {r.body for r in receiver.requests}
     assert len(bodies) == 1  # every retry resends the same body
     delivered = receiver.requests[-1]
@@ -211,7 +212,7 @@ async def test_a_webhook_that_stays_down_leaves_the_body_on_disk(
     sender.start()
     sender.submit(receiver.url, {"n": 7}, tmp_path)
     await wait_for(lambda: (tmp_path / UNDELIVERED).exists())
-    await sender.close(1.0)
+    await sender.close(scaled(1.0))
     (line,) = (tmp_path / UNDELIVERED).read_text().splitlines()
     kept = json.loads(line)
     assert kept["body"] == {"n": 7}
@@ -228,7 +229,7 @@ async def test_unsigned_without_a_key(receiver: Receiver, tmp_path: Path) -> Non
     sender.start()
     sender.submit(receiver.url, {"n": 1}, tmp_path)
     await wait_for(lambda: sender.pending == 0 and len(receiver.requests) == 1)
-    await sender.close(1.0)
+    await sender.close(scaled(1.0))
     assert SIGNATURE_HEADER.lower() not in receiver.requests[0].headers
 
 
