@@ -6,14 +6,15 @@
     ├── ConfigError             a setting has a value the gateway cannot use
     ├── ModelError              a model or voice is missing or fails its checksum
     └── ProtocolError           a peer broke the streaming protocol; closes the socket
-        ├── AuthError           missing, forged, expired or misbound token   -> 1008
-        ├── OverloadError       a connection limit was reached               -> 1013
-        ├── UnsupportedRate     a handshake asked for a rate we cannot take  -> 1003
-        └── RouteError          no such endpoint                             -> 1008
+        ├── AuthError           missing, forged, expired or misbound token   401/403  1008
+        ├── OverloadError       a connection limit was reached               429/503  1013
+        ├── UnsupportedRate     a handshake asked for a rate we cannot take           1003
+        └── RouteError          no such endpoint                             404      1008
 
-Every :class:`ProtocolError` carries the one WebSocket close code it maps to, so the
-server closes connections in one place. The ``reason`` is a short, fixed string safe to
-send to the peer; details go to the log only.
+Every :class:`ProtocolError` carries the HTTP status that refuses it before the
+WebSocket upgrade (when the request alone decides it) and the one WebSocket close code
+it maps to after, so the server refuses in one place. The ``reason`` is a short, fixed
+string safe to send to the peer; details go to the log only.
 
 Recoverable problems in a single message (malformed JSON, a roster with wrong types)
 are not exceptions: :mod:`gateway.protocol` returns a :class:`~gateway.protocol.Rejected`
@@ -43,18 +44,34 @@ class ProtocolError(GatewayError):
     close_code: ClassVar[int] = 1008
     reason: ClassVar[str] = "policy violation"
     metric_reason: ClassVar[str] = "protocol"
+    status: int = 400
+    """The HTTP status that refuses the request before the upgrade."""
+    retry_after: int | None = None
+    """Seconds for a ``Retry-After`` header, where waiting helps."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class AuthError(ProtocolError):
     close_code = 1008
     reason = "unauthorized"
     metric_reason = "auth"
+    status = 401
 
 
 class OverloadError(ProtocolError):
     close_code = 1013
     reason = "try again later"
     metric_reason = "overload"
+    status = 503
+    retry_after = 5
 
 
 class UnsupportedRate(ProtocolError):
@@ -67,3 +84,4 @@ class RouteError(ProtocolError):
     close_code = 1008
     reason = "no such endpoint"
     metric_reason = "route"
+    status = 404

@@ -24,29 +24,26 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from pipelines import speech
-from pipelines.base import Environment, PipelineFactory, RouteHandler, load_factory
-
-from . import reports, tokens
+from . import reports, tokens, voice
+from .admission import Admission
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
 from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
 from .files import disk_watch
-from .keys import key_from_bot_id, valid_key
+from .keys import key_from_bot_id
 from .metrics import Metrics, close_label
+from .pipeline import Environment, PipelineFactory, RouteHandler, load_factory
 from .protocol import Handshake, OutputDecoder, Rejected, Roster
 from .reports import ConnectionRecord
+from .routes import Route, parse_route, response
 from .session import Session
 from .sessions import SessionManager
 
@@ -54,30 +51,6 @@ logger = logging.getLogger("gateway.server")
 
 LAG_INTERVAL = 0.1
 EMPTY_AUDIO = Rejected("empty_audio", "binary message with no bytes")
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    kind: str  # "output", "input" or an extra endpoint's name
-    key: str | None
-    params: Mapping[str, str]
-
-
-def parse_route(target: str) -> Route:
-    """Map a request target to a route; raise :class:`RouteError` for anything else."""
-    url = urlsplit(target)
-    params = dict(parse_qsl(url.query, keep_blank_values=True))
-    parts = [p for p in url.path.split("/") if p]
-    if not parts:
-        return Route("output", None, params)
-    if parts[0] == "bots" and len(parts) in (2, 3):
-        key = parts[1]
-        if not valid_key(key):
-            raise RouteError(f"invalid session key {key[:40]!r}")
-        return Route("output" if len(parts) == 2 else parts[2], key, params)
-    if len(parts) == 1:
-        return Route(parts[0], None, params)
-    raise RouteError(f"no route for {url.path[:80]!r}")
 
 
 def _remote_ip(ws: ServerConnection) -> str:
@@ -103,8 +76,7 @@ class Gateway:
         self.ready = False
         self._stopped = False
         self._server: Server | None = None
-        self._per_ip: Counter[str] = Counter()
-        self._open = 0
+        self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
         self._lag_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -120,7 +92,7 @@ class Gateway:
             await factory.startup()
         # The voice loads in a thread alongside the pipelines: the first ``say`` of the
         # first meeting should not pay for it.
-        await speech.preload()
+        await voice.preload()
         self._server = await serve(
             self._handle,
             s.host,
@@ -169,25 +141,65 @@ class Gateway:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
-            return _response(200, "text/plain", b"ok\n")
+            return response(200, "text/plain", b"ok\n")
         if path == "/readyz":
             if not self.ready:
-                return _response(503, "text/plain", b"not ready\n")
+                return response(503, "text/plain", b"not ready\n")
             # A session that cannot write (a full data volume) keeps new meetings away
             # until its writes go through again; the check is a dictionary lookup.
             problem = disk_watch(self.metrics.registry).problem
             if problem is not None:
-                return _response(503, "text/plain", f"not ready: {problem}\n".encode())
-            return _response(200, "text/plain", b"ready\n")
+                return response(503, "text/plain", f"not ready: {problem}\n".encode())
+            return response(200, "text/plain", b"ready\n")
         if path == "/metrics":
             self.sessions.refresh()  # states change on every connect; count them now
-            return _response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
+            return response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
         if path == "/sessions":
             body = json.dumps([reports.summary(s) for s in self.sessions], indent=1).encode()
-            return _response(200, "application/json", body)
+            return response(200, "application/json", body)
         if "upgrade" not in request.headers.get("Connection", "").lower():
-            return _response(404, "text/plain", b"not found\n")
+            return response(404, "text/plain", b"not found\n")
+        try:
+            self._check(parse_route(request.path), _remote_ip(ws))
+        except ProtocolError as exc:
+            return self._refusal(exc, _remote_ip(ws))
         return None
+
+    def _check(self, route: Route, ip: str) -> None:
+        """Everything the request alone decides: route, token, limits, draining.
+
+        Run before the upgrade, so a refusal is an HTTP status the bot's client treats as
+        a failed attempt (it backs off) rather than an open socket closed at once (it
+        resets its backoff and retries every second).
+        """
+        s = self.settings
+        if self._stopped or not self.ready:
+            raise OverloadError("the gateway is not accepting connections", retry_after=1)
+        self.admission.check(ip)
+        if route.kind == "output":
+            if route.key is None and not s.open:
+                # A token binds a key; the bare URL has none until the handshake.
+                raise AuthError("the bare URL is not available when a secret is set")
+            self._authorize(route, "output", route.key)
+        elif route.kind == "input" and route.key is not None:
+            self._authorize(route, "input", route.key)
+        elif route.kind in self.routes:
+            token_role = self.routes[route.kind][0]
+            if token_role not in tokens.ROLES:
+                raise RouteError(f"endpoint {route.kind} declares unknown role {token_role}")
+            self._authorize(route, token_role, route.key)
+        else:
+            raise RouteError(f"no endpoint {route.kind[:40]!r}")
+
+    def _refusal(self, exc: ProtocolError, ip: str) -> Response:
+        """The HTTP answer to a refused upgrade: counted always, logged once a minute per
+        address (a misconfigured bot retries for as long as its meeting lasts)."""
+        self.metrics.refused.labels(exc.metric_reason).inc()
+        if self.admission.should_log(ip, time.monotonic()):
+            logger.warning("refused a connection from %s with %d: %s", ip, exc.status, exc)
+        body = f"{exc.reason}\n".encode()
+        extra = [] if exc.retry_after is None else [("Retry-After", str(exc.retry_after))]
+        return response(exc.status, "text/plain", body, extra)
 
     # -- WebSockets -----------------------------------------------------------------------
 
@@ -196,9 +208,9 @@ class Gateway:
         role = "unknown"
         try:
             assert ws.request is not None
-            route = parse_route(ws.request.path)
+            route = parse_route(ws.request.path)  # checked before the upgrade
             role = route.kind if route.kind in ("output", "input") else "subscriber"
-            self._admit(ip)
+            self.admission.admit(ip)  # again: connections opened since the check count
         except ProtocolError as exc:
             await self._refuse(ws, exc, role)
             return
@@ -213,21 +225,9 @@ class Gateway:
             logger.exception("unexpected error in a %s connection from %s", role, ip)
             await ws.close(1011, "internal error")
         finally:
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
-            self._open -= 1
+            self.admission.release(ip)
             self.metrics.connections.labels(role).dec()
             self.metrics.connections_closed.labels(role, close_label(ws.close_code)).inc()
-
-    def _admit(self, ip: str) -> None:
-        s = self.settings
-        if self._open >= s.max_connections:
-            raise OverloadError(f"{self._open} connections open, limit {s.max_connections}")
-        if self._per_ip[ip] >= s.max_connections_per_ip:
-            raise OverloadError(f"{ip} has {self._per_ip[ip]} connections open")
-        self._open += 1
-        self._per_ip[ip] += 1
 
     async def _refuse(self, ws: ServerConnection, exc: ProtocolError, role: str) -> None:
         self.metrics.refused.labels(exc.metric_reason).inc()
@@ -242,23 +242,13 @@ class Gateway:
         tokens.verify(self.settings.secret, route.params.get("token"), role, key or tokens.ANY_KEY)
 
     async def _dispatch(self, ws: ServerConnection, route: Route) -> None:
+        """Serve a connection :meth:`_check` admitted before its upgrade."""
         if route.kind == "output":
-            if route.key is None and not self.settings.open:
-                # A token binds a key; the bare URL has none until the handshake.
-                raise AuthError("the bare URL is not available when a secret is set")
-            self._authorize(route, "output", route.key)
             await self._output(ws, route)
         elif route.kind == "input" and route.key is not None:
-            self._authorize(route, "input", route.key)
             await self._input(ws, route.key, route.params)
-        elif route.kind in self.routes:
-            token_role, handler = self.routes[route.kind]
-            if token_role not in tokens.ROLES:
-                raise RouteError(f"endpoint {route.kind} declares unknown role {token_role}")
-            self._authorize(route, token_role, route.key)
-            await handler(ws, route.key)
         else:
-            raise RouteError(f"no endpoint {route.kind[:40]!r}")
+            await self.routes[route.kind][1](ws, route.key)
 
     async def _output(self, ws: ServerConnection, route: Route) -> None:
         url_rate = _url_rate(route.params)
@@ -381,15 +371,3 @@ def _url_rate(params: Mapping[str, str]) -> int | None:
         if value.isdigit() and int(value) in SUPPORTED_RATES:
             return int(value)
     return None
-
-
-def _response(status: int, content_type: str, body: bytes) -> Response:
-    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status, reason, headers, body)

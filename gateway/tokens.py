@@ -53,6 +53,6 @@ def verify(secret: str, token: str | None, role: Role, key: str, now: float | No
     ok_key = hmac.compare_digest(mac, _mac(secret, role, key, expiry))
     ok_any = hmac.compare_digest(mac, _mac(secret, role, ANY_KEY, expiry))
     if not (ok_key or ok_any):
-        raise AuthError(f"token does not grant {role} on this session")
+        raise AuthError(f"token does not grant {role} on this session", status=403)
     if expiry < (time.time() if now is None else now):
         raise AuthError("token expired")

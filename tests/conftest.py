@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from gateway.config import Settings
 from gateway.server import Gateway
 
+from .timing import scaled
+
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 
 
@@ -88,13 +90,15 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
 
 
 async def wait_for(condition: Callable[[], Any], within: float = 10.0) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``within`` s."""
+    """Poll ``condition`` until it returns something truthy; fail after ``within`` s,
+    scaled by GATEWAY_TESTS_TIMEOUT_FACTOR (:mod:`tests.timing`)."""
+    limit = scaled(within)
     try:
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(limit):
             while not (value := condition()):  # noqa: ASYNC110 - files and sockets, no event
                 await asyncio.sleep(0.01)
     except TimeoutError:
-        pytest.fail(f"condition not met within {within} s")
+        pytest.fail(f"condition not met within {limit} s")
     return value
 
 
@@ -127,3 +131,16 @@ def whisper_model() -> Any:
     from pipelines.transcription.engine import shared_engine
 
     return shared_engine(Settings())
+
+
+async def refused_with(url: str, **kwargs: Any) -> tuple[int, dict[str, str]]:
+    """Open a WebSocket to ``url`` expecting an HTTP refusal before the upgrade; returns
+    the status and the response headers (lower-cased names)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url, **kwargs):
+            pass
+    response = info.value.response
+    return response.status_code, {k.lower(): v for k, v in response.headers.raw_items()}

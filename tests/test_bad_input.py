@@ -13,7 +13,14 @@ from websockets.exceptions import ConnectionClosed
 from gateway import tokens
 from gateway.session import Session
 
-from .conftest import GatewayFactory, ended_metadata, read_recording, session_dir, wait_for
+from .conftest import (
+    GatewayFactory,
+    ended_metadata,
+    read_recording,
+    refused_with,
+    session_dir,
+    wait_for,
+)
 
 RATE = 16000
 PCM = np.arange(-8000, 8000, dtype="<i2").tobytes()  # one second
@@ -111,25 +118,36 @@ async def test_flood_of_tiny_frames_loses_nothing(start_gateway: GatewayFactory)
     assert await recording_of(gw, "flood") == data
 
 
-async def test_connection_limits_refuse_with_1013(start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(max_connections_per_ip=2)
-    async with (
-        connect(gw.url("/bots/a")),
-        connect(gw.url("/bots/b")),
-        connect(gw.url("/bots/c")) as third,
-    ):
-        assert await closed_with(third) == 1013
+async def test_connection_limits_refuse_before_the_upgrade(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = await start_gateway(max_connections_per_ip=2, max_connections=3)
+    async with connect(gw.url("/bots/a")), connect(gw.url("/bots/b")):
+        status, headers = await refused_with(gw.url("/bots/c"))
+        assert (status, headers["retry-after"]) == (429, "10")
+    gw.gateway.admission.max_connections = 1
+    async with connect(gw.url("/bots/a")):
+        status, headers = await refused_with(gw.url("/bots/b"))
+        assert (status, headers["retry-after"]) == (503, "5")
     refused = gw.gateway.metrics.registry.get_sample_value(
         "gateway_connections_refused_total", {"reason": "overload"}
     )
-    assert refused == 1
+    assert refused == 2
 
 
-async def test_unknown_route_and_bad_key_close_1008(start_gateway: GatewayFactory) -> None:
+async def test_unknown_route_and_bad_key_refused_with_404(
+    start_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     gw = await start_gateway()
-    for path in ("/bots/a/b/c", "/bots/..", "/nothing-here"):
-        async with connect(gw.url(path)) as ws:
-            assert await closed_with(ws) == 1008
+    for path in ("/bots/a/b/c", "/bots/..", "/nothing-here", "/nothing-here"):
+        assert (await refused_with(gw.url(path)))[0] == 404
+    refused = gw.gateway.metrics.registry.get_sample_value(
+        "gateway_connections_refused_total", {"reason": "route"}
+    )
+    assert refused == 4
+    # Logged once a minute per address, however often it retries.
+    logged = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert len(logged) == 1
 
 
 class TestTokens:
@@ -144,9 +162,12 @@ class TestTokens:
         input_role = tokens.mint(self.SECRET, "input", "k1", 60)
         expired = tokens.mint(self.SECRET, "output", "k1", 60, now=time.time() - 3600)
         forged = tokens.mint("not the secret", "output", "k1", 60)
-        for bad in ("", other_key, input_role, expired, forged, good[:-2] + "xx", "123"):
-            async with connect(gw.url(f"/bots/k1?token={bad}")) as ws:
-                assert await closed_with(ws) == 1008
+        statuses = [
+            (await refused_with(gw.url(f"/bots/k1?token={bad}")))[0]
+            for bad in ("", other_key, input_role, expired, forged, good[:-2] + "xx", "123")
+        ]
+        # Missing, malformed or expired: 401; a valid token for something else: 403.
+        assert statuses == [401, 403, 403, 401, 403, 403, 401]
         async with connect(gw.url(f"/bots/k1?token={good}")) as ws:
             await hello(ws)
             await ws.send(PCM)
@@ -163,8 +184,7 @@ class TestTokens:
         self, start_gateway: GatewayFactory
     ) -> None:
         gw = await start_gateway(secret=self.SECRET)
-        async with connect(gw.url("/")) as ws:
-            assert await closed_with(ws) == 1008
+        assert (await refused_with(gw.url("/")))[0] == 401
 
     def test_tokens_verify_in_process(self) -> None:
         token = tokens.mint(self.SECRET, "read", tokens.ANY_KEY, 60)

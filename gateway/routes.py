@@ -1,0 +1,52 @@
+"""Routes and plain HTTP answers: what a request target means, before any upgrade."""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from .errors import RouteError
+from .keys import valid_key
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: str  # "output", "input" or an extra endpoint's name
+    key: str | None
+    params: Mapping[str, str]
+
+
+def parse_route(target: str) -> Route:
+    """Map a request target to a route; raise :class:`RouteError` for anything else."""
+    url = urlsplit(target)
+    params = dict(parse_qsl(url.query, keep_blank_values=True))
+    parts = [p for p in url.path.split("/") if p]
+    if not parts:
+        return Route("output", None, params)
+    if parts[0] == "bots" and len(parts) in (2, 3):
+        key = parts[1]
+        if not valid_key(key):
+            raise RouteError(f"invalid session key {key[:40]!r}")
+        return Route("output" if len(parts) == 2 else parts[2], key, params)
+    if len(parts) == 1:
+        return Route(parts[0], None, params)
+    raise RouteError(f"no route for {url.path[:80]!r}")
+
+
+def response(
+    status: int, content_type: str, body: bytes, extra: list[tuple[str, str]] | None = None
+) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            *(extra or ()),
+        ]
+    )
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
