@@ -61,7 +61,12 @@ class Settings:
     )
     # --- sessions and audio
     default_rate: int = _setting(24000, "sample rate when neither handshake nor URL gives one")
-    linger: float = _setting(90.0, "seconds a session waits for its bot to reconnect")
+    linger: float = _setting(
+        180.0, "seconds a session waits for its bot to reconnect (covers a 2-minute outage)"
+    )
+    resume: bool = _setting(
+        True, "keep live sessions across a restart: a stop suspends them, the next start resumes"
+    )
     ring_seconds: float = _setting(30.0, "audio kept in memory per session, seconds")
     pipelines: str = _setting(
         "recording,transcription", "comma-separated pipelines run for every session"

@@ -107,6 +107,11 @@ class Metrics:
         self.resumes = Counter(
             "gateway_session_resumes", "Reconnections that resumed a session", registry=r
         )
+        self.rate_changes = Counter(
+            "gateway_session_rate_changes",
+            "Reconnects at a sample rate other than the session's (resampled to it)",
+            registry=r,
+        )
         self.gap_seconds = Counter(
             "gateway_gap_seconds", "Meeting time lost while bots were disconnected", registry=r
         )

@@ -128,6 +128,13 @@ class SessionContext(Protocol):
     def speakers(self) -> SpeakerTimeline: ...
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
+    @property
+    def suspending(self) -> bool:
+        """Set before :meth:`Pipeline.stop` when the gateway stops with the meeting still
+        on: a new process resumes the session in the same directory, so keep files open
+        for appending and send nothing that says the meeting ended."""
+        ...
+
     def speak(self, samples: Samples, rate: int) -> str:
         """Queue int16 mono audio at ``rate`` to play into the meeting; returns its id.
 
@@ -195,6 +202,12 @@ class PipelineFactory(abc.ABC):
     def routes(self) -> Mapping[str, tuple[str, RouteHandler]]:
         """Extra WebSocket endpoints: ``{name: (token_role, handler)}``."""
         return {}
+
+    def resume_position(self, directory: Path, rate: int) -> int:
+        """How far (clock samples) this factory's files in ``directory`` reach, for a
+        session an earlier process left unfinished; the resumed session's clock goes on
+        from the furthest any factory or the journal says. Called after ``startup``."""
+        return 0
 
 
 def _resolve(spec: str) -> Any:

@@ -3,8 +3,12 @@ records of its connections and gaps that go into them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import json
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from .files import FileStatus, disk_watch, write_atomically
 
 if TYPE_CHECKING:
     from .session import Session
@@ -25,6 +29,32 @@ class GapRecord:
     seconds: float
     wall_start: float
     wall_end: float
+
+
+def connection_json(c: ConnectionRecord) -> dict[str, Any]:
+    return asdict(c)
+
+
+def gap_json(g: GapRecord, rate: int) -> dict[str, Any]:
+    return {
+        "sample": g.sample,
+        "at": round(g.sample / rate, 6),
+        "seconds": round(g.seconds, 6),
+        "wall_start": g.wall_start,
+        "wall_end": g.wall_end,
+    }
+
+
+def identity(session: Session) -> dict[str, Any]:
+    """Who a session is: the journal's ``session`` line."""
+    return {
+        "key": session.key,
+        "bot_id": session.bot_id,
+        "rate": session.sample_rate,
+        "protocol_version": session.protocol_version,
+        "created_at": session.created_at,
+        "params": dict(session.params),
+    }
 
 
 def summary(session: Session) -> dict[str, Any]:
@@ -62,26 +92,8 @@ def metadata(session: Session) -> dict[str, Any]:
         "bytes_received": t.bytes,
         "frames_received": t.frames,
         "reconnects": session.reconnects,
-        "gaps": [
-            {
-                "sample": g.sample,
-                "at": round(g.sample / session.sample_rate, 6),
-                "seconds": round(g.seconds, 6),
-                "wall_start": g.wall_start,
-                "wall_end": g.wall_end,
-            }
-            for g in session.gaps
-        ],
-        "connections": [
-            {
-                "role": c.role,
-                "remote": c.remote,
-                "connected_at": c.connected_at,
-                "closed_at": c.closed_at,
-                "close_code": c.close_code,
-            }
-            for c in session.connections
-        ],
+        "gaps": [gap_json(g, session.sample_rate) for g in session.gaps],
+        "connections": [connection_json(c) for c in session.connections],
         "speakers": [
             {"key": s.key, "id": s.id, "name": s.name, "is_bot": s.is_bot}
             for s in session.speakers.speakers
@@ -92,4 +104,54 @@ def metadata(session: Session) -> dict[str, Any]:
             r.name: {"failed": r.failed, "dropped_events": r.dropped} for r in session.runners
         },
         "rejected": dict(session.rejected),
+        "state": session.state,
     }
+
+
+class MetadataFile:
+    """``session.json``, replaced atomically and written off the event loop.
+
+    :meth:`update` (from anywhere on the loop) writes the session as it is by then; while
+    a write is in flight, updates fold into one more write after it, so a session never
+    has two writes racing and the file always ends with the latest state. A write the
+    disk refuses keeps the previous file, is counted
+    (``gateway_disk_errors_total{what="metadata"}``), logged once, holds ``/readyz``
+    back and is retried with a back-off (:meth:`gateway.files.DiskWatch.retry_later`).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def update(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def flush(self) -> None:
+        """Write the session as it is now, and wait until that write is done."""
+        self.update()
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        session = self._session
+        watch = disk_watch(session.metrics.registry)
+        status = FileStatus(watch, session.directory, "session.json", "metadata", session.log)
+        while True:
+            self._again = False
+            data = (json.dumps(metadata(session), indent=2) + "\n").encode()
+            try:
+                await asyncio.to_thread(write_atomically, status.path, data)
+            except OSError as exc:
+                status.failed(exc, "the previous session.json is kept; retrying")
+                if not watch.retry_later(status.path, self.update):
+                    session.log.error("giving up on session.json for now: %s", exc)
+                    status.forget()
+                return
+            watch.retry_done(status.path)
+            status.recovered()
+            if not self._again:
+                return

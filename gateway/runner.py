@@ -61,7 +61,7 @@ class PipelineRunner:
         self._block = max(1, ctx.sample_rate * pipeline.audio_block_ms // 1000)
         self._wake = asyncio.Event()
         self._closing = False
-        self.cursor = 0
+        self.cursor = ring.written  # a resumed session's ring starts where it stood
         self.failed = False
         self.dropped = 0
         self.task: asyncio.Task[None] | None = None

@@ -90,6 +90,9 @@ class Gateway:
             )
         for factory in self.factories.values():
             await factory.startup()
+        if s.resume:
+            # Meetings an earlier process left unfinished linger again for their bots.
+            self.sessions.recover()
         # The voice loads in a thread alongside the pipelines: the first ``say`` of the
         # first meeting should not pay for it.
         await voice.preload()
@@ -112,7 +115,9 @@ class Gateway:
         return host, port
 
     async def stop(self) -> None:
-        """Drain: refuse new work, close bot sockets, finalize every session. Idempotent."""
+        """Drain: refuse new work, close every socket (a bot retries after 1 s), then
+        suspend every session for the next process to resume (``resume``, the default)
+        or finalize them all. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
@@ -120,7 +125,10 @@ class Gateway:
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
-        await self.sessions.finalize_all()
+        if self.settings.resume:
+            await self.sessions.suspend_all()
+        else:
+            await self.sessions.finalize_all()
         for factory in self.factories.values():
             await factory.shutdown()
         if self._lag_task is not None:

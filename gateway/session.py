@@ -4,7 +4,8 @@ A session is keyed by the URL key (``/bots/{key}``), else by the handshake's ``b
 The bot reconnects with backoff (1 s doubling to 60 s) after any drop; each reconnect
 resumes the same session, and the time the bot was away becomes a gap on the audio
 clock. A session whose bot has not come back within ``linger`` seconds is finalized:
-its pipelines drain and stop, and ``session.json`` is written.
+its pipelines drain and stop, and ``session.json`` is written. What it needs to outlive
+the process is appended to its journal as it happens (:mod:`gateway.journal`).
 
 The audio hot path (:meth:`Session.receive_audio`) does one copy into the ring and a
 few integer updates; VAD, metrics and pipeline wake-ups run once per audio block.
@@ -13,7 +14,6 @@ few integer updates; VAD, metrics and pipeline wake-ups run once per audio block
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -24,30 +24,34 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import reports
+from . import journal, reports
+from .audio.resample import Resampler
 from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
 from .clock import AudioClock
 from .config import Settings
-from .files import FileStatus, disk_watch, write_atomically
+from .files import disk_watch
 from .keys import MAX_BOT_ID, clip
 from .logs import SessionLog
 from .metrics import Metrics
 from .pipeline import Disconnected, Gap, PipelineFactory
 from .playback import Player
 from .protocol import Handshake, Roster
-from .reports import ConnectionRecord, GapRecord
+from .reports import ConnectionRecord, GapRecord, MetadataFile, connection_json, gap_json
 from .runner import PipelineRunner
-from .speakers import Speaker, SpeakerChange, SpeakerTimeline
-from .voice import resample, tts
+from .speakers import SpeakerTimeline, speaker_json
+from .speech_out import SpeechOut
 
 Samples = npt.NDArray[np.int16]
+_NOTHING: Samples = np.zeros(0, dtype=np.int16)
 
 logger = logging.getLogger("gateway.session")
 
 #: VAD and pipeline bookkeeping run every this much audio. Shorter blocks detect speech
 #: sooner (barge-in) but pay soxr's and Python's per-call cost more often.
 BLOCK_MS = 100
+#: ``session.json`` is rewritten (off the loop) at most this often while audio arrives.
+METADATA_INTERVAL = 5.0
 
 
 @dataclass(slots=True)
@@ -58,7 +62,7 @@ class _Counts:
 
 
 @dataclass
-class Session:
+class Session(SpeechOut):
     """One meeting's state. Created and finalized by :class:`SessionManager`."""
 
     key: str
@@ -91,11 +95,17 @@ class Session:
         self.input: Any = None  # the live separate input connection, if any
         self.player: Player | None = None
         self._away_since: float | None = None
+        self._converter: Resampler | None = None  # this connection's rate to the session's
         self.totals = _Counts()
         self._unflushed = _Counts()
         self._vad_pos = 0
         self._block = 0
         self._started = False
+        self.suspending = False  # stopping with the meeting on: a new process resumes it
+        failed = disk_watch(self.metrics.registry).metrics.errors.labels("journal").inc
+        self.journal = journal.Journal(self.directory / journal.NAME, failed)
+        self.metadata_file = MetadataFile(self)
+        self._metadata_at = 0.0
 
     # -- SessionContext -------------------------------------------------------------
 
@@ -113,8 +123,11 @@ class Session:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self, rate: int) -> None:
-        """Fix the session's rate and start its pipelines (on handshake or first audio)."""
+    def start(self, rate: int, position: int = 0) -> None:
+        """Fix the session's rate and start its pipelines (on handshake or first audio).
+
+        ``position``: where the clock stands (a session resumed by a new process).
+        """
         if self._started:
             return
         self._started = True
@@ -122,6 +135,8 @@ class Session:
         self.clock.rate = rate
         s = self.settings
         self.ring = RingBuffer(max(1, int(s.ring_seconds * rate)))
+        self.ring.advance(position)
+        self._vad_pos = position
         self.vad = VoiceActivity.configured(rate, s)
         self._block = rate * BLOCK_MS // 1000
         self.player = Player(
@@ -138,21 +153,22 @@ class Session:
         except OSError as exc:
             # A full disk: every writer makes the directory when it can write again.
             self.log.error("cannot create %s yet: %s", self.directory, exc)
-        for name in self._pipeline_names():
+        for name in self.pipeline_names():
             pipeline = self.factories[name].create(self)
             runner = PipelineRunner(
                 name, pipeline, self, self.ring, self.metrics, s.pipeline_queue, self.log
             )
             self.runners.append(runner)
             runner.start()
-        self.write_metadata()
+        self._journal_session()
+        self.metadata_file.update()
         self.log.info(
             "session started at %d Hz with pipelines %s",
             rate,
             ",".join(r.name for r in self.runners) or "none",
         )
 
-    def _pipeline_names(self) -> list[str]:
+    def pipeline_names(self) -> list[str]:
         asked = self.params.get("pipelines")
         if asked is None:
             return list(self.factories)
@@ -169,9 +185,36 @@ class Session:
         bot_id = clip(hs.bot_id, MAX_BOT_ID)
         if self.bot_id is not None and bot_id != self.bot_id:
             self.log.warning("bot_id changed from %s to %s", clip(self.bot_id), clip(bot_id))
+        changed = (bot_id, hs.protocol_version) != (self.bot_id, self.protocol_version)
         self.bot_id = bot_id
         self.protocol_version = hs.protocol_version
-        self.start(hs.sample_rate or url_rate or self.settings.default_rate)
+        if self._started and changed:
+            self._journal_session()
+        rate = hs.sample_rate or url_rate
+        if self._started and rate is not None:
+            self._connection_rate(rate)
+        self.start(rate or self.settings.default_rate)
+
+    def _connection_rate(self, rate: int) -> None:
+        """A reconnect says it sends ``rate``: the session keeps its own rate (one
+        recording, one clock) and this connection's audio is resampled to it."""
+        current = self._converter.in_rate if self._converter is not None else self.sample_rate
+        if rate == current:
+            return
+        self._converter = None if rate == self.sample_rate else Resampler(rate, self.sample_rate)
+        self.metrics.rate_changes.inc()
+        self.log.warning(
+            "bot reconnected at %d Hz; its audio is resampled to the session's %d Hz",
+            rate,
+            self.sample_rate,
+        )
+
+    def _journal_session(self) -> None:
+        self.journal.append("session", **reports.identity(self))
+
+    def away_since(self, wall: float) -> None:
+        """The bot left at ``wall`` (a session resumed by a new process)."""
+        self._away_since = wall
 
     def attach_output(self, conn: Any, record: ConnectionRecord) -> Any:
         """A bot's output socket connected; returns the connection it replaces, if any."""
@@ -181,6 +224,7 @@ class Session:
         if self._away_since is not None or replaced is not None:
             self.reconnects += 1
             self.metrics.resumes.inc()
+            self.journal.append("reconnect", reconnects=self.reconnects)
             self.log.info("bot reconnected (reconnect %d)", self.reconnects)
         return replaced
 
@@ -189,6 +233,9 @@ class Session:
         if self.output is not conn:
             return False
         self.output = None
+        if self._converter is not None and self.ring is not None:
+            self.ring.write(self._converter.process(_NOTHING, last=True))  # the filter's tail
+            self._converter = None  # per connection: a reconnect says its rate again
         self.flush_counts()
         self._away_since = now
         self.connection_changed()
@@ -196,12 +243,16 @@ class Session:
             self._process_block()
             self._post_all(self.vad.interrupt(self.ring.written))
             self._post_all([Disconnected(self.ring.written)])
+            self.journal.position(self.ring.written, now)
+        self.journal.append("connection", connection=connection_json(self.connections[-1]))
         return True
 
     # -- ingest -------------------------------------------------------------------------
 
     def receive_audio(self, samples: Samples, now: float) -> None:
         """Hot path: one copy into the ring, counters, and a block check."""
+        if self._converter is not None:
+            samples = self._converter.process(samples)
         ring = self.ring
         if ring is None:
             self.start(self.settings.default_rate)
@@ -210,7 +261,7 @@ class Session:
         if self._away_since is not None:
             self._close_gap(now, len(samples))
         elif not self.clock.started:
-            self.clock.start(now, len(samples))
+            self._start_clock(now, len(samples))
         ring.write(samples)
         n = len(samples)
         c = self._unflushed
@@ -226,12 +277,21 @@ class Session:
                 if wall is not None:
                     self.metrics.ingest_lag.observe(max(0.0, now - wall))
                 self.flush_counts()
+                if now - self.journal.last_position >= journal.POSITION_INTERVAL:
+                    self.journal.position(ring.written, now)
+                if now - self._metadata_at >= METADATA_INTERVAL:
+                    self._metadata_at = now
+                    self.metadata_file.update()
+
+    def _start_clock(self, now: float, samples: int) -> None:
+        self.clock.start(now, samples)
+        self.journal.append("clock", origin=self.clock.origin)
 
     def _close_gap(self, now: float, arriving: int) -> None:
         assert self.ring is not None and self.vad is not None
         away_since, self._away_since = self._away_since, None
         if not self.clock.started:
-            self.clock.start(now, arriving)
+            self._start_clock(now, arriving)
             return
         # Where the clock says this audio belongs, by the wall clock, versus where the
         # ring is: the difference is meeting time the bot did not send.
@@ -247,6 +307,7 @@ class Session:
         self._vad_pos = self.ring.written
         seconds = missing / self.sample_rate
         self.gaps.append(GapRecord(at, seconds, away_since or now, now))
+        self.journal.append("gap", gap=gap_json(self.gaps[-1], self.sample_rate))
         self.metrics.gap_seconds.inc(seconds)
         self.log.info("bot was away; %.2f s of silence inserted at %d", seconds, at)
 
@@ -288,6 +349,8 @@ class Session:
         changes = tuple(self.speakers.update(roster, now))
         if self.speakers.forgotten != forgotten:
             self.metrics.speakers_forgotten.inc(self.speakers.forgotten - forgotten)
+        for speaker in self.speakers.take_learnt():
+            self.journal.append("speaker", speaker=speaker_json(speaker))
         self._post_all(changes, roster=True)
 
     def count_rejected(self, reason: str) -> None:
@@ -308,47 +371,6 @@ class Session:
                 for event in events:
                     runner.post(event.sample, event)
 
-    # -- speech -------------------------------------------------------------------------
-
-    def speak(self, samples: Samples, rate: int) -> str:
-        """Queue int16 mono ``samples`` at ``rate`` for the meeting; returns the utterance id.
-
-        Raises :class:`~gateway.playback.PlaybackFull` when too much is queued and
-        ``RuntimeError`` before the session has a rate (pipelines never see that).
-        """
-        return self._player().enqueue(resample(samples, rate, self.sample_rate), "pipeline")
-
-    def say(self, text: str, kind: str = "say") -> str:
-        """Queue ``text`` as speech (synthesized sentence by sentence while it plays)."""
-        return self._player().enqueue(tts(text, self.sample_rate), kind, text)
-
-    def _player(self) -> Player:
-        if self.player is None:
-            raise RuntimeError("the session has no sample rate yet")
-        return self.player
-
-    def playback_target(self) -> Any:
-        """Where speech goes: the separate input socket once the bot opened one, else the
-        output (dual) socket. A bot with a separate input never plays the output socket.
-        """
-        if self.input is not None or any(c.role == "input" for c in self.connections):
-            return self.input
-        return self.output
-
-    def connection_changed(self) -> None:
-        """An output or input socket attached or detached: the player may go on."""
-        if self.player is not None:
-            self.player.connection_changed()
-
-    def _bot_speaking(self, speaking: bool, wall: float) -> None:
-        # The timeline only knows what rosters say; the gateway knows exactly when the bot
-        # plays what it sent, so pipelines hear it as a bot speaker change.
-        name = self.settings.bot_name or "bot"
-        bot = self.speakers.bot or Speaker("gateway:voice", None, name, True)
-        event = SpeakerChange(self.clock.at_wall(wall), wall, bot, speaking)
-        for runner in self.runners:
-            runner.post(event.sample, event)
-
     # -- end ----------------------------------------------------------------------------
 
     async def finalize(self) -> None:
@@ -356,17 +378,12 @@ class Session:
         if self.ended_at is not None:
             return
         now = time.time()
-        if self.ring is not None and self.vad is not None:
-            self._process_block()
-            self._post_all(self.vad.interrupt(self.ring.written))
-        if self.player is not None:
-            await self.player.close()
-        self._post_all(self.speakers.close(now))
-        await asyncio.gather(*(r.close() for r in self.runners))
-        self.flush_counts()
+        await self._stop_pipelines(now)
         self.ended_at = now
+        self.journal.append("ended", wall=now)
+        self.journal.close()
         if self._started:
-            self.write_metadata()
+            await self.metadata_file.flush()
         self.log.info(
             "session ended: %.1f s of audio, %d reconnects, %d gaps",
             self.audio_seconds,
@@ -374,26 +391,34 @@ class Session:
             len(self.gaps),
         )
 
-    def write_metadata(self) -> None:
-        """Write ``session.json`` atomically (a crash leaves the old or the new file).
-
-        Never raises for the disk: a failed write removes its temporary file, keeps the
-        previous ``session.json``, is counted (``gateway_disk_errors_total{what=
-        "metadata"}``), logged once, holds ``/readyz`` back and is retried with a back-off
-        (:func:`gateway.files.DiskWatch.retry_later`) with the metadata of that moment.
-        """
-
-        watch = disk_watch(self.metrics.registry)
-        status = FileStatus(watch, self.directory, "session.json", "metadata", self.log)
-        try:
-            write_atomically(
-                status.path, (json.dumps(reports.metadata(self), indent=2) + "\n").encode()
-            )
-        except OSError as exc:
-            status.failed(exc, "the previous session.json is kept; retrying")
-            if not watch.retry_later(status.path, self.write_metadata):
-                self.log.error("giving up on session.json for now: %s", exc)
-                status.forget()
+    async def suspend(self) -> None:
+        """The gateway is stopping with the meeting still on: stop the pipelines (they
+        keep their files for the next process), note where the audio stands."""
+        if self.ended_at is not None:
             return
-        watch.retry_done(status.path)
-        status.recovered()
+        self.suspending = True
+        now = time.time()
+        await self._stop_pipelines(now)
+        if self.ring is not None:
+            self.journal.position(self.ring.written, now)
+        self.journal.append("suspended", wall=now)
+        self.journal.close()
+        if self._started:
+            await self.metadata_file.flush()
+        self.log.info("session suspended at %.1f s of audio", self.audio_seconds)
+
+    async def _stop_pipelines(self, now: float) -> None:
+        if self.ring is not None and self.vad is not None:
+            self._process_block()
+            self._post_all(self.vad.interrupt(self.ring.written))
+        if self.player is not None:
+            await self.player.close()
+        # A speaker still marked speaking ends where the audio ends, not at this moment.
+        end = self.clock.wall(self.ring.written) if self.ring is not None else None
+        self._post_all(self.speakers.close(min(now, end) if end is not None else now))
+        await asyncio.gather(*(r.close() for r in self.runners))
+        self.flush_counts()
+
+    def write_metadata(self) -> None:
+        """Bring ``session.json`` up to date soon (off the loop; see :class:`MetadataFile`)."""
+        self.metadata_file.update()

@@ -1,23 +1,28 @@
 """All sessions of the process, and the linger timers that end them.
 
 A session outlives its bot's connections: when the output socket drops, the session waits
-``linger`` seconds (longer than the bot's 60 s backoff cap) for a reconnect before it is
-finalized. Sessions are keyed by URL key or sanitized ``bot_id``; each gets a directory of
+``linger`` seconds (the bot's backoff cap, 60 s, plus the outage it covers) for a
+reconnect before it is finalized, also across a restart of the process (:meth:`recover`). Sessions are keyed by URL key or sanitized ``bot_id``; each gets a directory of
 its own, so a later meeting with the same key never overwrites an earlier one's files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from . import journal
 from .config import Settings
 from .memory import Trimmer
 from .metrics import Metrics
 from .pipeline import PipelineFactory
+from .reports import ConnectionRecord, GapRecord
 from .session import Session
+
+logger = logging.getLogger("gateway.sessions")
 
 
 class SessionManager:
@@ -79,23 +84,82 @@ class SessionManager:
             path = self.root / f"{key}.{n}"
         return path
 
-    def linger(self, session: Session) -> None:
+    def linger(self, session: Session, seconds: float | None = None) -> None:
         """The bot is gone; finalize unless it comes back within the linger time."""
         loop = asyncio.get_running_loop()
         old = self._linger.pop(session.key, None)
         if old is not None:
             old.cancel()
-        self._linger[session.key] = loop.call_later(self.settings.linger, self._expire, session.key)
+        delay = self.settings.linger if seconds is None else max(0.0, seconds)
+        self._linger[session.key] = loop.call_later(delay, self._expire, session.key)
         self._update_gauge()
+
+    def recover(self) -> int:
+        """Bring back the sessions an earlier process left unfinished (see
+        :mod:`gateway.journal`), each lingering for what is left of its linger, counted
+        from the last sign of its bot. Returns how many came back."""
+        now = self._time()
+        found = sorted(journal.unfinished(self.root), key=lambda r: r.created_at)
+        for state in found:
+            previous = self._sessions.get(state.key)
+            if previous is not None:
+                # Two unfinished directories of one key: the later meeting is the one its
+                # bot can come back to; the earlier one ends now.
+                self._finalize_soon(previous)
+            session = self._restore(state)
+            self._sessions[state.key] = session
+            self.linger(session, self.settings.linger - (now - state.last_seen))
+            session.log.info(
+                "session recovered from %s at %.1f s of audio (%s); lingering",
+                state.directory,
+                session.audio_seconds,
+                "suspended" if state.suspended else "the previous process died",
+            )
+        self._update_gauge()
+        return len(found)
+
+    def _restore(self, state: journal.Resume) -> Session:
+        session = Session(
+            key=state.key,
+            directory=state.directory,
+            settings=self.settings,
+            metrics=self.metrics,
+            factories=self.factories,
+            params=state.params,
+            bot_id=state.bot_id,
+            protocol_version=state.protocol_version,
+            created_at=state.created_at,
+        )
+        session.clock.origin = state.origin
+        session.speakers.restore(state.speakers)
+        session.speakers.take_learnt()  # already in the journal
+        session.gaps = [
+            GapRecord(g["sample"], g["seconds"], g["wall_start"], g["wall_end"]) for g in state.gaps
+        ]
+        session.connections = [ConnectionRecord(**c) for c in state.connections]
+        session.reconnects = state.reconnects
+        # The audio reached at least as far as any pipeline's files say (a process killed
+        # between two position lines still wrote its recording up to the kill).
+        names = session.pipeline_names()
+        position = max(
+            [state.samples]
+            + [self.factories[n].resume_position(state.directory, state.rate) for n in names]
+        )
+        session.start(state.rate, position)
+        session.away_since(state.last_seen or self._time())
+        return session
+
+    def _finalize_soon(self, session: Session) -> None:
+        task = asyncio.create_task(self.finalize(session))
+        self._finalizing.add(task)
+        task.add_done_callback(self._finalizing.discard)
 
     def _expire(self, key: str) -> None:
         self._linger.pop(key, None)
         session = self._sessions.get(key)
         if session is not None and session.output is None:
             session.log.info("bot did not come back within %.0f s", self.settings.linger)
-            task = asyncio.create_task(self.finalize(session))
-            self._finalizing.add(task)
-            task.add_done_callback(self._finalizing.discard)
+            self._finalize_soon(session)
 
     async def finalize(self, session: Session) -> None:
         handle = self._linger.pop(session.key, None)
@@ -113,6 +177,22 @@ class SessionManager:
         await asyncio.gather(*(self.finalize(s) for s in list(self._sessions.values())))
         if self._finalizing:
             await asyncio.gather(*self._finalizing, return_exceptions=True)
+        await self.trimmer.close()
+
+    async def suspend_all(self) -> None:
+        """The process stops with meetings still on: every session that has audio is
+        suspended for the next process to resume; one that never started ends."""
+        for handle in self._linger.values():
+            handle.cancel()
+        self._linger.clear()
+        if self._finalizing:
+            await asyncio.gather(*self._finalizing, return_exceptions=True)
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        await asyncio.gather(
+            *(s.suspend() if s.state != "waiting" else s.finalize() for s in sessions)
+        )
+        self._update_gauge()
         await self.trimmer.close()
 
     def _update_gauge(self) -> None:

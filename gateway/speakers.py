@@ -62,6 +62,10 @@ class SpeakerChange:
         }
 
 
+def speaker_json(speaker: Speaker) -> dict[str, Any]:
+    return {"key": speaker.key, "id": speaker.id, "name": speaker.name, "is_bot": speaker.is_bot}
+
+
 def _end(interval: tuple[float, float]) -> float:
     return interval[1]
 
@@ -94,6 +98,7 @@ class SpeakerTimeline:
         # while its owner only listens); bounded, oldest first.
         self._names: dict[str, str] = {}
         self._speaking: dict[str, float] = {}  # key -> wall start of the open interval
+        self._learnt: list[Speaker] = []  # new or renamed since take_learnt()
         self._intervals: dict[str, list[tuple[float, float]]] = {}
 
     @property
@@ -119,12 +124,32 @@ class SpeakerTimeline:
                 return old
         speaker = Speaker(key, entry.id, name, is_bot)
         self._speakers[key] = speaker
+        if len(self._learnt) < self._max_speakers:
+            self._learnt.append(speaker)
         if old is None:
             self._seen += 1
             self._first[key] = self._seen
             if len(self._speakers) > self._max_speakers:
                 self._forget(keep=key)
         return speaker
+
+    def take_learnt(self) -> list[Speaker]:
+        """Speakers new or renamed since the last call (what a journal keeps)."""
+        learnt, self._learnt = self._learnt, []
+        return learnt
+
+    def restore(self, speakers: list[dict[str, Any]]) -> None:
+        """Know ``speakers`` again (as :func:`speaker_json` wrote them, in order), none
+        speaking: a session resumed by a new process."""
+        for row in speakers:
+            speaker = Speaker(str(row["key"]), row.get("id"), str(row["name"]), bool(row["is_bot"]))
+            if speaker.key not in self._first:
+                self._seen += 1
+                self._first[speaker.key] = self._seen
+            self._speakers[speaker.key] = speaker
+            self._names[speaker.key] = speaker.name
+        while len(self._speakers) > self._max_speakers:
+            self._forget(keep="")
 
     def _forget(self, keep: str) -> None:
         """Forget the speaker silent the longest (never one speaking now, the bot, or ``keep``)."""

@@ -18,8 +18,10 @@ space. ``speakers.jsonl`` lines wait likewise, at most :data:`SPEAKER_LINES`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ import numpy.typing as npt
 from gateway.files import DiskWatch, FileStatus, disk_watch, standalone
 from gateway.held import HeldAppender
 from gateway.pipeline import (
+    Disconnected,
     Environment,
     Gap,
     Pipeline,
@@ -37,7 +40,7 @@ from gateway.pipeline import (
 )
 from gateway.speakers import SpeakerChange
 
-from .wav import WavWriter, repair
+from .wav import WavWriter, data_samples, repair
 
 Samples = npt.NDArray[np.int16]
 
@@ -71,6 +74,7 @@ class RecordingPipeline(Pipeline):
             refresh,
             hold_samples=int(self._backlog_seconds * ctx.sample_rate),
             status=FileStatus(watch, ctx.directory, wav.name, "recording", ctx.log),
+            resume=True,  # a session directory is new unless a resumed session owns it
         )
         dropped = watch.metrics.dropped_lines.labels("recording")
         self._speakers = HeldAppender(
@@ -90,6 +94,9 @@ class RecordingPipeline(Pipeline):
         assert self._wav is not None and self._speakers is not None
         if isinstance(event, Gap):
             self._wav.silence(event.sample + event.length - self._wav.samples)
+        elif isinstance(event, Disconnected):
+            # The bot may not come back: the file plays to here from now on.
+            self._wav.refresh()
         elif isinstance(event, SpeakerChange):
             line: dict[str, Any] = {"seconds": round(event.sample / self._rate, 3)}
             line.update(event.to_json())
@@ -116,8 +123,12 @@ class RecordingFactory(PipelineFactory):
         self.watch = disk_watch(env.registry)
 
     async def startup(self) -> None:
-        for path, samples in repair(self.env.settings.data_dir / "sessions", self.watch):
+        root = self.env.settings.data_dir / "sessions"
+        for path, samples in await asyncio.to_thread(repair, root, self.watch):
             logger.warning("repaired %s after an unclean stop: %d samples kept", path, samples)
+
+    def resume_position(self, directory: Path, rate: int) -> int:
+        return data_samples(directory / "audio.wav")
 
     def create(self, ctx: SessionContext) -> Pipeline:
         s = self.env.settings

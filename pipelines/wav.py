@@ -67,7 +67,9 @@ class WavWriter(HeldWriter):
         *,
         hold_samples: int | None = None,
         status: FileStatus | None = None,
+        resume: bool = False,
     ) -> None:
+        """``resume``: append to an existing file of the same rate instead of replacing it."""
         super().__init__(status or standalone(path, "recording", logger))
         self.path = path
         self.rate = rate
@@ -87,7 +89,29 @@ class WavWriter(HeldWriter):
         self._held: deque[memoryview | int] = deque()
         self._held_audio = 0
         self._gauged = 0  # what the held-bytes gauge has of ours
+        if resume:
+            self._reopen()
         self._try(force=True)  # create the file and its header now
+
+    def _reopen(self) -> None:
+        """Go on from the audio an earlier process left in the file (same rate only)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no file yet: a new one is created
+        try:
+            header = os.pread(fd, HEADER_BYTES, 0)
+            rate = struct.unpack_from("<I", header, 24)[0] if len(header) == HEADER_BYTES else 0
+            if header[:4] != b"RIFF" or rate != self.rate:
+                os.close(fd)
+                return
+        except OSError:
+            os.close(fd)
+            return
+        data = (os.fstat(fd).st_size - HEADER_BYTES) & ~1
+        self._fd, self._header = fd, True
+        self._disk = self._refreshed = max(0, data)
+        self.samples = self._disk // 2
 
     @property
     def holding(self) -> bool:
@@ -270,6 +294,14 @@ class WavWriter(HeldWriter):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.status.forget()
+
+
+def data_samples(path: Path) -> int:
+    """Complete samples in a WAV file's data (by its size; 0 if there is none)."""
+    try:
+        return max(0, path.stat().st_size - HEADER_BYTES) // 2
+    except OSError:
+        return 0
 
 
 def repair(root: Path, watch: DiskWatch | None = None) -> list[tuple[Path, int]]:

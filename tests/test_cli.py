@@ -108,6 +108,7 @@ async def test_sigterm_drains_and_flushes_the_recording(
         "GATEWAY_DATA_DIR": str(tmp_path),
         "GATEWAY_PIPELINES": "recording",
         "GATEWAY_LINGER": "600",
+        "GATEWAY_RESUME": "false",  # a stop ends every meeting (tests/test_resume.py: on)
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", env=env, stderr=asyncio.subprocess.PIPE

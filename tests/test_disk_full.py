@@ -144,7 +144,7 @@ async def test_recording_waits_for_the_disk_and_loses_nothing(
     await wait_for(lambda: session.ring is not None and session.ring.written == 4 * RATE)
     await wait_for(lambda: sample(gw, "gateway_disk_held_audio_bytes") > during.nbytes - 8192)
     # session.json cannot be replaced now: the old one stays whole, no temp file is left.
-    session.write_metadata()
+    await session.metadata_file.flush()
     assert sample(gw, "gateway_disk_errors_total", what="metadata") >= 1
     assert (directory / "session.json").read_bytes() == meta_before
     assert leftovers(directory) == []

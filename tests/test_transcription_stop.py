@@ -54,6 +54,7 @@ class Context:
     bot_id: str | None = None
     sample_rate: int = RATE
     params: dict[str, str] = field(default_factory=dict)
+    suspending: bool = False
     clock: AudioClock = field(default_factory=lambda: AudioClock(RATE))
     log: logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.LoggerAdapter(logging.getLogger("test"), {})

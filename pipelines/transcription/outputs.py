@@ -41,6 +41,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from gateway import journal
 from gateway.files import FileStatus, disk_watch, write_atomically
 from gateway.held import HeldAppender
 from gateway.pipeline import Environment, RouteHandler, SessionContext
@@ -93,7 +94,7 @@ class TranscriptOutputs:
                 "per-session webhooks are allowed and no secret is set: anyone who can reach "
                 "the gateway can make it POST transcripts to any address"
             )
-        recovered = await asyncio.to_thread(recover, s.data_dir / "sessions")
+        recovered = await asyncio.to_thread(recover, s.data_dir / "sessions", s.resume)
         for directory in recovered:
             logger.warning("wrote %s for %s, which ended without one", TRANSCRIPT, directory)
         self.webhooks.start()
@@ -138,7 +139,7 @@ class SessionOutputs:
         self._ctx = ctx
         self._channel = channel
         self._urls = urls
-        self._sequence = 0
+        self._sequence = _count_finals(ctx.directory / JSONL)  # a resumed session goes on
         self._meta = metadata(str(uuid.uuid4()), outputs.env.settings.model)
         self._closed = False
         # A disk that refuses a final holds it (at most MEMORY, the finals late subscribers
@@ -200,6 +201,11 @@ class SessionOutputs:
             return
         self._closed = True
         self._jsonl.finish()  # a last try at finals the disk refused so far
+        if self._ctx.suspending:
+            # The meeting goes on in the next process, which appends to the same file.
+            self._jsonl.close()
+            self._outputs.hub.close(self._channel)
+            return
         try:
             speakers = [s.name for s in self._ctx.speakers.speakers]
             transcript = await asyncio.to_thread(
@@ -213,6 +219,14 @@ class SessionOutputs:
         finally:
             self._jsonl.close()
             self._outputs.hub.close(self._channel)
+
+
+def _count_finals(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -237,16 +251,18 @@ def _build_transcript(directory: Path, speakers: list[str]) -> dict[str, Any]:
     return transcript
 
 
-def recover(root: Path) -> list[Path]:
+def recover(root: Path, resume: bool = False) -> list[Path]:
     """Write ``transcript.json`` for every session under ``root`` that a crash left without.
 
     Blocking; call before any session starts. Speaker names come from the recording's
-    ``speakers.jsonl`` when there is one. Returns the session directories recovered.
+    ``speakers.jsonl`` when there is one. With ``resume``, sessions the gateway resumes
+    (their journal did not end) are left to finish their meeting first. Returns the
+    session directories recovered.
     """
     recovered = []
     for jsonl in sorted(root.glob(f"*/{JSONL}")):
         directory = jsonl.parent
-        if (directory / TRANSCRIPT).exists():
+        if (directory / TRANSCRIPT).exists() or (resume and journal.unfinished_in(directory)):
             continue
         try:
             _build_transcript(directory, _roster_names(directory / "speakers.jsonl"))
