@@ -2,8 +2,9 @@
 
 A session outlives its bot's connections: when the output socket drops, the session waits
 ``linger`` seconds (the bot's backoff cap, 60 s, plus the outage it covers) for a
-reconnect before it is finalized, also across a restart of the process (:meth:`recover`). Sessions are keyed by URL key or sanitized ``bot_id``; each gets a directory of
-its own, so a later meeting with the same key never overwrites an earlier one's files.
+reconnect before it is finalized, also across a restart of the process (:meth:`recover`).
+Sessions are keyed by URL key or sanitized ``bot_id``; each gets a directory of its own,
+so a later meeting with the same key never overwrites an earlier one's files.
 """
 
 from __future__ import annotations
@@ -130,14 +131,14 @@ class SessionManager:
             protocol_version=state.protocol_version,
             created_at=state.created_at,
         )
-        session.clock.origin = state.origin
         session.speakers.restore(state.speakers)
         session.speakers.take_learnt()  # already in the journal
-        session.gaps = [
+        gaps = [
             GapRecord(g["sample"], g["seconds"], g["wall_start"], g["wall_end"]) for g in state.gaps
         ]
+        session.core.resume(state.origin, gaps, state.last_seen or self._time())
+        session.core.reconnects = state.reconnects
         session.connections = [ConnectionRecord(**c) for c in state.connections]
-        session.reconnects = state.reconnects
         # The audio reached at least as far as any pipeline's files say (a process killed
         # between two position lines still wrote its recording up to the kill).
         names = session.pipeline_names()
@@ -146,7 +147,6 @@ class SessionManager:
             + [self.factories[n].resume_position(state.directory, state.rate) for n in names]
         )
         session.start(state.rate, position)
-        session.away_since(state.last_seen or self._time())
         return session
 
     def _finalize_soon(self, session: Session) -> None:

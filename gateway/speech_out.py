@@ -28,7 +28,11 @@ class SpeechOut:
     ``connections``, ``settings``, ``speakers``, ``clock`` and ``runners``."""
 
     player: Player | None
-    sample_rate: int
+
+    @property
+    def sample_rate(self) -> int:
+        raise NotImplementedError
+
     input: Any
     output: Any
     connections: list[ConnectionRecord]
