@@ -41,6 +41,7 @@ from websockets.exceptions import ConnectionClosed
 
 from .errors import RouteError
 from .metrics import Metrics
+from .offload import blocking
 from .playback import PlaybackFull
 from .session import Session
 from .sessions import SessionManager
@@ -74,7 +75,7 @@ class ControlEndpoint:
             link.follow(session)  # a socket that only listens hears the session too
         try:
             async for message in ws:
-                reply = self._request(key, message, link)
+                reply = await self._request(key, message, link)
                 link.put(reply)
         except ConnectionClosed:
             pass
@@ -91,13 +92,13 @@ class ControlEndpoint:
             while True:
                 await ws.send(json.dumps(await outbox.get()))
 
-    def _request(self, key: str, message: str | bytes, link: _Link) -> dict[str, Any]:
+    async def _request(self, key: str, message: str | bytes, link: _Link) -> dict[str, Any]:
         session = self._sessions.get(key)
         if session is None or session.player is None or session.ended_at is not None:
             return _error("no live session for this key (the bot has not streamed yet)")
         link.follow(session)
         if isinstance(message, bytes):
-            return self._play(session, message)
+            return await self._play(session, message)
         try:
             request = json.loads(message)
         except ValueError:
@@ -120,15 +121,16 @@ class ControlEndpoint:
                 raw = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError):
                 return _error("wav is not base64")
-            return self._play(session, raw)
+            return await self._play(session, raw)
         if kind == "stop":
             assert session.player is not None
             return {"type": "stopped", "ids": session.player.stop("stopped")}
         return _error("unknown request type; use say, play or stop")
 
-    def _play(self, session: Session, data: bytes) -> dict[str, Any]:
+    async def _play(self, session: Session, data: bytes) -> dict[str, Any]:
         try:
-            samples = decode_wav(data, session.sample_rate)
+            # Parsing and resampling a long file takes a while: not on the loop.
+            samples = await blocking(decode_wav, data, session.sample_rate)
         except ValueError as exc:
             return _error(str(exc))
         player = session.player

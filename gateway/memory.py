@@ -29,6 +29,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from .offload import blocking
+
 logger = logging.getLogger("gateway.memory")
 
 
@@ -90,7 +92,7 @@ class Trimmer:
         found = gc.collect()
         logger.debug("collected %d objects in %.1f ms", found, 1e3 * (time.perf_counter() - began))
         if _malloc_trim is not None:
-            await asyncio.to_thread(trim)
+            await blocking(trim)
         self.runs += 1
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .files import FileStatus, disk_watch, write_atomically
+from .offload import blocking
 
 if TYPE_CHECKING:
     from .session import Session
@@ -144,7 +145,7 @@ class MetadataFile:
             self._again = False
             data = (json.dumps(metadata(session), indent=2) + "\n").encode()
             try:
-                await asyncio.to_thread(write_atomically, status.path, data)
+                await blocking(write_atomically, status.path, data)
             except OSError as exc:
                 status.failed(exc, "the previous session.json is kept; retrying")
                 if not watch.retry_later(status.path, self.update):

@@ -18,7 +18,6 @@ space. ``speakers.jsonl`` lines wait likewise, at most :data:`SPEAKER_LINES`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy.typing as npt
 
 from gateway.files import DiskWatch, FileStatus, disk_watch, standalone
 from gateway.held import HeldAppender
+from gateway.offload import blocking
 from gateway.pipeline import (
     Disconnected,
     Environment,
@@ -124,7 +124,7 @@ class RecordingFactory(PipelineFactory):
 
     async def startup(self) -> None:
         root = self.env.settings.data_dir / "sessions"
-        for path, samples in await asyncio.to_thread(repair, root, self.watch):
+        for path, samples in await blocking(repair, root, self.watch):
             logger.warning("repaired %s after an unclean stop: %d samples kept", path, samples)
 
     def resume_position(self, directory: Path, rate: int) -> int:

@@ -29,7 +29,6 @@ delivered out of order. They go to ``webhook_url`` and, when
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -44,6 +43,7 @@ from prometheus_client import Counter
 from gateway import journal
 from gateway.files import FileStatus, disk_watch, write_atomically
 from gateway.held import HeldAppender
+from gateway.offload import blocking
 from gateway.pipeline import Environment, RouteHandler, SessionContext
 
 from .formats import deepgram, meeting_baas, metadata
@@ -94,7 +94,7 @@ class TranscriptOutputs:
                 "per-session webhooks are allowed and no secret is set: anyone who can reach "
                 "the gateway can make it POST transcripts to any address"
             )
-        recovered = await asyncio.to_thread(recover, s.data_dir / "sessions", s.resume)
+        recovered = await blocking(recover, s.data_dir / "sessions", s.resume)
         for directory in recovered:
             logger.warning("wrote %s for %s, which ended without one", TRANSCRIPT, directory)
         self.webhooks.start()
@@ -208,7 +208,7 @@ class SessionOutputs:
             return
         try:
             speakers = [s.name for s in self._ctx.speakers.speakers]
-            transcript = await asyncio.to_thread(
+            transcript = await blocking(
                 _write_transcript, self._jsonl, self._ctx.directory, speakers
             )
             self._webhook("transcript.complete", transcript)

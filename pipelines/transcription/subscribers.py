@@ -47,6 +47,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from gateway.offload import blocking
+
 from .backpressure import DEFAULT_MAX_LAG, LagWatch, MessageQueue, Offer
 
 logger = logging.getLogger("pipelines.transcription.subscribers")
@@ -256,7 +258,7 @@ class SubscriberHub:
         try:
             for path, from_disk, remembered in sub.backlog:
                 if from_disk > 0 and path is not None:
-                    for line in await asyncio.to_thread(_read_lines, path, from_disk):
+                    for line in await blocking(_read_lines, path, from_disk):
                         await self._send(sub, line)
                 for text in remembered:
                     await self._send(sub, text)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -31,6 +32,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gateway.offload import blocking
 
 logger = logging.getLogger("pipelines.transcription.webhook")
 
@@ -65,6 +68,12 @@ class Delivery:
     error: str = field(default="")
 
 
+@functools.cache
+def default_tls() -> ssl.SSLContext:
+    """The system's trusted certificates, loaded once per process."""
+    return ssl.create_default_context()
+
+
 async def post(
     url: str,
     body: bytes,
@@ -94,7 +103,8 @@ async def post(
         *(f"{k}: {v}" for k, v in headers.items()),
     ]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    context = (tls or ssl.create_default_context()) if secure else None
+    # Loading the system's certificates reads files: once per process, in a thread.
+    context = (tls or await blocking(default_tls)) if secure else None
     try:
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
