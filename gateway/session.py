@@ -131,6 +131,8 @@ class Session(SpeechOut):
             return
         self.core.start(rate, position)
         assert self.core.ring is not None
+        # From now on audio goes straight to the core: nothing in between on the hot path.
+        self.receive_audio = self.core.receive_audio  # type: ignore[method-assign]
         s = self.settings
         self.player = Player(
             rate,
@@ -217,8 +219,9 @@ class Session(SpeechOut):
     # -- ingest -------------------------------------------------------------------------
 
     def receive_audio(self, samples: Samples, now: float) -> None:
-        if not self.core.started:
-            self.start(self.settings.default_rate)  # audio before any handshake
+        """Audio before the session started (no handshake yet): start at the default
+        rate. Once started, this name is the core's own method."""
+        self.start(self.settings.default_rate)
         self.core.receive_audio(samples, now)
 
     def roster(self, roster: Roster, now: float) -> None:
