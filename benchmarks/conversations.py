@@ -3,7 +3,7 @@
 Every recipe is built at run time from speech this machine already has and nothing is
 downloaded or committed:
 
-* the piper voice the gateway speaks with (``en_US-joe``, from :func:`gateway.voice.
+* the piper voice the gateway speaks with (``en_US-joe``, from :func:`gateway.speech.voice.
   load_voice`), at a speaking rate varied per line through piper's ``length_scale``, with
   piper's generator noise off so the same text always gives the same samples;
 * espeak-ng (Debian's ``espeak-ng``, ``make testdata``) in several voices and variants;
@@ -473,7 +473,7 @@ def frame_db(x: Floats, rate: int) -> Floats:
 def _piper(text: str, length_scale: float) -> tuple[Floats, int]:
     from piper.config import SynthesisConfig
 
-    from gateway.voice import load_voice
+    from gateway.speech.voice import load_voice
 
     voice = load_voice()
     # No generator noise: with it piper draws fresh random numbers on every call.

@@ -145,7 +145,7 @@ def _control(args: argparse.Namespace, request: dict[str, Any] | bytes) -> int:
     """Send one control request and print every event it brings back, one JSON a line."""
     from websockets.exceptions import InvalidHandshake, InvalidURI
 
-    from .control import command, control_url
+    from .speech.control import command, control_url
 
     settings = Settings.from_sources(args)
     token = args.token or (

@@ -6,7 +6,7 @@ the VAD's cadence, the gaps where the bot was away, the speaker timeline, and th
 counters. What it decides goes out through a :class:`Sink`, synchronously and in clock
 order: events for the player and the pipelines, a nudge when a block of audio is ready,
 a tick about once a second, and the records a journal must keep to resume the meeting
-in another process (:mod:`gateway.journal` folds them back).
+in another process (:mod:`gateway.storage.journal` folds them back).
 
 It never reads a clock, a socket or a file, and never touches the event loop:
 :class:`gateway.session.Session` is the asyncio shell that owns the connections,
@@ -28,13 +28,13 @@ import numpy.typing as npt
 from .audio.resample import Resampler
 from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
-from .clock import AudioClock
 from .config import Settings
+from .ingest.clock import AudioClock
+from .ingest.protocol import Roster
+from .ingest.speakers import SpeakerTimeline, speaker_json
 from .metrics import Metrics
 from .pipeline import Disconnected, Gap
-from .protocol import Roster
 from .reports import GapRecord, gap_json
-from .speakers import SpeakerTimeline, speaker_json
 
 Samples = npt.NDArray[np.int16]
 _NOTHING: Samples = np.zeros(0, dtype=np.int16)
@@ -60,7 +60,7 @@ class Sink(Protocol):
         """About once a second of audio: time for periodic work."""
 
     def persist(self, kind: str, fields: dict[str, Any]) -> None:
-        """A journal record (see :mod:`gateway.journal`)."""
+        """A journal record (see :mod:`gateway.storage.journal`)."""
 
 
 @dataclass(slots=True)

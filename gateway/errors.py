@@ -17,8 +17,9 @@ it maps to after, so the server refuses in one place. The ``reason`` is a short,
 string safe to send to the peer; details go to the log only.
 
 Recoverable problems in a single message (malformed JSON, a roster with wrong types)
-are not exceptions: :mod:`gateway.protocol` returns a :class:`~gateway.protocol.Rejected`
-event that is counted and logged, and the connection goes on.
+are not exceptions: :mod:`gateway.ingest.protocol` returns a
+:class:`~gateway.ingest.protocol.Rejected` event that is counted and logged, and the
+connection goes on.
 """
 
 from __future__ import annotations

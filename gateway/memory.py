@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from .offload import blocking
+from .storage.offload import blocking
 
 logger = logging.getLogger("gateway.memory")
 

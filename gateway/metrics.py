@@ -174,7 +174,7 @@ class Metrics:
 class DiskMetrics:
     """Writes to the data volume that failed, and what they cost; one set per registry.
 
-    Built by :func:`gateway.files.disk_watch`, shared by session metadata, the recording
+    Built by :func:`gateway.storage.files.disk_watch`, shared by session metadata, the recording
     and the transcript files. ``what`` is ``recording``, ``metadata`` or ``transcript``.
     """
 

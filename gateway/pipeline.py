@@ -47,10 +47,10 @@ from prometheus_client import CollectorRegistry
 from .audio.vad import SpeechEnded, SpeechStarted
 from .config import Settings
 from .errors import ConfigError
-from .speakers import SpeakerChange, SpeakerTimeline
+from .ingest.speakers import SpeakerChange, SpeakerTimeline
 
 if TYPE_CHECKING:
-    from .clock import AudioClock
+    from .ingest.clock import AudioClock
 
 __all__ = [
     "BUILTINS",
@@ -139,7 +139,7 @@ class SessionContext(Protocol):
         """Queue int16 mono audio at ``rate`` to play into the meeting; returns its id.
 
         The audio is resampled to the session's rate, paced in real time and can be cut
-        by barge-in. Raises :class:`~gateway.playback.PlaybackFull` when too much waits.
+        by barge-in. Raises :class:`~gateway.speech.playback.PlaybackFull` when too much waits.
         """
         ...
 

@@ -8,8 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .files import FileStatus, disk_watch, write_atomically
-from .offload import blocking
+from .storage.files import FileStatus, disk_watch, write_atomically
+from .storage.offload import blocking
 
 if TYPE_CHECKING:
     from .session import Session
@@ -117,7 +117,7 @@ class MetadataFile:
     has two writes racing and the file always ends with the latest state. A write the
     disk refuses keeps the previous file, is counted
     (``gateway_disk_errors_total{what="metadata"}``), logged once, holds ``/readyz``
-    back and is retried with a back-off (:meth:`gateway.files.DiskWatch.retry_later`).
+    back and is retried with a back-off (:meth:`gateway.storage.files.DiskWatch.retry_later`).
     """
 
     def __init__(self, session: Session) -> None:

@@ -5,7 +5,7 @@ Routes (the bot uses its URLs verbatim, so identity and tokens live in path and 
 =========================  ==================================================
 ``/bots/{key}``            the bot's output socket (also the dual socket)
 ``/bots/{key}/input``      the bot's separate input socket, paired by ``key``
-``/bots/{key}/control``    speech control: say, play, stop (:mod:`gateway.control`)
+``/bots/{key}/control``    speech control: say, play, stop (:mod:`gateway.speech.control`)
 ``/``                      output socket keyed by the handshake's ``bot_id``
 ``/bots/{key}/{name}``     an endpoint a pipeline factory serves (per session)
 ``/{name}``                the same endpoint across every session
@@ -32,20 +32,21 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import reports, tokens, voice
+from . import reports, tokens
 from .admission import Admission
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
-from .control import ControlEndpoint
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
-from .files import disk_watch
+from .ingest.protocol import Handshake, OutputDecoder, Rejected, Roster
 from .keys import key_from_bot_id
 from .metrics import Metrics, close_label
 from .pipeline import Environment, PipelineFactory, RouteHandler, load_factory
-from .protocol import Handshake, OutputDecoder, Rejected, Roster
 from .reports import ConnectionRecord
 from .routes import Route, parse_route, response
 from .session import Session
 from .sessions import SessionManager
+from .speech import voice
+from .speech.control import ControlEndpoint
+from .storage.files import disk_watch
 
 logger = logging.getLogger("gateway.server")
 

@@ -5,7 +5,7 @@ The bot reconnects with backoff (1 s doubling to 60 s) after any drop; each reco
 resumes the same session, and the time the bot was away becomes a gap on the audio
 clock. A session whose bot has not come back within ``linger`` seconds is finalized:
 its pipelines drain and stop, and ``session.json`` is written. What it needs to outlive
-the process is appended to its journal as it happens (:mod:`gateway.journal`).
+the process is appended to its journal as it happens (:mod:`gateway.storage.journal`).
 
 :class:`Session` is the asyncio shell: it owns the connections, the pipelines' runners,
 the player and the files. Everything the meeting's audio decides (clock, ring, VAD,
@@ -25,21 +25,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import journal, reports
+from . import reports
 from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
 from .config import Settings
 from .core import Counts, SessionCore
-from .files import disk_watch
+from .ingest.protocol import Handshake, Roster
+from .ingest.runner import PipelineRunner
 from .keys import MAX_BOT_ID, clip
 from .logs import SessionLog
 from .metrics import Metrics
 from .pipeline import PipelineFactory
-from .playback import Player
-from .protocol import Handshake, Roster
 from .reports import ConnectionRecord, GapRecord, MetadataFile, connection_json
-from .runner import PipelineRunner
-from .speech_out import SpeechOut
+from .speech.playback import Player
+from .speech.speech_out import SpeechOut
+from .storage import journal
+from .storage.files import disk_watch
 
 Samples = npt.NDArray[np.int16]
 

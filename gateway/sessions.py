@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from . import journal
 from .config import Settings
 from .memory import Trimmer
 from .metrics import Metrics
 from .pipeline import PipelineFactory
 from .reports import ConnectionRecord, GapRecord
 from .session import Session
+from .storage import journal
 
 logger = logging.getLogger("gateway.sessions")
 
@@ -97,7 +97,7 @@ class SessionManager:
 
     def recover(self) -> int:
         """Bring back the sessions an earlier process left unfinished (see
-        :mod:`gateway.journal`), each lingering for what is left of its linger, counted
+        :mod:`gateway.storage.journal`), each lingering for what is left of its linger, counted
         from the last sign of its bot. Returns how many came back."""
         now = self._time()
         found = sorted(journal.unfinished(self.root), key=lambda r: r.created_at)

@@ -26,9 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.files import DiskWatch, FileStatus, disk_watch, standalone
-from gateway.held import HeldAppender
-from gateway.offload import blocking
+from gateway.ingest.speakers import SpeakerChange
 from gateway.pipeline import (
     Disconnected,
     Environment,
@@ -38,7 +36,9 @@ from gateway.pipeline import (
     PipelineFactory,
     SessionContext,
 )
-from gateway.speakers import SpeakerChange
+from gateway.storage.files import DiskWatch, FileStatus, disk_watch, standalone
+from gateway.storage.held import HeldAppender
+from gateway.storage.offload import blocking
 
 from .wav import WavWriter, data_samples, repair
 

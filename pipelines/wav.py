@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gateway.files import DiskWatch, FileStatus, create, no_space, standalone, write_atomically
-from gateway.held import HeldWriter
+from gateway.storage.files import (
+    DiskWatch,
+    FileStatus,
+    create,
+    no_space,
+    standalone,
+    write_atomically,
+)
+from gateway.storage.held import HeldWriter
 
 Samples = npt.NDArray[np.int16]
 

@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway import tokens
-from gateway.playback import MAX_QUEUED
+from gateway.speech.playback import MAX_QUEUED
 
 from .conftest import GatewayFactory, RunningGateway, refused_with, wait_for
 from .playout import PlayoutBot

@@ -14,14 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from gateway import journal
 from gateway.audio.vad import SpeechEnded, SpeechStarted
 from gateway.config import Settings
 from gateway.core import SessionCore
+from gateway.ingest.protocol import Roster, RosterEntry
+from gateway.ingest.speakers import SpeakerChange
 from gateway.metrics import Metrics
 from gateway.pipeline import Disconnected, Gap
-from gateway.protocol import Roster, RosterEntry
-from gateway.speakers import SpeakerChange
+from gateway.storage import journal
 
 RATE = 16000
 T0 = 1_800_000_000.0

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from gateway.files import disk_watch
+from gateway.storage.files import disk_watch
 
 from .conftest import GatewayFactory, RunningGateway, ended_metadata, read_recording, wait_for
 from .timing import scaled

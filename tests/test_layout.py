@@ -3,11 +3,14 @@
 Pipelines build on the gateway, so nothing under ``gateway/`` imports ``pipelines``
 (built-in pipelines are named by import strings, imported only when enabled). The
 sans-I/O transcription modules do not import the engine (and with it faster-whisper).
+``gateway.speakers`` and ``gateway.voice`` are old names kept for code outside this
+repository; inside it, everything imports from ``gateway.ingest`` and ``gateway.speech``.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,8 @@ MAX_LINES = 400
 ENGINE = "pipelines.transcription.engine"
 #: Modules of ``pipelines/transcription/`` that must not import its engine.
 PURE = ("policy.py", "window.py")
+#: Modules that moved, by old name: the old name re-exports the new home's public names.
+SHIMS = {"gateway.speakers": "gateway.ingest.speakers", "gateway.voice": "gateway.speech.voice"}
 
 
 def modules(package: str) -> list[Path]:
@@ -72,6 +77,26 @@ def test_the_gateway_never_imports_pipelines() -> None:
 def test_pure_transcription_modules_do_not_import_the_engine() -> None:
     pure = [ROOT / "pipelines" / "transcription" / name for name in PURE]
     assert offending(pure, ENGINE) == [], "policy and window are sans I/O: import from .words"
+
+
+def test_the_repository_imports_moved_modules_from_their_new_homes() -> None:
+    paths = [
+        path
+        for package in ("gateway", "pipelines", "tests", "benchmarks")
+        for path in modules(package)
+    ]
+    assert [hit for old in SHIMS for hit in offending(paths, old)] == [], (
+        "import from the new home (gateway/ingest, gateway/speech), not the old name"
+    )
+
+
+def test_the_old_names_still_work() -> None:
+    for old, new in SHIMS.items():
+        shim, home = importlib.import_module(old), importlib.import_module(new)
+        assert shim.__all__
+        assert {name: getattr(shim, name) for name in shim.__all__} == {
+            name: getattr(home, name) for name in shim.__all__
+        }
 
 
 def test_no_module_is_over_the_line_limit() -> None:

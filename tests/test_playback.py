@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.bargein import BargeIn
-from gateway.pacing import Pacer
+from gateway.ingest.speakers import SpeakerChange
 from gateway.pipeline import Pipeline, PipelineFactory, Samples, SessionContext
-from gateway.playback import Player
 from gateway.session import Session
 from gateway.simulator import read_wav
-from gateway.speakers import SpeakerChange
+from gateway.speech.bargein import BargeIn
+from gateway.speech.pacing import Pacer
+from gateway.speech.playback import Player
 
 from .conftest import GatewayFactory, RunningGateway, Utterance, wait_for
 from .playout import PlayoutBot, playout

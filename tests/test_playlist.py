@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.audio.vad import SpeechEnded, SpeechStarted
 from gateway.config import Settings
+from gateway.ingest.speakers import Speaker, SpeakerChange
 from gateway.metrics import Metrics
-from gateway.playlist import MAX_QUEUED, PlaybackFull, Playlist
-from gateway.speakers import Speaker, SpeakerChange
+from gateway.speech.playlist import MAX_QUEUED, PlaybackFull, Playlist
 
 RATE = 16000
 FRAME = RATE // 50  # 20 ms

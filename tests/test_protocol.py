@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import UnsupportedRate
-from gateway.protocol import (
+from gateway.ingest.protocol import (
     REJECT_REASONS,
     Audio,
     Handshake,

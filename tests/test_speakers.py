@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.clock import AudioClock
-from gateway.protocol import Roster, RosterEntry
-from gateway.speakers import SpeakerTimeline
+from gateway.ingest.clock import AudioClock
+from gateway.ingest.protocol import Roster, RosterEntry
+from gateway.ingest.speakers import SpeakerTimeline
 
 T0 = 1_795_479_000.0
 RATE = 16000

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import voice
 from gateway.audio.resample import Resampler
+from gateway.speech import voice
 
 from .conftest import GatewayFactory, wait_for
 from .playout import PlayoutBot

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.speakers import Speaker
+from gateway.ingest.speakers import Speaker
 from pipelines.transcription.backpressure import MessageQueue, Offer
 from pipelines.transcription.formats import UNKNOWN_SPEAKER, deepgram, meeting_baas, metadata
 from pipelines.transcription.results import Result, SpeechStarted, UtteranceEnd, Word

@@ -24,9 +24,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway import tokens
+from gateway.ingest.speakers import Speaker
 from gateway.pipeline import Environment, Pipeline, PipelineFactory, SessionContext
 from gateway.simulator import SimulatedBot, read_wav
-from gateway.speakers import Speaker
 from pipelines.transcription.formats import deepgram
 from pipelines.transcription.outputs import (
     JSONL,
@@ -367,6 +367,9 @@ async def test_finals_are_on_disk_as_published_and_survive_a_restart(
     async with Bot(again, "m7"):
         await wait_for(lambda: "m7" in pub2.sessions)
         pub2.sessions["m7"].publish(final(9))
+        # A subscriber joining now replays the finals of both processes, in order.
+        async with connect(again.url("/bots/m7/transcripts")) as late:
+            assert [(await recv(late))["start"] for _ in range(4)] == [0.0, 1.0, 2.0, 9.0]
     await wait_for(lambda: (directory / TRANSCRIPT).exists())  # ended after the linger
     lines = [json.loads(line) for line in (directory / JSONL).read_text().splitlines()]
     assert [line["start"] for line in lines] == [0.0, 1.0, 2.0, 9.0]

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from gateway.clock import AudioClock
 from gateway.config import Settings
+from gateway.ingest.clock import AudioClock
+from gateway.ingest.speakers import SpeakerTimeline
 from gateway.pipeline import Environment
-from gateway.speakers import SpeakerTimeline
 from pipelines.transcription.engine import Hypothesis
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.outputs import TranscriptOutputs

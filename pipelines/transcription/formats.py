@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gateway.speakers import Speaker
+from gateway.ingest.speakers import Speaker
 
 from .results import Result, SpeechStarted, TranscriptEvent, UtteranceEnd, Word
 

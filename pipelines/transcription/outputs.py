@@ -40,11 +40,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from gateway import journal
-from gateway.files import FileStatus, disk_watch, write_atomically
-from gateway.held import HeldAppender
-from gateway.offload import blocking
 from gateway.pipeline import Environment, RouteHandler, SessionContext
+from gateway.storage import journal
+from gateway.storage.files import FileStatus, disk_watch, write_atomically
+from gateway.storage.held import HeldAppender
+from gateway.storage.offload import blocking
 
 from .formats import deepgram, meeting_baas, metadata
 from .results import Result, TranscriptEvent
@@ -112,7 +112,8 @@ class TranscriptOutputs:
 
         ``ctx.directory`` must exist. The caller must :meth:`SessionOutputs.close` it.
         """
-        channel = self.hub.open(ctx.key, ctx.directory / JSONL)
+        jsonl = ctx.directory / JSONL
+        channel = self.hub.open(ctx.key, jsonl, _count_finals(jsonl))
         return SessionOutputs(self, ctx, channel, self._webhook_urls(ctx))
 
     def _webhook_urls(self, ctx: SessionContext) -> list[str]:
@@ -139,11 +140,11 @@ class SessionOutputs:
         self._ctx = ctx
         self._channel = channel
         self._urls = urls
-        self._sequence = _count_finals(ctx.directory / JSONL)  # a resumed session goes on
+        self._sequence = channel.finals  # a resumed session's finals go on from the file
         self._meta = metadata(str(uuid.uuid4()), outputs.env.settings.model)
         self._closed = False
         # A disk that refuses a final holds it (at most MEMORY, the finals late subscribers
-        # get from memory anyway) and retries with a back-off; see gateway.files.
+        # get from memory anyway) and retries with a back-off; see gateway.storage.files.
         dropped = outputs.disk.metrics.dropped_lines.labels("transcript")
         self._jsonl = HeldAppender(
             FileStatus(

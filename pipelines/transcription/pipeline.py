@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.audio.resample import Resampler
+from gateway.ingest.speakers import Speaker
 from gateway.pipeline import (
     Disconnected,
     Gap,
@@ -34,7 +35,6 @@ from gateway.pipeline import (
     SpeechEnded,
     SpeechStarted,
 )
-from gateway.speakers import Speaker
 
 from . import results
 from .engine import Engine, Hypothesis

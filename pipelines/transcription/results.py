@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.speakers import Speaker
+from gateway.ingest.speakers import Speaker
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway.offload import blocking
+from gateway.storage.offload import blocking
 
 from .backpressure import DEFAULT_MAX_LAG, LagWatch, MessageQueue, Offer
 
@@ -151,11 +151,12 @@ class SubscriberHub:
         self._everyone: set[_Subscriber] = set()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def open(self, key: str, jsonl: Path) -> Channel:
-        """A session for ``key`` started; its finals are appended to ``jsonl``."""
+    def open(self, key: str, jsonl: Path, finals: int = 0) -> Channel:
+        """A session for ``key`` started; its finals are appended to ``jsonl``, which
+        holds ``finals`` already (a session resumed by a new process)."""
         channel = self._channel(key)
         channel.history = deque(maxlen=self._memory)
-        channel.finals = 0
+        channel.finals = finals
         channel.jsonl = jsonl
         channel.live = True
         return channel

@@ -2,7 +2,7 @@
 
 Meeting platforms mark a person speaking some time after their voice is heard, up to a
 second or two, and some mark it a little early. Words are attributed to the roster as
-it was that much later (:meth:`gateway.speakers.SpeakerTimeline.attribute`), so the lag
+it was that much later (:meth:`gateway.ingest.speakers.SpeakerTimeline.attribute`), so the lag
 must be known, and it differs per platform and per meeting.
 
 Evidence: a roster start (someone marked speaking) follows the start of a voice by the

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.offload import blocking
+from gateway.storage.offload import blocking
 
 logger = logging.getLogger("pipelines.transcription.webhook")
 

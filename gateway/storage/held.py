@@ -1,9 +1,10 @@
 """Writers that keep what a full disk refused in memory and write it when they can.
 
 :class:`HeldWriter` holds refused data up to a bound and retries with a back-off
-(:data:`~gateway.files.FIRST_RETRY` doubling to :data:`~gateway.files.MAX_RETRY`) until it
-goes through; :class:`HeldAppender` is the one for line files (``speakers.jsonl``,
-``transcript.jsonl``). Failures are reported through a :class:`~gateway.files.FileStatus`.
+(:data:`~gateway.storage.files.FIRST_RETRY` doubling to
+:data:`~gateway.storage.files.MAX_RETRY`) until it goes through; :class:`HeldAppender` is
+the one for line files (``speakers.jsonl``, ``transcript.jsonl``). Failures are reported
+through a :class:`~gateway.storage.files.FileStatus`.
 """
 
 from __future__ import annotations

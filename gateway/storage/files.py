@@ -32,7 +32,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from .metrics import DiskMetrics
+from ..metrics import DiskMetrics
 
 logger = logging.getLogger("gateway.files")
 

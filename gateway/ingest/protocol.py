@@ -32,8 +32,8 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .config import SUPPORTED_RATES
-from .errors import UnsupportedRate
+from ..config import SUPPORTED_RATES
+from ..errors import UnsupportedRate
 
 __all__ = [
     "REJECT_REASONS",

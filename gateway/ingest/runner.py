@@ -28,9 +28,9 @@ import asyncio
 import logging
 from collections import deque
 
-from .audio.ring import Overrun, RingBuffer
-from .metrics import Metrics
-from .pipeline import Gap, Pipeline, PipelineEvent, SessionContext
+from ..audio.ring import Overrun, RingBuffer
+from ..metrics import Metrics
+from ..pipeline import Gap, Pipeline, PipelineEvent, SessionContext
 
 #: The control queue holds this many times ``pipeline_queue`` events.
 CONTROL_FACTOR = 16

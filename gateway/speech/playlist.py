@@ -2,12 +2,12 @@
 
 :class:`Playlist` decides everything about a session's speech into the meeting that does
 not need a socket or the event loop: which utterance plays next, when each frame is due
-(:class:`~gateway.pacing.Pacer`), what a stop cancels, whether speech heard in the
+(:class:`~gateway.speech.pacing.Pacer`), what a stop cancels, whether speech heard in the
 meeting is a person talking over the bot or the bot's own echo
-(:class:`~gateway.bargein.BargeIn`, fed with onsets found by a VAD run over what is
+(:class:`~gateway.speech.bargein.BargeIn`, fed with onsets found by a VAD run over what is
 sent), the gain while ducking, and the events subscribers see. Every call that depends
 on time takes it as arguments (``mono``: monotonic seconds, ``wall``: epoch seconds),
-so tests give it made-up times. :class:`gateway.playback.Player` is the asyncio shell
+so tests give it made-up times. :class:`gateway.speech.playback.Player` is the asyncio shell
 that reads the sources, waits for sockets and sleeps until frames are due.
 """
 
@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from ..audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from ..config import Settings
+from ..errors import GatewayError
+from ..ingest.speakers import SpeakerChange
+from ..metrics import Metrics
 from .bargein import BargeIn
-from .config import Settings
-from .errors import GatewayError
-from .metrics import Metrics
 from .pacing import Pacer
-from .speakers import SpeakerChange
 
 Samples = npt.NDArray[np.int16]
 Listener = Callable[[dict[str, Any]], None]

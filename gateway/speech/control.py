@@ -39,12 +39,12 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .errors import RouteError
-from .metrics import Metrics
-from .offload import blocking
+from ..errors import RouteError
+from ..metrics import Metrics
+from ..session import Session
+from ..sessions import SessionManager
+from ..storage.offload import blocking
 from .playback import PlaybackFull
-from .session import Session
-from .sessions import SessionManager
 from .voice import decode_wav, preload
 
 #: Longest text one ``say`` accepts, characters.

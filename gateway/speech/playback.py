@@ -2,7 +2,7 @@
 
 The player owns a bounded queue of utterances and one task that sends them to the bot
 as binary PCM s16le mono at the session's rate, ``playback_frame_ms`` per message,
-paced by :class:`~gateway.pacing.Pacer` so that at most ``playback_lead_ms`` sits in the
+paced by :class:`~gateway.speech.pacing.Pacer` so that at most ``playback_lead_ms`` sits in the
 bot's queue. Never a text frame: the bot would play it as noise.
 
 Where audio goes: the session's separate input socket once the bot has opened one;
@@ -12,7 +12,7 @@ keeps the unsent rest and sends it once the bot reconnects, ``drop`` ends the
 utterance. Queued utterances always wait for a socket.
 
 Barge-in (``barge_in``): the session feeds its VAD and roster events to
-:meth:`Player.observe`; :class:`~gateway.bargein.BargeIn` tells a person from the bot's
+:meth:`Player.observe`; :class:`~gateway.speech.bargein.BargeIn` tells a person from the bot's
 own echo. ``stop`` ends the current utterance before its next frame and cancels the
 queue, ``duck`` lowers what is still to be sent by 12 dB until the person stops,
 ``ignore`` only counts. The bot's queue cannot be flushed, so up to the lead (100 ms by
@@ -21,7 +21,7 @@ default) still plays after a stop.
 Events go to every subscriber as dicts (see :meth:`Player.subscribe`).
 
 Every decision (queue, pacing, barge-in, own-voice onsets, events) is made by the
-sans-I/O :class:`~gateway.playlist.Playlist`; the player is its asyncio shell: it reads
+sans-I/O :class:`~gateway.speech.playlist.Playlist`; the player is its asyncio shell: it reads
 the sources, waits for an open socket, sleeps until a frame is due and sends it.
 """
 
@@ -39,8 +39,8 @@ import numpy.typing as npt
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .config import Settings
-from .metrics import Metrics
+from ..config import Settings
+from ..metrics import Metrics
 from .playlist import MAX_QUEUED, Listener, PlaybackFull, Playlist, Utterance
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_QUEUED", "PlaybackFull", "Player", "Utterance"]

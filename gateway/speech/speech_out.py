@@ -1,6 +1,6 @@
 """Speech out of a session: what pipelines and the control endpoint queue for the meeting,
 and where it goes. A mixin of :class:`gateway.session.Session` (the session's speech
-half; the player itself is :mod:`gateway.playback`)."""
+half; the player itself is :mod:`gateway.speech.playback`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ..ingest.speakers import Speaker, SpeakerChange
 from .playback import Player
-from .speakers import Speaker, SpeakerChange
 from .voice import resample, tts
 
 if TYPE_CHECKING:
-    from .clock import AudioClock
-    from .config import Settings
-    from .reports import ConnectionRecord
-    from .runner import PipelineRunner
-    from .speakers import SpeakerTimeline
+    from ..config import Settings
+    from ..ingest.clock import AudioClock
+    from ..ingest.runner import PipelineRunner
+    from ..ingest.speakers import SpeakerTimeline
+    from ..reports import ConnectionRecord
 
 Samples = npt.NDArray[np.int16]
 
@@ -44,7 +44,7 @@ class SpeechOut:
     def speak(self, samples: Samples, rate: int) -> str:
         """Queue int16 mono ``samples`` at ``rate`` for the meeting; returns the utterance id.
 
-        Raises :class:`~gateway.playback.PlaybackFull` when too much is queued and
+        Raises :class:`~gateway.speech.playback.PlaybackFull` when too much is queued and
         ``RuntimeError`` before the session has a rate (pipelines never see that).
         """
         return self._player().enqueue(resample(samples, rate, self.sample_rate), "pipeline")
