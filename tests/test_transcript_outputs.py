@@ -467,12 +467,14 @@ async def test_start_up_rebuilds_transcripts_a_crash_left_unwritten(
 _background: set[asyncio.Task[bytes]] = set()
 
 
-async def _spawn_gateway(data_dir: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def _spawn_gateway(
+    data_dir: Path, linger: float = 60
+) -> tuple[asyncio.subprocess.Process, int]:
     """A gateway in its own process (so it can be killed), and the port it bound."""
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", "0"),
         *("--data-dir", str(data_dir), "--pipelines", "recording,transcription"),
-        *("--linger", "60", "--log-format", "text"),
+        *("--linger", str(linger), "--log-format", "text"),
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -520,10 +522,14 @@ async def test_finals_written_survive_a_killed_gateway(
     # Every final a subscriber saw was on disk before the process died.
     assert _finals(seen)
     assert all(m in written for m in _finals(seen))
-    # The next start rebuilds the transcript from what was written.
-    proc, _ = await _spawn_gateway(data_dir)
-    proc.terminate()
-    await proc.wait()
+    # The next start resumes the meeting; its bot never comes back, so it ends when its
+    # linger runs out, and the transcript is built from everything written.
+    proc, _ = await _spawn_gateway(data_dir, linger=1)
+    try:
+        await wait_for(lambda: (directory / TRANSCRIPT).exists(), within=30)
+    finally:
+        proc.terminate()
+        await proc.wait()
     transcript = json.loads((directory / TRANSCRIPT).read_text())
     words = [w["word"] for s in transcript["transcript"] for w in s["words"]]
     assert words == [
