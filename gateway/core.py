@@ -161,6 +161,15 @@ class SessionCore:
             self._post([Disconnected(ring.written)])
             self._position(now)
 
+    def flush(self) -> None:
+        """Finish what was heard so far now (a client asked): the speech open at this
+        point ends, and pipelines finalize it as at a dropped connection."""
+        ring = self.ring
+        if ring is not None and self.vad is not None:
+            self._process_block()
+            self._post(self.vad.interrupt(ring.written))
+            self._post([Disconnected(ring.written)])
+
     def end(self, now: float) -> None:
         """The session stops (ended or suspended): close open speech and speakers, at the
         end of the audio rather than at ``now``."""

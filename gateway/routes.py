@@ -28,6 +28,8 @@ def parse_route(target: str) -> Route:
     parts = [p for p in url.path.split("/") if p]
     if not parts:
         return Route("output", None, params)
+    if parts == ["v1", "listen"]:  # Deepgram's live API (gateway.listen)
+        return Route("listen", None, params)
     if parts[0] == "bots" and len(parts) in (2, 3):
         key = parts[1]
         if not valid_key(key):

@@ -24,15 +24,17 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
-from . import reports, tokens
+from . import listen, reports, tokens
 from .admission import Admission
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
@@ -74,6 +76,7 @@ class Gateway:
         for factory in self.factories.values():
             self.routes.update(factory.routes())
         self.routes["control"] = ("control", ControlEndpoint(self.sessions, self.metrics).handle)
+        self.listen = listen.ListenEndpoint(self)
         self.ready = False
         self._stopped = False
         self._server: Server | None = None
@@ -107,6 +110,7 @@ class Gateway:
             ping_timeout=KEEPALIVE_TIMEOUT,
             compression="deflate" if s.compression else None,
             server_header=None,
+            select_subprotocol=_select_subprotocol,
         )
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
         self.ready = True
@@ -169,12 +173,12 @@ class Gateway:
         if "upgrade" not in request.headers.get("Connection", "").lower():
             return response(404, "text/plain", b"not found\n")
         try:
-            self._check(parse_route(request.path), _remote_ip(ws))
+            self._check(parse_route(request.path), _remote_ip(ws), request.headers)
         except ProtocolError as exc:
             return self._refusal(exc, _remote_ip(ws))
         return None
 
-    def _check(self, route: Route, ip: str) -> None:
+    def _check(self, route: Route, ip: str, headers: Headers) -> None:
         """Everything the request alone decides: route, token, limits, draining.
 
         Run before the upgrade, so a refusal is an HTTP status the bot's client treats as
@@ -192,6 +196,12 @@ class Gateway:
             self._authorize(route, "output", route.key)
         elif route.kind == "input" and route.key is not None:
             self._authorize(route, "input", route.key)
+        elif route.kind == "listen":
+            if "transcripts" not in self.routes:
+                raise RouteError("/v1/listen needs the transcription pipeline")
+            options = listen.ListenOptions.parse(route.params)
+            if not s.open:
+                listen.authorize(s.secret, listen.credential(headers, route.params), options)
         elif route.kind in self.routes:
             token_role = self.routes[route.kind][0]
             if token_role not in tokens.ROLES:
@@ -256,6 +266,8 @@ class Gateway:
             await self._output(ws, route)
         elif route.kind == "input" and route.key is not None:
             await self._input(ws, route.key, route.params)
+        elif route.kind == "listen":
+            await self.listen.handle(ws, route.params)
         else:
             await self.routes[route.kind][1](ws, route.key)
 
@@ -372,6 +384,12 @@ class Gateway:
             session.log.info("bot input disconnected (code %s)", ws.close_code)
             if session.output is None and session.ended_at is None:
                 self.sessions.linger(session)
+
+
+def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Browsers pass a Deepgram key as ``Sec-WebSocket-Protocol: token, <key>`` and
+    need ``token`` back; anyone else offers none and gets none."""
+    return Subprotocol("token") if "token" in offered else None
 
 
 def _url_rate(params: Mapping[str, str]) -> int | None:

@@ -228,6 +228,10 @@ class Session(SpeechOut):
     def roster(self, roster: Roster, now: float) -> None:
         self.core.roster(roster, now)
 
+    def flush(self) -> None:
+        """Finalize what was heard so far now (a client's ``Finalize``)."""
+        self.core.flush()
+
     def flush_counts(self) -> None:
         self.core.flush_counts()
 
