@@ -185,6 +185,34 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return _control(args, {"type": "stop"})
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from websockets.exceptions import InvalidHandshake, InvalidURI
+
+    from .terminal import transcripts_url, watch
+
+    settings = Settings.from_sources(args)
+    token = args.token or (
+        tokens.mint(settings.secret, "read", args.key or tokens.ANY_KEY, 3600)
+        if settings.secret
+        else None
+    )
+    try:
+        return asyncio.run(watch(transcripts_url(args.url, args.key, token), sessions=not args.key))
+    except (OSError, InvalidURI, InvalidHandshake) as exc:
+        raise GatewayError(f"cannot follow {args.url}: {exc}") from None
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from .terminal import fetch_sessions, sessions_table
+
+    try:
+        rows = fetch_sessions(args.url)
+    except (OSError, ValueError) as exc:
+        raise GatewayError(f"cannot list sessions at {args.url}: {exc}") from None
+    print(json.dumps(rows, indent=1) if args.json else sessions_table(rows))
+    return 0
+
+
 def _control_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(name, help=help)
     p.add_argument("--url", required=True, help="the gateway, ws://host:port (or a control URL)")
@@ -232,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     play.set_defaults(func=cmd_play)
     stop = _control_parser(sub, "stop", "stop a session's bot speaking and clear its queue")
     stop.set_defaults(func=cmd_stop)
+
+    watching = sub.add_parser("watch", help="follow a session's live transcript (or all)")
+    watching.add_argument("key", nargs="?", help="the session key (default: every session)")
+    watching.add_argument("--url", default="ws://localhost:8080", help="the gateway")
+    watching.add_argument("--token", help="read token (default: minted from GATEWAY_SECRET)")
+    Settings.add_arguments(watching, ["secret"])
+    watching.set_defaults(func=cmd_watch)
+    listing = sub.add_parser("sessions", help="list the gateway's sessions as a table")
+    listing.add_argument("--url", default="http://localhost:8080", help="the gateway")
+    listing.add_argument("--json", action="store_true", help="print the JSON instead")
+    listing.set_defaults(func=cmd_sessions)
     return parser
 
 

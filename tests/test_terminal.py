@@ -1,0 +1,78 @@
+"""``meeting-gateway watch`` and ``meeting-gateway sessions`` against a real gateway,
+as subprocesses, plus the renderer on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from gateway.speakers import Speaker
+from gateway.terminal import CLEAR_LINE, Renderer
+from pipelines.transcription.formats import deepgram
+
+from .conftest import GatewayFactory, wait_for
+from .test_transcript_outputs import ALICE, Bot, final, partial, start
+from .timing import scaled
+
+BOB = Speaker("id:2", 2, "Bob", False)
+
+
+def test_a_terminal_sees_partials_rewritten_and_finals_kept() -> None:
+    r = Renderer(live=True, colour=True, sessions=False)
+    shown = r.feed(deepgram(partial(1)))
+    assert shown.startswith("\x1b[2m") and "p1" in shown and "\n" not in shown
+    line = r.feed(deepgram(final(1)))
+    assert line.startswith(CLEAR_LINE) and line.endswith("\n")
+    assert "00:01" in line and "Alice" in line and "W1x0. W1x1." in line
+    # Each speaker keeps one colour.
+    assert r.feed(deepgram(final(2))).split("Alice")[0][-8:] == line.split("Alice")[0][-8:]
+    assert r.feed(deepgram(final(3, BOB))).split("Bob")[0][-8:] != line.split("Alice")[0][-8:]
+
+
+def test_a_pipe_gets_plain_finals_only() -> None:
+    r = Renderer(live=False, colour=False, sessions=True)
+    assert r.feed(deepgram(partial(1))) == ""
+    message = deepgram(final(65))
+    message["session"] = "m1"
+    assert r.feed(message) == "m1  01:05  Alice  W65x0. W65x1.\n"
+
+
+async def test_watch_and_sessions_commands(start_gateway: GatewayFactory) -> None:
+    running, pub = await start(start_gateway)
+    async with Bot(running, "tv"):
+        await wait_for(lambda: "tv" in pub.sessions)
+        watcher = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "watch",
+            "tv",
+            "--url",
+            running.url(""),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        # The watcher replays the finals so far, then follows live.
+        pub.sessions["tv"].publish(final(1))
+        await asyncio.sleep(0.5)
+        pub.sessions["tv"].publish(partial(2))
+        pub.sessions["tv"].publish(final(2, ALICE))
+        listing = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "sessions",
+            "--url",
+            running.http,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        table, _ = await asyncio.wait_for(listing.communicate(), scaled(30))
+    # The bot left: the session ends after its linger and the watcher with it.
+    out, _ = await asyncio.wait_for(watcher.communicate(), scaled(30))
+    assert watcher.returncode == 0
+    assert out.decode().splitlines() == [
+        "00:01  Alice  W1x0. W1x1.",
+        "00:02  Alice  W2x0. W2x1.",
+    ]
+    header, row = table.decode().splitlines()
+    assert header.split() == ["KEY", "STATE", "RATE", "AUDIO", "SPEAKERS", "GAPS", "RECONNECTS"]
+    assert row.split()[:3] == ["tv", "live", "16000"]
