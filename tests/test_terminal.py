@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from gateway.speakers import Speaker
+from gateway.ingest.speakers import Speaker
 from gateway.terminal import CLEAR_LINE, Renderer
 from pipelines.transcription.formats import deepgram
 
