@@ -35,6 +35,11 @@ KEEPALIVE_TIMEOUT = 20.0
 SUPPORTED_RATES = (16000, 24000, 32000, 48000)
 
 
+def language_code_ok(code: str) -> bool:
+    """Whether ``code`` looks like a language Whisper may know (``auto``: detect it)."""
+    return code == "auto" or (2 <= len(code) <= 3 and code.isascii() and code.isalpha())
+
+
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -86,6 +91,11 @@ class Settings:
     )
     # --- transcription
     model: str = _setting("tiny.en", "Whisper model: tiny.en, base, or a CTranslate2 directory")
+    language: str = _setting(
+        "en",
+        "language spoken: an ISO 639-1 code, or auto to detect it (other than en needs a"
+        " multilingual model such as base); a bot URL's ?language= overrides it",
+    )
     model_cache: Path = _setting(
         Path.home() / ".cache" / "meeting-gateway", "where assembled models are kept"
     )
@@ -140,6 +150,10 @@ class Settings:
             raise bad("ring_seconds", "must be at least 1 second")
         if self.max_utterance < 2:
             raise bad("max_utterance", "must be at least 2 seconds")
+        if not language_code_ok(self.language):
+            raise bad("language", "must be an ISO 639-1 code such as en, es, de, or auto")
+        if self.language != "en" and self.model.endswith(".en"):
+            raise bad("language", f"{self.model} knows only English: use --model base")
         for name in (
             "max_connections",
             "max_connections_per_ip",

@@ -51,7 +51,9 @@ def test_results_message_has_deepgram_fields_and_speakers() -> None:
         "punctuated_word": "there.",
         "speaker": 1,
         "speaker_name": "Alice",
+        "language": "en",
     }
+    assert alt["languages"] == ["en"]
     json.dumps(m)  # serialisable as is
 
 
@@ -139,6 +141,7 @@ def test_partials_and_events_are_ignored_and_unknown_named() -> None:
                 "offset": 0.5,
                 "start_time": 0.5,
                 "end_time": 0.8,
+                "language": "en",
                 "words": [{"start": 0.5, "end": 0.8, "word": "Yes."}],
             }
         ],

@@ -42,6 +42,10 @@ class SilentEngine:
     """Recognizes nothing: these tests are about scheduling, not recognition."""
 
     lanes = 1
+    multilingual = False
+
+    def supported_languages(self) -> list[str]:
+        return ["en"]
 
     def transcribe(self, audio: Any, offset: float, **_: Any) -> Hypothesis:
         return Hypothesis((), (), len(audio) / RATE, 0.0)

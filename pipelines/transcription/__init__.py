@@ -67,4 +67,5 @@ class TranscriptionFactory(PipelineFactory):
             partial_interval=s.partial_interval,
             max_utterance=s.max_utterance,
             bot_speech=s.bot_speech,
+            language=s.language,
         )

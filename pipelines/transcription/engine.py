@@ -117,6 +117,10 @@ class Hypothesis:
     """Why segments were thrown away: ``no_speech``, ``low_logprob`` or ``repetition``."""
     audio_seconds: float
     compute_seconds: float
+    language: str = "en"
+    """The language decoded in: the one asked for, or the one detected."""
+    language_probability: float = 1.0
+    """How sure the detection was (1.0 when the language was given)."""
 
 
 def judge(segment: Any) -> str | None:
@@ -275,6 +279,7 @@ class Engine:
         *,
         compact: bool = True,
         lane: int = 0,
+        language: str | None = "en",
     ) -> Hypothesis:
         """Recognize 16 kHz mono ``audio`` that starts ``offset`` seconds into the session.
 
@@ -286,13 +291,29 @@ class Engine:
         began = time.perf_counter()
         model = self.models[lane]
         with self._locks[lane]:
-            words, rejected = self._decode(model, audio, offset, prompt, compact and self.compact)
-            if compact and self.compact and "repetition" in rejected:
+            use_compact = compact and self.compact
+            words, rejected, info = self._decode(
+                model, audio, offset, prompt, use_compact, language
+            )
+            if use_compact and "repetition" in rejected:
                 # A short window occasionally loops where the standard one does not.
-                words, rejected = self._decode(model, audio, offset, prompt, False)
+                words, rejected, info = self._decode(model, audio, offset, prompt, False, language)
         return Hypothesis(
-            tuple(words), tuple(rejected), len(audio) / ASR_RATE, time.perf_counter() - began
+            tuple(words),
+            tuple(rejected),
+            len(audio) / ASR_RATE,
+            time.perf_counter() - began,
+            getattr(info, "language", None) or language or "en",
+            float(getattr(info, "language_probability", 1.0) or 1.0),
         )
+
+    @property
+    def multilingual(self) -> bool:
+        """Whether the model knows languages other than English (not a ``.en`` model)."""
+        return bool(self.models[0].model.is_multilingual)
+
+    def supported_languages(self) -> list[str]:
+        return list(getattr(self.models[0], "supported_languages", ["en"]))
 
     def _decode(
         self,
@@ -301,13 +322,14 @@ class Engine:
         offset: float,
         prompt: str | None,
         compact: bool,
-    ) -> tuple[list[HypWord], list[str]]:
+        language: str | None,
+    ) -> tuple[list[HypWord], list[str], Any]:
         _compact.on = compact
         limit = int(TOKENS_PER_SECOND * len(audio) / ASR_RATE) + TOKEN_SLACK
         try:
-            segments, _ = model.transcribe(
+            segments, info = model.transcribe(
                 audio,
-                language="en",
+                language=language,
                 beam_size=1,
                 temperature=0.0,
                 condition_on_previous_text=False,
@@ -322,11 +344,11 @@ class Engine:
         finally:
             _compact.on = False
         if sum(len(segment.tokens) for segment in decoded) >= limit - 1:
-            return [], ["repetition"]  # ran out of room: a loop, not speech
+            return [], ["repetition"], info  # ran out of room: a loop, not speech
         words, rejected = collect(decoded, offset)
         if looping([w.norm for w in words]):
-            return [], [*rejected, "repetition"]
-        return words, rejected
+            return [], [*rejected, "repetition"], info
+        return words, rejected, info
 
 
 _shared: dict[tuple[str, str, int], Engine] = {}

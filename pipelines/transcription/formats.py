@@ -66,6 +66,7 @@ def _word(w: Word) -> Message:
         "punctuated_word": w.punctuated,
         "speaker": sid,
         "speaker_name": name,
+        "language": w.language,
     }
 
 
@@ -86,6 +87,7 @@ def _results(r: Result, metadata: Mapping[str, Any] | None) -> Message:
                     "transcript": r.transcript,
                     "confidence": round(r.confidence, 4),
                     "words": [_word(w) for w in r.words],
+                    "languages": [r.language],
                 }
             ]
         },
@@ -158,6 +160,7 @@ def meeting_baas(finals: Iterable[Message], speakers: Sequence[str] = ()) -> Mes
                     "offset": word["start"],
                     "start_time": word["start"],
                     "end_time": word["end"],
+                    "language": word.get("language", "en"),
                     "words": [],
                 }
                 current_key = key

@@ -38,6 +38,7 @@ from gateway.pipeline import (
 
 from . import results
 from .engine import Engine, Hypothesis
+from .language import LanguageChoice, session_language
 from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
 from .scheduler import Scheduler
 from .turns import RosterLag
@@ -85,8 +86,10 @@ class TranscriptionPipeline(Pipeline):
         partial_interval: float,
         max_utterance: float,
         bot_speech: str,
+        language: str = "en",
     ) -> None:
         self._engine = engine
+        self._default_language = language
         self._scheduler = scheduler
         self._hub = outputs
         self._metrics = metrics
@@ -111,6 +114,11 @@ class TranscriptionPipeline(Pipeline):
 
     async def start(self, ctx: SessionContext) -> None:
         self._ctx = ctx
+        asked = ctx.params.get("language") or self._default_language
+        engine = self._engine
+        self._language = LanguageChoice(
+            session_language(asked, engine.multilingual, engine.supported_languages())
+        )
         self._rate = ctx.sample_rate
         self._resampler = Resampler(ctx.sample_rate, ASR_RATE)
         self._out: SessionOutputs = self._hub.open(ctx)
@@ -132,6 +140,7 @@ class TranscriptionPipeline(Pipeline):
         elif isinstance(event, SpeakerChange):
             if event.speaking and not event.speaker.is_bot:
                 self._roster_lag.roster_started(event.time)
+                self._language.speaker(event.speaker.key)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
         elif isinstance(event, Disconnected):
@@ -198,8 +207,10 @@ class TranscriptionPipeline(Pipeline):
         if request.kind == "final":
             self._finals.append(pending)
 
+        language = self._language.for_request()
+
         def fn(lane: int) -> Hypothesis:
-            return self._engine.transcribe(audio, at / ASR_RATE, lane=lane)
+            return self._engine.transcribe(audio, at / ASR_RATE, lane=lane, language=language)
 
         future = self._scheduler.submit(
             self._ctx.key, request.kind, fn, urgent=request.kind == "partial" and request.first
@@ -231,6 +242,9 @@ class TranscriptionPipeline(Pipeline):
                 m.rtf.labels(request.kind).observe(
                     hypothesis.compute_seconds / hypothesis.audio_seconds
                 )
+            self._language.heard(
+                hypothesis.language, hypothesis.language_probability, hypothesis.audio_seconds
+            )
             for reason in hypothesis.rejected:
                 m.rejected.labels(reason).inc()
             words = hypothesis.words
@@ -288,25 +302,26 @@ class TranscriptionPipeline(Pipeline):
         if draft.is_final:
             words = self._after_last_final(words)
         utterance = request.utterance if request is not None else self._policy.utterance
+        lang = self._language.current
         if not draft.is_final:
             if words:
                 self._out.publish(
-                    results.Result(words[0].start, words[-1].end, words, False, False)
+                    results.Result(words[0].start, words[-1].end, words, False, False, lang)
                 )
                 self._metrics.results.labels("partial").inc()
                 if request is not None and utterance not in self._first_partial:
                     self._first_partial.add(utterance)
                     self._observe(self._metrics.first_partial_latency, request.speech_start)
             return
-        groups = _by_speaker(words)
+        groups = results.by_speaker(words)
         if not groups and draft.speech_final and utterance in self._words_in_utterance:
             # Every word was final already: the endpoint still gets its speech_final.
             end = self._words_in_utterance[utterance]
-            self._out.publish(results.Result(end, end, (), True, True))
+            self._out.publish(results.Result(end, end, (), True, True, lang))
         for i, group in enumerate(groups):
             speech_final = draft.speech_final and i == len(groups) - 1
             self._out.publish(
-                results.Result(group[0].start, group[-1].end, group, True, speech_final)
+                results.Result(group[0].start, group[-1].end, group, True, speech_final, lang)
             )
             self._metrics.results.labels("final").inc()
         if words:
@@ -364,6 +379,7 @@ class TranscriptionPipeline(Pipeline):
                     round(w.end, 3),
                     round(w.probability, 4),
                     speaker,
+                    self._language.current,
                 )
             )
         return tuple(out)
@@ -375,17 +391,3 @@ class TranscriptionPipeline(Pipeline):
             if speaker is not None:
                 return speaker
         return None
-
-
-def _by_speaker(words: tuple[results.Word, ...]) -> list[tuple[results.Word, ...]]:
-    """Split a final where the speaker changes."""
-    groups: list[list[results.Word]] = []
-    for w in words:
-        key = w.speaker.key if w.speaker is not None else None
-        if groups:
-            prev = groups[-1][-1].speaker
-            if (prev.key if prev is not None else None) == key:
-                groups[-1].append(w)
-                continue
-        groups.append([w])
-    return [tuple(g) for g in groups]

@@ -23,6 +23,7 @@ class Word:
     end: float
     confidence: float
     speaker: Speaker | None
+    language: str = "en"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class Result:
     words: tuple[Word, ...]
     is_final: bool
     speech_final: bool
+    language: str = "en"
 
     @property
     def transcript(self) -> str:
@@ -77,3 +79,17 @@ class UtteranceEnd:
 
 
 TranscriptEvent = Result | SpeechStarted | UtteranceEnd
+
+
+def by_speaker(words: tuple[Word, ...]) -> list[tuple[Word, ...]]:
+    """Split a final where the speaker changes."""
+    groups: list[list[Word]] = []
+    for w in words:
+        key = w.speaker.key if w.speaker is not None else None
+        if groups:
+            prev = groups[-1][-1].speaker
+            if (prev.key if prev is not None else None) == key:
+                groups[-1].append(w)
+                continue
+        groups.append([w])
+    return [tuple(g) for g in groups]

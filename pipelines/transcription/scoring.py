@@ -6,8 +6,9 @@ import re
 
 
 def words(text: str) -> list[str]:
-    """Lower-case words without punctuation (hyphenated words split), as references are."""
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+    """Lower-case words without punctuation (hyphenated words split), as references are;
+    letters of every script count (``días``, ``über``)."""
+    return re.sub(r"[^\w' ]+|_", " ", text.lower().replace("-", " ")).split()
 
 
 def wer(reference: list[str], hypothesis: list[str]) -> float:
