@@ -24,12 +24,12 @@ $(VENV)/.dev: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(VENV)/.installed $@
 
-## testdata: real human speech with exact transcripts (Debian's pocketsphinx-testdata), and
-## espeak-ng voices for the conversation test set (benchmarks/conversations.py)
-testdata: $(TESTDATA) /usr/bin/espeak-ng
-$(TESTDATA) /usr/bin/espeak-ng &:
+## testdata: real human speech with exact transcripts (Debian's pocketsphinx-testdata),
+## espeak-ng voices (conversations, languages) and a real browser for the live page
+testdata: $(TESTDATA) /usr/bin/espeak-ng /usr/bin/chromium
+$(TESTDATA) /usr/bin/espeak-ng /usr/bin/chromium &:
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq pocketsphinx-testdata espeak-ng
+	$(SUDO) apt-get install -y -qq pocketsphinx-testdata espeak-ng chromium
 
 ## lint: formatting, lint rules and strict typing
 lint: dev

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .storage.files import FileStatus, disk_watch, write_atomically
 from .storage.offload import blocking
@@ -75,6 +78,53 @@ def summary(session: Session) -> dict[str, Any]:
         ],
         "reconnects": session.reconnects,
         "pipelines": {r.name: ("failed" if r.failed else "running") for r in session.runners},
+        "speaking": [s.name for s in session.speakers.speaking_now],
+        "level_db": level_db(session),
+    }
+
+
+#: The audio level is measured over this much of the newest audio, seconds.
+LEVEL_WINDOW = 0.1
+
+
+def level_db(session: Session) -> float | None:
+    """The newest audio's level, dBFS (RMS over :data:`LEVEL_WINDOW`), measured when asked:
+    nothing on the ingest path. None before audio or while the bot is away."""
+    ring = session.ring
+    if ring is None or session.output is None or not ring.written:
+        return None
+    start = max(ring.oldest, ring.written - int(LEVEL_WINDOW * session.sample_rate))
+    views = ring.read(start, ring.written)
+    samples = np.concatenate(views).astype(np.float64) if views else np.zeros(0)
+    if not len(samples):
+        return None
+    rms = float(np.sqrt(np.mean(np.square(samples)))) / 32768.0
+    return round(20 * math.log10(max(rms, 1e-5)), 1)
+
+
+def timeline(session: Session) -> dict[str, Any]:
+    """Who spoke when: each speaker's intervals in session-clock seconds (an open one
+    ends at the newest audio)."""
+    origin = session.clock.origin
+    now = session.audio_seconds
+
+    def seconds(wall: float | None) -> float:
+        if wall is None or origin is None:
+            return round(now, 3)
+        return round(max(0.0, wall - origin), 3)
+
+    return {
+        "audio_seconds": round(now, 3),
+        "speakers": [
+            {
+                "name": s.name,
+                "is_bot": s.is_bot,
+                "intervals": [
+                    [seconds(a), seconds(b)] for a, b in session.speakers.intervals(s.key)
+                ],
+            }
+            for s in session.speakers.speakers
+        ],
     }
 
 

@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from . import listen, reports, tokens
+from . import http, listen, tokens
 from .admission import Admission
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
@@ -48,7 +46,6 @@ from .session import Session
 from .sessions import SessionManager
 from .speech import voice
 from .speech.control import ControlEndpoint
-from .storage.files import disk_watch
 
 logger = logging.getLogger("gateway.server")
 
@@ -152,26 +149,9 @@ class Gateway:
     # -- HTTP -----------------------------------------------------------------------------
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path == "/healthz":
-            return response(200, "text/plain", b"ok\n")
-        if path == "/readyz":
-            if not self.ready:
-                return response(503, "text/plain", b"not ready\n")
-            # A session that cannot write (a full data volume) keeps new meetings away
-            # until its writes go through again; the check is a dictionary lookup.
-            problem = disk_watch(self.metrics.registry).problem
-            if problem is not None:
-                return response(503, "text/plain", f"not ready: {problem}\n".encode())
-            return response(200, "text/plain", b"ready\n")
-        if path == "/metrics":
-            self.sessions.refresh()  # states change on every connect; count them now
-            return response(200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry))
-        if path == "/sessions":
-            body = json.dumps([reports.summary(s) for s in self.sessions], indent=1).encode()
-            return response(200, "application/json", body)
-        if "upgrade" not in request.headers.get("Connection", "").lower():
-            return response(404, "text/plain", b"not found\n")
+        plain = http.answer(self, request)
+        if plain is not None:
+            return plain
         try:
             self._check(parse_route(request.path), _remote_ip(ws), request.headers)
         except ProtocolError as exc:

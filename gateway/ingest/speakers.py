@@ -110,6 +110,11 @@ class SpeakerTimeline:
         return self._speakers.get(key)
 
     @property
+    def speaking_now(self) -> list[Speaker]:
+        """Who the roster marks speaking now."""
+        return [self._speakers[k] for k in self._speaking if k in self._speakers]
+
+    @property
     def bot(self) -> Speaker | None:
         return next((s for s in self._speakers.values() if s.is_bot), None)
 

@@ -1,0 +1,88 @@
+"""The live page in a real browser: Debian's Chromium, driven by Playwright.
+
+A simulated bot streams real speech with a roster into a gateway running the real
+model; the page, opened before the bot joins, shows the session, its speaker and their
+words as they are recognized, without a reload. A screenshot of the page is kept in
+``$GATEWAY_TEST_ARTEFACTS`` (default: the test's temporary directory)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.simulator import SimulatedBot, read_wav
+
+from .conftest import GatewayFactory, Utterance
+from .timing import scaled
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+RATE = 16000
+
+
+def test_the_page_and_its_assets_are_served_offline(tmp_path: Path) -> None:
+    """Every asset the page loads comes from the gateway: no CDN, no build step."""
+    page = (Path(__file__).parent.parent / "gateway" / "page" / "index.html").read_text()
+    script = (Path(__file__).parent.parent / "gateway" / "page" / "app.js").read_text()
+    for text in (page, script):
+        assert "http://" not in text and "https://" not in text
+        assert "innerHTML" not in text  # untrusted names and words go through textContent
+
+
+@pytest.mark.model
+async def test_a_bots_speaker_and_words_appear_live_in_a_real_browser(
+    start_gateway: GatewayFactory, librivox: list[Utterance], tmp_path: Path
+) -> None:
+    from playwright.async_api import async_playwright
+
+    running = await start_gateway(pipelines="transcription", linger=30)
+    first = librivox[0]
+    audio, _ = read_wav(first.path, RATE)
+    audio = np.concatenate([audio, np.zeros(RATE, dtype=np.int16)])
+    alice = [{"name": "Alice", "id": 3, "isSpeaking": True, "deviceId": "d", "isSelf": False}]
+    bot = SimulatedBot(
+        url=running.url("/bots/page-demo"),
+        samples=audio,
+        rate=RATE,
+        speed=1.0,
+        roster=[{"at": 0.0, "roster": alice}],
+    )
+    artefacts = Path(os.environ.get("GATEWAY_TEST_ARTEFACTS", tmp_path))
+    await asyncio.to_thread(artefacts.mkdir, parents=True, exist_ok=True)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            config = await page.request.get(running.http + "/page/config.json")
+            assert await config.json() == {"open": True}
+            await page.goto(running.http + "/")
+            await page.wait_for_selector("#no-sessions", state="visible")
+            playing = asyncio.create_task(bot.run())
+            # The session appears, is selected, and its speaker shows as speaking.
+            await page.wait_for_selector("#sessions tr[data-key=page-demo]", timeout=scaled(20_000))
+            await page.wait_for_function(
+                "document.getElementById('speaking').textContent.includes('Alice')",
+                timeout=scaled(20_000),
+            )
+            # Words appear as they are recognized, attributed to the roster speaker.
+            await page.wait_for_selector("#transcript p", timeout=scaled(60_000))
+            await playing
+            await page.wait_for_function(
+                "document.querySelectorAll('#timeline .bar').length > 0", timeout=scaled(10_000)
+            )
+            names = await page.locator("#transcript .who").all_text_contents()
+            text = " ".join(await page.locator("#transcript .text").all_text_contents())
+            await page.screenshot(path=str(artefacts / "live-page.png"), full_page=True)
+            assert errors == []
+        finally:
+            await browser.close()
+    assert set(names) == {"Alice"}
+    heard = {w.strip(".,?!").lower() for w in text.split()}
+    reference = {w.lower() for w in first.text.split()}
+    assert len(heard & reference) >= 0.6 * len(reference), (text, first.text)
