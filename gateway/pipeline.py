@@ -61,6 +61,7 @@ __all__ = [
     "Pipeline",
     "PipelineEvent",
     "PipelineFactory",
+    "ProviderSegment",
     "RouteHandler",
     "Samples",
     "SessionContext",
@@ -100,7 +101,16 @@ class Disconnected:
     sample: int
 
 
-PipelineEvent = SpeechStarted | SpeechEnded | SpeakerChange | Gap | Disconnected
+@dataclass(frozen=True, slots=True)
+class ProviderSegment:
+    """A ``transcript.segment`` the vendor's own transcription sent (its v2 transcription
+    mode: no audio comes, the bot posts transcripts instead); ``data`` as received."""
+
+    sample: int
+    data: Mapping[str, Any]
+
+
+PipelineEvent = SpeechStarted | SpeechEnded | SpeakerChange | Gap | Disconnected | ProviderSegment
 
 
 class SessionContext(Protocol):

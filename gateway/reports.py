@@ -156,6 +156,8 @@ def metadata(session: Session) -> dict[str, Any]:
         },
         "rejected": dict(session.rejected),
         "state": session.state,
+        "start_time": session.start_time,
+        "provider": session.provider,
     }
 
 

@@ -36,7 +36,7 @@ from . import http, listen, tokens
 from .admission import Admission
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
-from .ingest.protocol import Handshake, OutputDecoder, Rejected, Roster
+from .ingest.protocol import Handshake, OutputDecoder, ProviderEvent, Rejected, Roster
 from .keys import key_from_bot_id
 from .metrics import Metrics, close_label
 from .pipeline import Environment, PipelineFactory, RouteHandler, load_factory
@@ -281,6 +281,12 @@ class Gateway:
                         if session is None:
                             session = self._attach(ws, self._anonymous(), route.params, record)
                         session.roster(event, time.time())
+                    elif type(event) is ProviderEvent:
+                        if session is None:
+                            bot = event.bot_id
+                            key = key_from_bot_id(bot) if bot else self._anonymous()
+                            session = self._attach(ws, key, route.params, record)
+                        session.provider_event(event)
                     else:
                         assert isinstance(event, Rejected)
                         self._reject(session, event)

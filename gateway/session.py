@@ -30,12 +30,12 @@ from .audio.ring import RingBuffer
 from .audio.vad import VoiceActivity
 from .config import Settings
 from .core import Counts, SessionCore
-from .ingest.protocol import Handshake, Roster
+from .ingest.protocol import Handshake, ProviderEvent, Roster
 from .ingest.runner import PipelineRunner
 from .keys import MAX_BOT_ID, clip
 from .logs import SessionLog
 from .metrics import Metrics
-from .pipeline import PipelineFactory
+from .pipeline import PipelineFactory, ProviderSegment
 from .reports import ConnectionRecord, GapRecord, MetadataFile, connection_json
 from .speech.playback import Player
 from .speech.speech_out import SpeechOut
@@ -82,6 +82,8 @@ class Session(SpeechOut):
         self.journal = journal.Journal(self.directory / journal.NAME, failed)
         self.metadata_file = MetadataFile(self)
         self._metadata_at = 0.0
+        self.provider: str | None = None  # the vendor's transcription provider, if any
+        self.start_time: float | None = None  # the handshake's start_time, epoch seconds
 
     # -- what the core keeps ----------------------------------------------------------
 
@@ -181,6 +183,8 @@ class Session(SpeechOut):
         bot_id = clip(hs.bot_id, MAX_BOT_ID)
         if self.bot_id is not None and bot_id != self.bot_id:
             self.log.warning("bot_id changed from %s to %s", clip(self.bot_id), clip(bot_id))
+        if hs.start_time is not None:
+            self.start_time = hs.start_time  # the bot's capture start, epoch seconds
         changed = (bot_id, hs.protocol_version) != (self.bot_id, self.protocol_version)
         self.bot_id = bot_id
         self.protocol_version = hs.protocol_version
@@ -227,6 +231,23 @@ class Session(SpeechOut):
 
     def roster(self, roster: Roster, now: float) -> None:
         self.core.roster(roster, now)
+
+    def provider_event(self, event: ProviderEvent) -> None:
+        """The vendor's own transcription (its v2 transcription mode) sent ``event``."""
+        if not self.core.started:
+            self.start(self.settings.default_rate)  # no audio comes in this mode
+        if event.event == "transcript.segment":
+            ring = self.core.ring
+            self.post([ProviderSegment(ring.written if ring else 0, event.data)], roster=False)
+        elif event.event == "session.started":
+            provider = event.data.get("provider")
+            self.provider = clip(provider) if isinstance(provider, str) else "unknown"
+            self.metadata_file.update()
+        elif event.event == "error":
+            self.count_rejected("provider_error")
+            self.log.warning("the bot's transcription provider reports %s", str(event.data)[:300])
+        else:
+            self.count_rejected("unknown_provider_event")
 
     def flush(self) -> None:
         """Finalize what was heard so far now (a client's ``Finalize``)."""

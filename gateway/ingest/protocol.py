@@ -6,6 +6,8 @@ for a binary frame, ``str`` for a text frame) and returns exactly one typed even
 * :class:`Audio`: PCM samples, a read-only ``int16`` view over the received bytes;
 * :class:`Handshake`: the first text message of every connection;
 * :class:`Roster`: the full speaker roster, sent on change;
+* :class:`ProviderEvent`: the vendor's own live transcript events (its v2 transcription
+  mode sends ``{"event", "bot_id", "data"}`` objects instead of audio);
 * :class:`Rejected`: anything else, with a short, bounded ``reason`` for the metrics.
 
 Kinds are told apart by opcode only: a binary frame is audio and is never JSON-parsed; a
@@ -41,6 +43,7 @@ __all__ = [
     "Event",
     "Handshake",
     "OutputDecoder",
+    "ProviderEvent",
     "Rejected",
     "Roster",
     "RosterEntry",
@@ -70,6 +73,7 @@ RejectReason = Literal[
     "bad_handshake",
     "bad_roster",
     "empty_audio",
+    "bad_provider_event",
 ]
 #: Every reason a message can be rejected for; metrics label values come from here only.
 REJECT_REASONS: Final[tuple[RejectReason, ...]] = (
@@ -79,6 +83,7 @@ REJECT_REASONS: Final[tuple[RejectReason, ...]] = (
     "bad_handshake",
     "bad_roster",
     "empty_audio",
+    "bad_provider_event",
 )
 
 
@@ -90,6 +95,15 @@ class Handshake:
     offset: float
     start_time: float | None
     """Epoch seconds, when the bot sent one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEvent:
+    """``session.started``, ``transcript.segment``, ``error`` ... from the vendor."""
+
+    event: str
+    bot_id: str | None
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +134,7 @@ class Rejected:
     detail: str
 
 
-Event = Audio | Handshake | Roster | Rejected
+Event = Audio | Handshake | Roster | ProviderEvent | Rejected
 
 _EMPTY: Final = np.zeros(0, dtype=np.int16)
 _EMPTY.flags.writeable = False
@@ -184,6 +198,8 @@ class OutputDecoder:
         except RecursionError:  # unreachable past too_deep(); kept as the last guard
             return Rejected("too_deep", "JSON nested too deep to decode")
         if isinstance(value, dict):
+            if isinstance(value.get("event"), str) and "protocol_version" not in value:
+                return parse_provider(value)
             return parse_handshake(value)
         if isinstance(value, list):
             return parse_roster(value)
@@ -211,6 +227,16 @@ def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
         else:
             depth -= 1
     return False
+
+
+def parse_provider(obj: dict[str, Any]) -> ProviderEvent | Rejected:
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        return Rejected("bad_provider_event", "provider event without a data object")
+    bot_id = obj.get("bot_id")
+    return ProviderEvent(
+        clip(obj["event"], 64), clip(bot_id) if isinstance(bot_id, str) and bot_id else None, data
+    )
 
 
 def clip(text: str, limit: int = MAX_NAME) -> str:

@@ -47,6 +47,7 @@ from gateway.storage.held import HeldAppender
 from gateway.storage.offload import blocking
 
 from .formats import deepgram, meeting_baas, metadata
+from .provider import v2_transcript
 from .results import Result, TranscriptEvent
 from .subscribers import Channel, SubscriberHub
 from .webhook import WebhookSender
@@ -55,6 +56,7 @@ logger = logging.getLogger("pipelines.transcription.outputs")
 
 JSONL = "transcript.jsonl"
 TRANSCRIPT = "transcript.json"
+TRANSCRIPT_V2 = "transcript.v2.json"
 #: Finals per session kept in memory for late subscribers; older ones are read from disk.
 MEMORY = 1000
 #: Longest wait at shutdown for webhook bodies still being delivered.
@@ -164,6 +166,7 @@ class SessionOutputs:
             return
         message = deepgram(event, self._meta)
         message["session"] = self._ctx.key
+        message["bot_id"] = self._ctx.bot_id
         text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
         final = isinstance(event, Result) and event.is_final
         partial = isinstance(event, Result) and not event.is_final
@@ -209,8 +212,11 @@ class SessionOutputs:
             return
         try:
             speakers = [s.name for s in self._ctx.speakers.speakers]
+            # Wall-clock times: the bot's own capture start when its handshake said,
+            # else when the session's first audio arrived.
+            started = getattr(self._ctx, "start_time", None) or self._ctx.clock.origin
             transcript = await blocking(
-                _write_transcript, self._jsonl, self._ctx.directory, speakers
+                _write_transcript, self._jsonl, self._ctx.directory, speakers, started
             )
             self._webhook("transcript.complete", transcript)
         except OSError as exc:
@@ -235,12 +241,19 @@ def _write_atomically(path: Path, text: str) -> None:
     write_atomically(path, text.encode())
 
 
-def _write_transcript(jsonl: HeldAppender, directory: Path, speakers: list[str]) -> dict[str, Any]:
+def _write_transcript(
+    jsonl: HeldAppender, directory: Path, speakers: list[str], started: float | None
+) -> dict[str, Any]:
     jsonl.sync()
-    return _build_transcript(directory, speakers)
+    return _build_transcript(directory, speakers, started)
 
 
-def _build_transcript(directory: Path, speakers: list[str]) -> dict[str, Any]:
+def _build_transcript(
+    directory: Path, speakers: list[str], started: float | None = None
+) -> dict[str, Any]:
+    """``transcript.json`` (Meeting BaaS v1 ``complete`` shape, with ``started_at`` and
+    each segment's ``wall_start`` when the session's wall-clock start is known) and
+    ``transcript.v2.json`` (the vendor's v2 stored shape) from ``transcript.jsonl``."""
     finals = []
     with open(directory / JSONL, encoding="utf-8") as f:
         for line in f:
@@ -248,6 +261,12 @@ def _build_transcript(directory: Path, speakers: list[str]) -> dict[str, Any]:
             with contextlib.suppress(ValueError):
                 finals.append(json.loads(line))
     transcript = meeting_baas(finals, speakers)
+    if started is not None:
+        transcript["started_at"] = round(started, 3)
+        for segment in transcript["transcript"]:
+            segment["wall_start"] = round(started + segment["start_time"], 3)
+    v2 = v2_transcript(transcript["transcript"])
+    _write_atomically(directory / TRANSCRIPT_V2, json.dumps(v2, indent=1) + "\n")
     _write_atomically(directory / TRANSCRIPT, json.dumps(transcript, indent=1) + "\n")
     return transcript
 

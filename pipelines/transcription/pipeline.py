@@ -30,6 +30,7 @@ from gateway.pipeline import (
     Gap,
     Pipeline,
     PipelineEvent,
+    ProviderSegment,
     SessionContext,
     SpeakerChange,
     SpeechEnded,
@@ -40,6 +41,7 @@ from . import results
 from .engine import Engine, Hypothesis
 from .language import LanguageChoice, session_language
 from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
+from .provider import segment_result
 from .scheduler import Scheduler
 from .turns import RosterLag
 from .window import Window
@@ -148,6 +150,11 @@ class TranscriptionPipeline(Pipeline):
             self._restart(event.sample)
         elif isinstance(event, Gap):
             self._restart(event.sample + event.length)
+        elif isinstance(event, ProviderSegment):  # the vendor transcribed it already
+            result = segment_result(event.data, self._language.current)
+            if result is not None:
+                self._out.publish(result)
+                self._metrics.results.labels("final" if result.is_final else "partial").inc()
 
     async def stop(self) -> None:
         try:

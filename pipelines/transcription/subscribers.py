@@ -37,11 +37,12 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection
@@ -50,6 +51,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway.storage.offload import blocking
 
 from .backpressure import DEFAULT_MAX_LAG, LagWatch, MessageQueue, Offer
+from .provider import segment_text
 
 logger = logging.getLogger("pipelines.transcription.subscribers")
 
@@ -124,6 +126,15 @@ class _Subscriber:
     close: tuple[int, str] | None = None
     dropped: DropReason | None = None
     backlog: list[Backlog] = field(default_factory=list)
+    shape: Callable[[str], str | None] | None = None
+    """Rewrites each message for this subscriber's format (None: Deepgram's, as is)."""
+
+
+def _format(ws: Any) -> Callable[[str], str | None] | None:
+    """``?format=meetingbaas`` on the subscriber's URL: the vendor's live event shape."""
+    request = getattr(ws, "request", None)
+    query = parse_qs(urlsplit(request.path).query) if request is not None else {}
+    return segment_text if query.get("format") == ["meetingbaas"] else None
 
 
 class SubscriberHub:
@@ -253,6 +264,7 @@ class SubscriberHub:
         """Serve one subscriber connection until it or its session ends."""
         scope = "all" if key is None else "session"
         sub = _Subscriber(ws, key, MessageQueue(self._capacity), LagWatch(self.max_lag, _now()))
+        sub.shape = _format(ws)
         self._attach(sub)
         self.metrics.subscribers.labels(scope).inc()
         helpers = [asyncio.create_task(self._read(sub)), asyncio.create_task(self._watch(sub))]
@@ -298,6 +310,11 @@ class SubscriberHub:
     async def _send(self, sub: _Subscriber, text: str) -> None:
         if sub.close is TOO_SLOW:
             raise ConnectionClosed(None, None)
+        if sub.shape is not None:
+            shaped = sub.shape(text)
+            if shaped is None:
+                return
+            text = shaped
         await sub.ws.send(text)
         self.metrics.sent.inc()
 
