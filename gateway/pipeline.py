@@ -145,6 +145,11 @@ class SessionContext(Protocol):
         for appending and send nothing that says the meeting ended."""
         ...
 
+    def annotate(self, name: str, value: str | None) -> None:
+        """Show ``name: value`` in ``GET /sessions`` and ``session.json`` (``annotations``),
+        e.g. the language being heard; ``None`` removes it. Names and values are short."""
+        ...
+
     def speak(self, samples: Samples, rate: int) -> str:
         """Queue int16 mono audio at ``rate`` to play into the meeting; returns its id.
 

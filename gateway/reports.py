@@ -79,6 +79,7 @@ def summary(session: Session) -> dict[str, Any]:
         "reconnects": session.reconnects,
         "pipelines": {r.name: ("failed" if r.failed else "running") for r in session.runners},
         "speaking": [s.name for s in session.speakers.speaking_now],
+        "annotations": dict(session.annotations),
         "level_db": level_db(session),
     }
 
@@ -157,6 +158,7 @@ def metadata(session: Session) -> dict[str, Any]:
         "rejected": dict(session.rejected),
         "state": session.state,
         "start_time": session.start_time,
+        "annotations": dict(session.annotations),
         "provider": session.provider,
     }
 

@@ -46,6 +46,8 @@ Samples = npt.NDArray[np.int16]
 
 logger = logging.getLogger("gateway.session")
 
+#: Notes pipelines may put on a session (``annotate``).
+MAX_ANNOTATIONS = 16
 #: ``session.json`` is rewritten (off the loop) at most this often while audio arrives.
 METADATA_INTERVAL = 5.0
 
@@ -82,6 +84,7 @@ class Session(SpeechOut):
         self.journal = journal.Journal(self.directory / journal.NAME, failed)
         self.metadata_file = MetadataFile(self)
         self._metadata_at = 0.0
+        self.annotations: dict[str, str] = {}  # pipelines' notes (annotate)
         self.provider: str | None = None  # the vendor's transcription provider, if any
         self.start_time: float | None = None  # the handshake's start_time, epoch seconds
 
@@ -248,6 +251,13 @@ class Session(SpeechOut):
             self.log.warning("the bot's transcription provider reports %s", str(event.data)[:300])
         else:
             self.count_rejected("unknown_provider_event")
+
+    def annotate(self, name: str, value: str | None) -> None:
+        """A pipeline's note on the session (see :class:`gateway.pipeline.SessionContext`)."""
+        if value is None:
+            self.annotations.pop(name, None)
+        elif name in self.annotations or len(self.annotations) < MAX_ANNOTATIONS:
+            self.annotations[clip(name, 64)] = clip(value, 256)
 
     def flush(self) -> None:
         """Finalize what was heard so far now (a client's ``Finalize``)."""

@@ -62,10 +62,14 @@ async def transcribe(
                 message = json.loads(await asyncio.wait_for(sub.recv(), scaled(60)))
                 if message["type"] == "Results" and message["is_final"]:
                     finals.append(message)
-    transcript = json.loads((session_dir(running.data_dir, key) / "transcript.json").read_text())
+    directory = session_dir(running.data_dir, key)
+    annotations = json.loads((directory / "session.json").read_text())["annotations"]
+    transcript = json.loads((directory / "transcript.json").read_text())
     assert {s["language"] for s in transcript["transcript"]} == {
         w["language"] for m in finals for w in m["channel"]["alternatives"][0]["words"]
     }
+    for m in finals:
+        m["annotated_language"] = annotations["language"]
     return finals
 
 
@@ -90,6 +94,8 @@ async def test_spanish_and_german_are_transcribed_in_their_language(
     assert {w["language"] for m in finals for w in m["channel"]["alternatives"][0]["words"]} == {
         language
     }
+    # /sessions and session.json show the language heard.
+    assert {m["annotated_language"] for m in finals} == {language}
 
 
 @pytest.mark.model

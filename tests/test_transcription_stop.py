@@ -67,6 +67,9 @@ class Context:
     def __post_init__(self) -> None:
         self.speakers = SpeakerTimeline(self.clock)
 
+    def annotate(self, name: str, value: str | None) -> None:
+        pass
+
     def speak(self, samples: Any, rate: int) -> str:
         raise NotImplementedError
 

@@ -12,6 +12,8 @@ new speaker's first turn is heard for what it is.
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway.config import language_code_ok
 from gateway.errors import ConfigError
 
@@ -29,16 +31,26 @@ class LanguageChoice:
         """The language of the latest words: the one asked for, or last detected."""
         self._speakers: set[str] = set()
 
+    @classmethod
+    def checked(cls, asked: str, engine: Any) -> LanguageChoice:
+        """The choice for a session that asked for ``asked``, checked against the model
+        (see :func:`session_language`)."""
+        multilingual, known = engine.multilingual, engine.supported_languages()
+        return cls(session_language(asked, multilingual, known))
+
     def for_request(self) -> str | None:
         """The language to ask the model for; None: detect it."""
         return self._settled
 
-    def heard(self, language: str, probability: float, seconds: float) -> None:
-        """A recognition of ``seconds`` of audio came back in ``language``."""
+    def heard(self, language: str, probability: float, seconds: float) -> bool:
+        """A recognition of ``seconds`` of audio came back in ``language``; True if that
+        is another language than the last one."""
+        changed = language != self.current
         self.current = language
         settles = seconds >= SETTLE_SECONDS and probability >= SETTLE_PROBABILITY
         if self.auto and self._settled is None and settles:
             self._settled = language
+        return changed
 
     def speaker(self, key: str) -> None:
         """The roster marked ``key`` speaking: a new speaker's first turn is detected anew."""

@@ -39,7 +39,7 @@ from gateway.pipeline import (
 
 from . import results
 from .engine import Engine, Hypothesis
-from .language import LanguageChoice, session_language
+from .language import LanguageChoice
 from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
 from .provider import segment_result
 from .scheduler import Scheduler
@@ -117,10 +117,8 @@ class TranscriptionPipeline(Pipeline):
     async def start(self, ctx: SessionContext) -> None:
         self._ctx = ctx
         asked = ctx.params.get("language") or self._default_language
-        engine = self._engine
-        self._language = LanguageChoice(
-            session_language(asked, engine.multilingual, engine.supported_languages())
-        )
+        self._language = LanguageChoice.checked(asked, self._engine)
+        ctx.annotate("language", self._language.current)
         self._rate = ctx.sample_rate
         self._resampler = Resampler(ctx.sample_rate, ASR_RATE)
         self._out: SessionOutputs = self._hub.open(ctx)
@@ -249,9 +247,9 @@ class TranscriptionPipeline(Pipeline):
                 m.rtf.labels(request.kind).observe(
                     hypothesis.compute_seconds / hypothesis.audio_seconds
                 )
-            self._language.heard(
-                hypothesis.language, hypothesis.language_probability, hypothesis.audio_seconds
-            )
+            h = hypothesis
+            if self._language.heard(h.language, h.language_probability, h.audio_seconds):
+                self._ctx.annotate("language", h.language)
             for reason in hypothesis.rejected:
                 m.rejected.labels(reason).inc()
             words = hypothesis.words
