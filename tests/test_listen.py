@@ -31,6 +31,7 @@ from .timing import scaled
 SECRET = "dg-secret"
 RATE = 16000
 SDK3 = Path.home() / ".cache" / "meeting-gateway" / "deepgram-sdk-3"
+PIPECAT = Path.home() / ".cache" / "meeting-gateway" / "pipecat-1.14"
 
 
 def speech(librivox: list[Utterance], n: int = 2) -> tuple[np.ndarray, str]:
@@ -198,17 +199,23 @@ async def test_follow_a_bots_meeting_with_speaker_names(
     assert {m["metadata"]["extra"]["speaker_names"] for m in finals} == {"7=Alice"}
 
 
-def _sdk3_python() -> Path:
-    """A virtualenv with deepgram-sdk 3.11 (built once, from the package registry)."""
-    python = SDK3 / "bin" / "python"
-    if not python.exists():
-        venv.create(SDK3, with_pip=True)
+def _venv_python(where: Path, requirement: str) -> Path:
+    """A virtualenv with ``requirement`` (built once, from the package registry)."""
+    python = where / "bin" / "python"
+    ready = where / ".ready"
+    if not ready.exists():
+        venv.create(where, with_pip=True, clear=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "deepgram-sdk==3.11.0"],
+            [str(python), "-m", "pip", "install", "--quiet", requirement],
             check=True,
-            timeout=600,
+            timeout=900,
         )
+        ready.touch()
     return python
+
+
+def _sdk3_python() -> Path:
+    return _venv_python(SDK3, "deepgram-sdk==3.11.0")
 
 
 SDK3_CLIENT = textwrap.dedent(
@@ -282,3 +289,60 @@ async def test_the_deepgram_sdk_3_line_reads_results_and_speaker_names(
     assert similarity(text, words) > 0.8, words
     assert messages[-1]["type"] == "Metadata"
     assert all("speaker_name" in m["extra"] for m in finals)
+
+
+PIPECAT_CLIENT = textwrap.dedent(
+    """
+    import asyncio, json, sys, wave
+    from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame
+    from pipecat.pipeline.task import PipelineParams
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    async def main(base_url, key, path):
+        with wave.open(path) as w:
+            pcm, rate = w.readframes(w.getnframes()), w.getframerate()
+        stt = DeepgramSTTService(api_key=key, base_url=base_url, sample_rate=rate)
+        chunk, frames = rate // 50 * 2, []
+        for k in range(0, len(pcm), chunk):
+            frames.append(InputAudioRawFrame(audio=pcm[k:k + chunk], sample_rate=rate,
+                                             num_channels=1))
+            frames.append(SleepFrame(sleep=0.02))
+        frames.append(SleepFrame(sleep=4.0))
+        down, _ = await run_test(stt, frames_to_send=frames,
+                                 pipeline_params=PipelineParams(audio_in_sample_rate=rate))
+        print(json.dumps([f.text for f in down if isinstance(f, TranscriptionFrame)]))
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.model
+async def test_pipecats_deepgram_service_transcribes_through_the_gateway(
+    start_gateway: GatewayFactory, librivox: list[Utterance], tmp_path: Path
+) -> None:
+    """pipecat's own DeepgramSTTService (pipecat-ai 1.14 in a virtualenv of its own),
+    pointed at the gateway with ``base_url``, gets TranscriptionFrames of real speech."""
+    python = await asyncio.to_thread(_venv_python, PIPECAT, "pipecat-ai[deepgram]==1.14.0")
+    running = await start_gateway(pipelines="transcription", secret=SECRET)
+    audio, text = speech(librivox, 1)
+    path = tmp_path / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(audio.tobytes())
+    script = tmp_path / "pipecat_client.py"
+    script.write_text(PIPECAT_CLIENT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = await asyncio.create_subprocess_exec(
+        *(str(python), str(script), running.http, SECRET, str(path)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), scaled(180))
+    assert proc.returncode == 0, err.decode()[-2000:]
+    texts = json.loads(out.decode().strip().splitlines()[-1])
+    assert similarity(text, " ".join(texts).split()) > 0.6, texts
