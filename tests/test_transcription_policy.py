@@ -329,3 +329,21 @@ def test_re_heard_words_with_drifted_times_are_not_repeated() -> None:
     # A person really saying two words twice keeps them.
     again = words("jersey now", confirmed[-1].end + 1.5)
     assert [w.text for w in tail_after(confirmed, again)] == ["jersey", "now"]
+
+
+def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> None:
+    from types import SimpleNamespace
+
+    from pipelines.transcription.policy import reheard
+
+    def ws(text: str, start: float) -> list[SimpleNamespace]:
+        return [SimpleNamespace(word=t, start=start + i * 0.3) for i, t in enumerate(text.split())]
+
+    said = ["put", "it", "in", "the", "shared", "folder", "right", "there", "it's"]
+    # Re-heard: starts before the previous final's end (12.0) and repeats its last words.
+    assert reheard(said, ws("right there it's tonight", 11.2), covered_until=12.0) == 3
+    # The same words said again later, on new audio: a person repeating themselves.
+    assert reheard(said, ws("right there it's tonight", 12.5), covered_until=12.0) == 0
+    # Two words in common are not enough to call it a repeat.
+    assert reheard(said, ws("there it's tonight", 11.2), covered_until=12.0) == 0
+    assert reheard([], ws("right there", 1.0), covered_until=2.0) == 0

@@ -40,7 +40,7 @@ from gateway.pipeline import (
 from . import results
 from .engine import Engine, Hypothesis
 from .language import LanguageChoice
-from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
+from .policy import REPEAT_SPAN, SENTENCE_END, Draft, Request, StreamingPolicy, reheard
 from .provider import segment_result
 from .scheduler import Scheduler
 from .turns import RosterLag
@@ -61,8 +61,7 @@ LEAD_IN = 1.0
 #: measured roster lag later (:class:`~.turns.RosterLag`); a word nobody was marked
 #: speaking for then is looked up with no lag, then this much later, then twice.
 ROSTER_LAG = 0.75
-#: A word follows a gap this long (or a sentence end): it may start a turn.
-TURN_GAP = 0.15
+TURN_GAP = 0.15  # a word after a gap this long (or a sentence end) may start a turn
 #: A final waits until the roster has had the measured lag, and this much more, to mark
 #: who said its last word; with a late roster, publishing earlier would name the speaker
 #: before the roster knew.
@@ -112,6 +111,7 @@ class TranscriptionPipeline(Pipeline):
         self._words_in_utterance: dict[int, float] = {}
         self._roster_lag = RosterLag()
         self._last_word: HypWord | None = None  # the last word handed to a final
+        self._said: deque[str] = deque(maxlen=REPEAT_SPAN)  # the newest final words
         self._hold: asyncio.TimerHandle | None = None
 
     async def start(self, ctx: SessionContext) -> None:
@@ -305,7 +305,9 @@ class TranscriptionPipeline(Pipeline):
             self._turn_starts(draft.words)
         words = self._attribute(draft.words)
         if draft.is_final:
+            words = words[reheard(self._said, words, self._last_final_end) :]
             words = self._after_last_final(words)
+            self._said.extend(w.word for w in words)
         utterance = request.utterance if request is not None else self._policy.utterance
         lang = self._language.current
         if not draft.is_final:
