@@ -64,6 +64,12 @@ LISTEN_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 RESAMPLED_RATE = 16000
 
 
+def model_uuid(model: str) -> str:
+    """The ``model_uuid`` Deepgram messages carry: derived from the model's name, so it
+    is stable across restarts and the same in ``Results`` and ``Metadata``."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meeting-gateway:model:{model}"))
+
+
 class BadRequest(ProtocolError):
     close_code = 1003
     reason = "bad request"
@@ -186,7 +192,7 @@ class ResultsFilter:
     def metadata(self, seconds: float, model: str) -> str:
         """The ``Metadata`` message sent before the close."""
         created = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-        model_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"meeting-gateway:model:{model}"))
+        model_id = model_uuid(model)
         return json.dumps(
             {
                 "type": "Metadata",

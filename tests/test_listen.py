@@ -44,6 +44,14 @@ def speech(librivox: list[Utterance], n: int = 2) -> tuple[np.ndarray, str]:
     return np.concatenate(parts), " ".join(text)
 
 
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(audio.tobytes())
+
+
 def similarity(reference: str, words: list[str]) -> float:
     ref = [w.strip(".,?!").lower() for w in reference.split()]
     got = [w.strip(".,?!").lower() for w in words]
@@ -262,11 +270,7 @@ async def test_the_deepgram_sdk_3_line_reads_results_and_speaker_names(
     running = await start_gateway(pipelines="transcription", secret=SECRET)
     audio, text = speech(librivox, 1)
     path = tmp_path / "speech.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(audio.tobytes())
+    write_wav(path, audio)
     host = running.http.removeprefix("http://")
     script = tmp_path / "sdk3.py"
     script.write_text(SDK3_CLIENT)
@@ -328,11 +332,7 @@ async def test_pipecats_deepgram_service_transcribes_through_the_gateway(
     running = await start_gateway(pipelines="transcription", secret=SECRET)
     audio, text = speech(librivox, 1)
     path = tmp_path / "speech.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(audio.tobytes())
+    write_wav(path, audio)
     script = tmp_path / "pipecat_client.py"
     script.write_text(PIPECAT_CLIENT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

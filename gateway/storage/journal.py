@@ -33,8 +33,6 @@ from typing import Any
 logger = logging.getLogger("gateway.journal")
 
 NAME = "journal.jsonl"
-#: Audio position lines are appended at most this often while audio arrives, seconds.
-POSITION_INTERVAL = 2.0
 
 
 @dataclass(slots=True)
@@ -144,8 +142,6 @@ class Journal:
         self._fd: int | None = None
         self._on_error = on_error
         self._failed = False
-        self.last_position = 0.0
-        """Wall time of the last position line (callers pace them)."""
 
     def append(self, kind: str, **fields: Any) -> None:
         line = json.dumps({"t": kind, **fields}, separators=(",", ":")) + "\n"
@@ -161,11 +157,6 @@ class Journal:
                 self._on_error()
             return
         self._failed = False
-
-    def position(self, samples: int, wall: float) -> None:
-        """The audio stands at ``samples`` at wall time ``wall``."""
-        self.append("position", samples=samples, wall=wall)
-        self.last_position = wall
 
     def close(self) -> None:
         fd, self._fd = self._fd, None

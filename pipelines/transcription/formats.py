@@ -23,11 +23,11 @@ Times are seconds on the session audio clock, rounded to milliseconds.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from gateway.ingest.speakers import Speaker
+from gateway.listen import model_uuid
 
 from .results import Result, SpeechStarted, TranscriptEvent, UtteranceEnd, Word
 
@@ -107,7 +107,7 @@ def metadata(request_id: str, model: str) -> Message:
     return {
         "request_id": request_id,
         "model_info": {"name": model, "version": "", "arch": "whisper"},
-        "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"meeting-gateway:model:{model}")),
+        "model_uuid": model_uuid(model),
     }
 
 
