@@ -55,6 +55,17 @@ class Settings:
         "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
+    # --- cluster
+    redis_url: str = _setting(
+        "", "join a cluster on this Redis (redis://host:6379/0); empty: one process, no Redis"
+    )
+    node_id: str = _setting("", "this node's name in the cluster (default: host name and pid)")
+    workers: int = _setting(
+        0, "processes serving the port (SO_REUSEPORT); 0: one, or one per core with a Redis URL"
+    )
+    lease: float = _setting(
+        10.0, "seconds a node owns a session without renewing it (renewed every lease/5)"
+    )
     # --- security and limits
     secret: str = _setting("", "HMAC secret; when set, every bot and client URL needs a token")
     token_ttl: float = _setting(86400.0, "lifetime of tokens minted by bot-config, seconds")
@@ -182,6 +193,14 @@ class Settings:
             raise bad("playback_lead_ms", "must be between 20 and 1000")
         if self.playback_frame_ms not in (10, 20, 40):
             raise bad("playback_frame_ms", "must be 10, 20 or 40")
+        if self.workers < 0:
+            raise bad("workers", "must be 0 (automatic) or more")
+        if self.workers > 1 and not self.redis_url:
+            raise bad("workers", "more than one process needs a cluster: set --redis-url")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise bad("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        if not 2 <= self.lease <= 300:
+            raise bad("lease", "must be between 2 and 300 seconds")
         for name in ("public_url", "webhook_url"):
             url = getattr(self, name)
             if url and "://" not in url:

@@ -10,7 +10,8 @@
 ``GET /page/{asset}``              its script and style; ``config.json`` says if it is open
 =================================  ==================================================
 
-Every answer is built from memory and is cheap; nothing here blocks the loop.
+Every answer is built from memory and is cheap; nothing here blocks the loop. In cluster
+mode ``/sessions`` lists every node's sessions (one Redis round trip).
 """
 
 from __future__ import annotations
@@ -46,9 +47,15 @@ def _json(data: object) -> Response:
     return response(200, "application/json", json.dumps(data, indent=1).encode())
 
 
-def answer(gateway: Gateway, request: Request) -> Response | None:
+async def answer(gateway: Gateway, request: Request) -> Response | None:
     """The response to a plain HTTP request, or None if it is not one of ours."""
     path = urlsplit(request.path).path
+    if path == "/sessions" and gateway.cluster is not None:
+        return _json(await gateway.cluster.sessions())  # every node's, from Redis
+    return _answer(gateway, request, path)
+
+
+def _answer(gateway: Gateway, request: Request, path: str) -> Response | None:
     if path == "/healthz":
         return response(200, "text/plain", b"ok\n")
     if path == "/readyz":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import http
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
+from websockets.typing import Subprotocol
 
+from .config import SUPPORTED_RATES
 from .errors import RouteError
 from .keys import valid_key
 
@@ -52,3 +55,22 @@ def response(
         ]
     )
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def remote_ip(ws: Any) -> str:
+    address = ws.remote_address
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+def select_subprotocol(ws: Any, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Browsers pass a Deepgram key as ``Sec-WebSocket-Protocol: token, <key>`` and
+    need ``token`` back; anyone else offers none and gets none."""
+    return Subprotocol("token") if "token" in offered else None
+
+
+def url_rate(params: Mapping[str, str]) -> int | None:
+    for name in ("sample_rate", "rate"):
+        value = params.get(name, "")
+        if value.isdigit() and int(value) in SUPPORTED_RATES:
+            return int(value)
+    return None

@@ -23,39 +23,39 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.typing import Subprotocol
 
 from . import http, listen, tokens
 from .admission import Admission
-from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, SUPPORTED_RATES, Settings
+from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Settings
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
 from .ingest.protocol import Handshake, OutputDecoder, ProviderEvent, Rejected, Roster
 from .keys import key_from_bot_id
 from .metrics import Metrics, close_label
 from .pipeline import Environment, PipelineFactory, RouteHandler, load_factory
 from .reports import ConnectionRecord
-from .routes import Route, parse_route, response
+from .routes import Route, parse_route, remote_ip, response, select_subprotocol, url_rate
 from .session import Session
 from .sessions import SessionManager
 from .speech import voice
 from .speech.control import ControlEndpoint
 
+if TYPE_CHECKING:
+    from .cluster.member import Membership
+
 logger = logging.getLogger("gateway.server")
 
 LAG_INTERVAL = 0.1
+#: Routes whose session a cluster node must own before serving them.
+BOT_ROLES = ("output", "input")
 EMPTY_AUDIO = Rejected("empty_audio", "binary message with no bytes")
-
-
-def _remote_ip(ws: ServerConnection) -> str:
-    address = ws.remote_address
-    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 class Gateway:
@@ -79,6 +79,11 @@ class Gateway:
         self._server: Server | None = None
         self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
         self._lag_task: asyncio.Task[None] | None = None
+        self.cluster: Membership | None = None
+        if settings.redis_url:
+            from .cluster.member import Membership
+
+            self.cluster = Membership(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -91,7 +96,10 @@ class Gateway:
             )
         for factory in self.factories.values():
             await factory.startup()
-        if s.resume:
+        if self.cluster is not None:
+            # Joining sweeps the shared data directory for sessions no live node owns.
+            await self.cluster.start()
+        elif s.resume:
             # Meetings an earlier process left unfinished linger again for their bots.
             self.sessions.recover()
         # The voice loads in a thread alongside the pipelines: the first ``say`` of the
@@ -107,7 +115,7 @@ class Gateway:
             ping_timeout=KEEPALIVE_TIMEOUT,
             compression="deflate" if s.compression else None,
             server_header=None,
-            select_subprotocol=_select_subprotocol,
+            select_subprotocol=select_subprotocol,
         )
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
         self.ready = True
@@ -131,6 +139,8 @@ class Gateway:
             await self.sessions.suspend_all()
         else:
             await self.sessions.finalize_all()
+        if self.cluster is not None:
+            await self.cluster.stop()
         for factory in self.factories.values():
             await factory.shutdown()
         if self._lag_task is not None:
@@ -148,14 +158,19 @@ class Gateway:
 
     # -- HTTP -----------------------------------------------------------------------------
 
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        plain = http.answer(self, request)
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        plain = await http.answer(self, request)
         if plain is not None:
             return plain
         try:
-            self._check(parse_route(request.path), _remote_ip(ws), request.headers)
+            route = parse_route(request.path)
+            self._check(route, remote_ip(ws), request.headers)
         except ProtocolError as exc:
-            return self._refusal(exc, _remote_ip(ws))
+            return self._refusal(exc, remote_ip(ws))
+        if self.cluster is not None and route.key is not None and route.kind in BOT_ROLES:
+            # Own the session before the upgrade: the bot drops what it captures until
+            # its socket opens, so the hand-over's wait is part of its outage, not a lag.
+            await self.cluster.claim(route.key)
         return None
 
     def _check(self, route: Route, ip: str, headers: Headers) -> None:
@@ -203,7 +218,7 @@ class Gateway:
     # -- WebSockets -----------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        ip = _remote_ip(ws)
+        ip = remote_ip(ws)
         role = "unknown"
         try:
             assert ws.request is not None
@@ -230,7 +245,7 @@ class Gateway:
 
     async def _refuse(self, ws: ServerConnection, exc: ProtocolError, role: str) -> None:
         self.metrics.refused.labels(exc.metric_reason).inc()
-        logger.warning("closing %s connection from %s: %s", role, _remote_ip(ws), exc)
+        logger.warning("closing %s connection from %s: %s", role, remote_ip(ws), exc)
         if role == "unknown":
             self.metrics.connections_closed.labels(role, str(exc.close_code)).inc()
         await ws.close(exc.close_code, exc.reason)
@@ -252,8 +267,8 @@ class Gateway:
             await self.routes[route.kind][1](ws, route.key)
 
     async def _output(self, ws: ServerConnection, route: Route) -> None:
-        url_rate = _url_rate(route.params)
-        record = ConnectionRecord("output", _remote_ip(ws), time.time())
+        rate = url_rate(route.params)
+        record = ConnectionRecord("output", remote_ip(ws), time.time())
         session: Session | None = None
         if route.key is not None:
             session = self._attach(ws, route.key, route.params, record)
@@ -275,8 +290,10 @@ class Gateway:
                     if type(event) is Handshake:
                         if session is None:
                             key = key_from_bot_id(event.bot_id)
+                            if self.cluster is not None:
+                                await self.cluster.claim(key)
                             session = self._attach(ws, key, route.params, record)
-                        session.handshake(event, url_rate)
+                        session.handshake(event, rate)
                     elif type(event) is Roster:
                         if session is None:
                             session = self._attach(ws, self._anonymous(), route.params, record)
@@ -343,12 +360,12 @@ class Gateway:
         if session.detach_output(ws, record.closed_at or time.time()):
             session.log.info("bot output disconnected (code %s)", ws.close_code)
             self.sessions.linger(session)
-        if session.ended_at is None and session.clock.started:
+        if session.ended_at is None and session.clock.started and not session.suspending:
             session.write_metadata()
 
     async def _input(self, ws: ServerConnection, key: str, params: Mapping[str, str]) -> None:
         session = self.sessions.open(key, params)
-        record = ConnectionRecord("input", _remote_ip(ws), time.time())
+        record = ConnectionRecord("input", remote_ip(ws), time.time())
         session.connections.append(record)
         old, session.input = session.input, ws
         session.connection_changed()
@@ -370,17 +387,3 @@ class Gateway:
             session.log.info("bot input disconnected (code %s)", ws.close_code)
             if session.output is None and session.ended_at is None:
                 self.sessions.linger(session)
-
-
-def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-    """Browsers pass a Deepgram key as ``Sec-WebSocket-Protocol: token, <key>`` and
-    need ``token`` back; anyone else offers none and gets none."""
-    return Subprotocol("token") if "token" in offered else None
-
-
-def _url_rate(params: Mapping[str, str]) -> int | None:
-    for name in ("sample_rate", "rate"):
-        value = params.get(name, "")
-        if value.isdigit() and int(value) in SUPPORTED_RATES:
-            return int(value)
-    return None

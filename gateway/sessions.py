@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .config import Settings
@@ -45,6 +45,10 @@ class SessionManager:
         self._time = clock
         self.root = settings.data_dir / "sessions"
         self.trimmer = Trimmer()
+        self.adopt = False
+        """Cluster mode: a key with no live session here continues the unfinished session
+        another node left in the shared data directory (see :mod:`gateway.cluster`)."""
+        self.on_ended: Callable[[str], None] = lambda key: None
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
@@ -63,6 +67,19 @@ class SessionManager:
             if handle is not None:
                 handle.cancel()
             return session
+        if self.adopt:
+            latest = journal.latest(self.root, key)
+            state = journal.unfinished_in(latest) if latest is not None else None
+            if state is not None:
+                session = self._restore(state)
+                self._sessions[key] = session
+                self._update_gauge()
+                session.log.info(
+                    "session continued from %s at %.1f s of audio",
+                    state.directory,
+                    session.audio_seconds,
+                )
+                return session
         session = Session(
             key=key,
             directory=self._directory(key),
@@ -87,6 +104,8 @@ class SessionManager:
 
     def linger(self, session: Session, seconds: float | None = None) -> None:
         """The bot is gone; finalize unless it comes back within the linger time."""
+        if self._sessions.get(session.key) is not session:
+            return  # handed over to another node, or already ended
         loop = asyncio.get_running_loop()
         old = self._linger.pop(session.key, None)
         if old is not None:
@@ -95,12 +114,16 @@ class SessionManager:
         self._linger[session.key] = loop.call_later(delay, self._expire, session.key)
         self._update_gauge()
 
-    def recover(self) -> int:
+    def recover(self, states: Iterable[journal.Resume] | None = None) -> int:
         """Bring back the sessions an earlier process left unfinished (see
-        :mod:`gateway.storage.journal`), each lingering for what is left of its linger, counted
-        from the last sign of its bot. Returns how many came back."""
+        :mod:`gateway.storage.journal`; by default every one under the data directory),
+        each lingering for what is left of its linger, counted from the last sign of its
+        bot. Returns how many came back."""
         now = self._time()
-        found = sorted(journal.unfinished(self.root), key=lambda r: r.created_at)
+        found = sorted(
+            journal.unfinished(self.root) if states is None else states,
+            key=lambda r: r.created_at,
+        )
         for state in found:
             previous = self._sessions.get(state.key)
             if previous is not None:
@@ -170,8 +193,25 @@ class SessionManager:
         finally:
             if self._sessions.get(session.key) is session:
                 del self._sessions[session.key]
+                self.on_ended(session.key)
             self._update_gauge()
             self.trimmer.session_ended()
+
+    async def hand_over(self, key: str) -> None:
+        """Another node continues ``key``: close its bot's sockets, suspend it (its files
+        and journal stay complete for the next owner) and forget it here."""
+        session = self._sessions.pop(key, None)
+        handle = self._linger.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        if session is None:
+            return
+        self._update_gauge()
+        for ws in (session.output, session.input):
+            if ws is not None:
+                asyncio.get_running_loop().create_task(ws.close(1012, "session moved"))
+        await session.suspend()
+        self.trimmer.session_ended()
 
     async def finalize_all(self) -> None:
         await asyncio.gather(*(self.finalize(s) for s in list(self._sessions.values())))

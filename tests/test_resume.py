@@ -123,11 +123,13 @@ async def restart_mid_meeting(
     return bot, audio, stopped
 
 
-def check_one_meeting(tmp_path: Path, bot: BackoffBot, audio: np.ndarray) -> dict[str, Any]:
+def check_one_meeting(
+    tmp_path: Path, bot: BackoffBot, audio: np.ndarray, key: str = "term"
+) -> dict[str, Any]:
     """One directory, one recording on one clock with the outage as silence."""
     sessions = tmp_path / "sessions"
-    assert sorted(p.name for p in sessions.iterdir()) == ["term"]
-    directory = sessions / "term"
+    assert sorted(p.name for p in sessions.iterdir()) == [key]
+    directory = sessions / key
     assert bot.opens == 2, bot.sent
     (a0, a1), (b0, b1) = bot.sent
     pcm, rate = read_recording(directory)

@@ -132,6 +132,27 @@ def unfinished_in(directory: Path) -> Resume | None:
     return state if state.key and state.rate and not state.ended else None
 
 
+def latest(root: Path, key: str) -> Path | None:
+    """The newest directory of ``key`` under ``root`` (``key``, ``key.2``, ...), if any."""
+    found: Path | None = None
+    path, n = root / key, 1
+    while path.is_dir():
+        found = path
+        n += 1
+        path = root / f"{key}.{n}"
+    return found
+
+
+def key_of(directory: Path) -> str | None:
+    """The session key a journal's first line names (a directory name may be ``key.n``)."""
+    try:
+        with (directory / NAME).open(encoding="utf-8", errors="replace") as f:
+            first = json.loads(f.readline())
+        return str(first["key"]) if first.get("t") == "session" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class Journal:
     """Appends records to one session's journal. Never raises for the disk: a failed
     append is counted by the caller's ``on_error`` and the session goes on (it only
@@ -142,8 +163,11 @@ class Journal:
         self._fd: int | None = None
         self._on_error = on_error
         self._failed = False
+        self._closed = False
 
     def append(self, kind: str, **fields: Any) -> None:
+        if self._closed:
+            return  # the session was ended or handed over: its journal is another's now
         line = json.dumps({"t": kind, **fields}, separators=(",", ":")) + "\n"
         try:
             if self._fd is None:
@@ -159,6 +183,7 @@ class Journal:
         self._failed = False
 
     def close(self) -> None:
+        self._closed = True
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
