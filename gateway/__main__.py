@@ -52,6 +52,10 @@ async def _serve(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_sources(args)
     logs.setup(settings.log_level, settings.log_format)
+    from .cluster.supervisor import supervise, worker_count
+
+    if worker_count(settings) > 1:
+        return supervise(settings, args.argv)
     _install_uvloop()
     asyncio.run(_serve(settings))
     return 0
@@ -276,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # after the command
     try:
         code: int = args.func(args)
     except GatewayError as exc:

@@ -116,6 +116,8 @@ class Gateway:
             compression="deflate" if s.compression else None,
             server_header=None,
             select_subprotocol=select_subprotocol,
+            # Cluster nodes may share the port (``serve --workers N``).
+            reuse_port=bool(s.redis_url),
         )
         self._lag_task = asyncio.create_task(self._watch_loop_lag(), name="loop-lag")
         self.ready = True
