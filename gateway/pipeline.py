@@ -34,11 +34,11 @@ from __future__ import annotations
 import abc
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,8 @@ __all__ = [
     "PipelineEvent",
     "PipelineFactory",
     "ProviderSegment",
+    "Relay",
+    "RelayKind",
     "RouteHandler",
     "Samples",
     "SessionContext",
@@ -183,12 +185,34 @@ class Pipeline(abc.ABC):
         """Called once when the session ends, after all audio and events."""
 
 
+#: What a relayed transcript message is; ``ready`` marks the end of a replay.
+RelayKind = Literal["final", "partial", "event", "end", "ready"]
+
+
+class Relay(Protocol):
+    """Cluster mode: a session's live messages reach subscribers on every node through
+    this (:class:`gateway.cluster.relay.TranscriptRelay`) instead of directly."""
+
+    def publish(self, key: str, kind: RelayKind, text: str) -> None:
+        """Queue a message of session ``key``; never waits."""
+        ...
+
+    def follow(
+        self, key: str | None, running: Callable[[], bool] = ...
+    ) -> AsyncIterator[tuple[str, RelayKind, str, bool]]:
+        """``(key, kind, text, replayed)`` of session ``key`` (None: of every session)
+        while ``running()``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Environment:
     """Process-wide services handed to every factory."""
 
     settings: Settings
     registry: CollectorRegistry
+    relay: Relay | None = None
+    """Set in cluster mode: how transcript messages travel between nodes."""
 
 
 #: A WebSocket route a factory serves: ``handler(connection, key)`` where ``key`` is the

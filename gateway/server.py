@@ -49,6 +49,7 @@ from .speech.control import ControlEndpoint
 
 if TYPE_CHECKING:
     from .cluster.member import Membership
+    from .cluster.relay import TranscriptRelay
 
 logger = logging.getLogger("gateway.server")
 
@@ -64,7 +65,12 @@ class Gateway:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
-        self.env = Environment(settings, self.metrics.registry)
+        self.relay: TranscriptRelay | None = None
+        if settings.redis_url:
+            from .cluster.relay import TranscriptRelay
+
+            self.relay = TranscriptRelay(settings.redis_url, self.metrics.registry)
+        self.env = Environment(settings, self.metrics.registry, self.relay)
         self.factories: dict[str, PipelineFactory] = {
             name: load_factory(name, self.env) for name in settings.pipeline_names
         }

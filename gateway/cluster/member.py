@@ -13,7 +13,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import reports
-from .node import ClusterNode, default_node_id
+from .node import ClusterNode
+from .schema import default_node_id
 from .sweep import Sweeper
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class Membership:
         sessions = gateway.sessions
         sessions.adopt = True
         sessions.on_ended = self._ended
-        self.node.hand_over = sessions.hand_over
+        self.node.hand_over = self._hand_over
         self.node.summaries = lambda: ((x.key, reports.summary(x)) for x in sessions)
         self.sweeper = Sweeper(self.node, sessions)
         self._sweeping: asyncio.Task[None] | None = None
@@ -51,7 +52,10 @@ class Membership:
         self._sweeping = asyncio.create_task(self._sweep_forever(), name="orphan-sweep")
 
     async def stop(self) -> None:
-        """After the sessions were suspended: let their leases go."""
+        """After the sessions were suspended: relay their last messages, let their leases
+        go."""
+        if self.gateway.relay is not None:
+            await self.gateway.relay.close()
         if self._sweeping is not None:
             self._sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -70,6 +74,12 @@ class Membership:
         if self.gateway.sessions.get(key) is not None and key in self.node.owned:
             return
         await self.node.claim(key)
+
+    async def _hand_over(self, key: str) -> None:
+        await self.gateway.sessions.hand_over(key)
+        if self.gateway.relay is not None:
+            # The next owner's messages must follow this one's last in the stream.
+            await self.gateway.relay.flush()
 
     def _ended(self, key: str) -> None:
         task = asyncio.get_running_loop().create_task(self.node.release(key))

@@ -30,6 +30,7 @@ delivered out of order. They go to ``webhook_url`` and, when
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -48,6 +49,7 @@ from gateway.storage.offload import blocking
 
 from .formats import deepgram, meeting_baas, metadata
 from .provider import v2_transcript
+from .relayed import RelayedHub
 from .results import Result, TranscriptEvent
 from .subscribers import Channel, SubscriberHub
 from .webhook import WebhookSender
@@ -69,7 +71,8 @@ class TranscriptOutputs:
     def __init__(self, env: Environment, *, memory: int = MEMORY) -> None:
         self.env = env
         s = env.settings
-        self.hub = SubscriberHub(
+        hub = SubscriberHub if env.relay is None else functools.partial(RelayedHub, env.relay)
+        self.hub = hub(
             env.registry, capacity=s.subscriber_queue, memory=memory, max_lag=s.subscriber_max_lag
         )
         self.webhooks = WebhookSender(
@@ -208,7 +211,7 @@ class SessionOutputs:
         if self._ctx.suspending:
             # The meeting goes on in the next process, which appends to the same file.
             self._jsonl.close()
-            self._outputs.hub.close(self._channel)
+            self._outputs.hub.close(self._channel, ended=False)
             return
         try:
             speakers = [s.name for s in self._ctx.speakers.speakers]

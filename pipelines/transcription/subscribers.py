@@ -181,7 +181,10 @@ class SubscriberHub:
         if final:
             channel.history.append(text)
             channel.finals += 1
-        for sub in (*channel.subscribers, *self._everyone):
+        self._fanout((*channel.subscribers, *self._everyone), text, partial)
+
+    def _fanout(self, subscribers: Iterable[_Subscriber], text: str, partial: bool) -> None:
+        for sub in subscribers:
             if sub.close is not None:
                 continue
             before = sub.queue.skipped
@@ -193,8 +196,9 @@ class SubscriberHub:
             elif outcome is Offer.QUEUED:
                 sub.wake.set()
 
-    def close(self, channel: Channel) -> None:
-        """The channel's session ended: its subscribers are closed once they are sent all."""
+    def close(self, channel: Channel, ended: bool = True) -> None:
+        """The channel's session stopped (``ended``, or suspended for another process):
+        its subscribers are closed once they are sent all."""
         channel.live = False
         for sub in channel.subscribers:
             if sub.close is None:

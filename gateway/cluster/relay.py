@@ -1,0 +1,209 @@
+"""Transcript messages between nodes, on Redis Streams.
+
+In cluster mode a session's owner does not hand its transcript messages to its own
+subscribers: it appends them to the session's stream ``gateway:tx:{key}`` (and to
+``gateway:tx``, every session's), and every node's subscribers, the owner's included,
+read them from there. So a subscriber on any node hears any session, and one that was
+listening when its session moved to another node goes on hearing it with nothing
+repeated or missed. Each stream holds about :data:`MAXLEN` entries; a subscriber that
+joins late first gets the finals still in it.
+
+Entries are ``f`` (final, partial, event or end) and ``m`` (the message as sent to
+subscribers). Appends are queued (bounded, drops counted) and written in batches by
+one task, in order; while Redis is away they wait and are written when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError
+
+from ..pipeline import RelayKind
+
+logger = logging.getLogger("gateway.cluster")
+
+ALL = "gateway:tx"
+MAXLEN = 10_000
+#: Appends waiting for Redis, all sessions; past it partials are dropped first.
+CAPACITY = 20_000
+BATCH = 500
+#: A session's stream outlives its last append by this long (s), for late readers.
+KEEP = 86_400
+RETRY = 0.5
+#: Longest wait of one blocking read, ms.
+BLOCK_MS = 500
+
+
+def stream(key: str | None) -> str:
+    return ALL if key is None else f"{ALL}:{key}"
+
+
+class TranscriptRelay:
+    """Appends and follows transcript streams (see :class:`gateway.pipeline.Relay`)."""
+
+    def __init__(self, url: str, registry: CollectorRegistry) -> None:
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=1.0, decode_responses=True
+        )
+        self._queue: deque[tuple[str, RelayKind, str]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer: asyncio.Task[None] | None = None
+        self.sent = Counter(
+            "gateway_cluster_relay_messages",
+            "Transcript messages appended to Redis for every node's subscribers",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "gateway_cluster_relay_dropped",
+            "Transcript messages dropped because Redis was away too long, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "gateway_cluster_relay_pending",
+            "Transcript messages waiting for Redis",
+            registry=registry,
+        )
+
+    # -- appending ------------------------------------------------------------------------
+
+    def publish(self, key: str, kind: RelayKind, text: str) -> None:
+        """Queue one message of ``key``'s; never waits."""
+        if len(self._queue) >= CAPACITY:
+            if kind == "partial":
+                self.dropped.labels(kind).inc()
+                return
+            self.dropped.labels(self._queue.popleft()[1]).inc()
+        self._queue.append((key, kind, text))
+        self.pending.set(len(self._queue))
+        self._idle.clear()
+        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write(), name="relay")
+
+    async def flush(self, within: float = 5.0) -> bool:
+        """Wait until everything queued so far is in Redis (at most ``within`` s)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+                return True
+        return False
+
+    async def close(self, within: float = 5.0) -> None:
+        if not await self.flush(within) and self._queue:
+            logger.warning("%d transcript messages not relayed: redis away", len(self._queue))
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self.redis.aclose()
+
+    async def _write(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, kind, text in batch:
+                        pipe.xadd(
+                            stream(key), {"f": kind, "m": text}, maxlen=MAXLEN, approximate=True
+                        )
+                        pipe.xadd(
+                            ALL, {"k": key, "f": kind, "m": text}, maxlen=MAXLEN, approximate=True
+                        )
+                    for key in {k for k, _, _ in batch}:
+                        pipe.expire(stream(key), KEEP)
+                    await pipe.execute()
+            except (RedisError, OSError):
+                await _pause()  # kept in order; written when Redis is back
+                continue
+            for _ in batch:
+                self._queue.popleft()
+            self.sent.inc(len(batch))
+            self.pending.set(len(self._queue))
+
+    # -- following ------------------------------------------------------------------------
+
+    async def follow(
+        self, key: str | None, running: Callable[[], bool] = lambda: True
+    ) -> AsyncIterator[tuple[str, RelayKind, str, bool]]:
+        """``(key, kind, text, replayed)`` for ``key``'s stream (None: every session's),
+        from its beginning (``replayed`` until what was there when following began), then
+        live. A stream whose last entry ends a meeting, and the all-sessions stream, are
+        followed from their end. Yields ``("", "ready", "", True)`` once replayed.
+
+        Ends within :data:`BLOCK_MS` of ``running()`` turning false: stop a follower
+        that way rather than by cancelling it, which redis-py may not answer while a
+        blocking read is under way."""
+        name = stream(key)
+        boundary = "0-0"
+        while True:
+            try:
+                tail = await self.redis.xrevrange(name, count=1)
+                break
+            except (RedisError, OSError):
+                await _pause()
+        last = "0-0"
+        if tail:
+            boundary, (_, kind, _) = _entry(tail[0], key)
+            if key is None or kind == "end":
+                last = boundary
+        while last != boundary:
+            try:
+                entries: list[Any] = await self.redis.xrange(
+                    name, min=f"({last}" if last != "0-0" else "-", max=boundary, count=BATCH
+                )  # type: ignore[assignment]  # decode_responses: never None
+            except (RedisError, OSError):
+                await _pause()
+                continue
+            for entry in entries:
+                last, message = _entry(entry, key)
+                yield (*message, True)
+            if not entries:
+                break
+        yield "", "ready", "", True
+        while running():
+            try:
+                found = await self.redis.xread({name: last}, count=BATCH, block=BLOCK_MS)
+            except (RedisError, OSError):
+                await _pause()
+                continue
+            for _, entries in cast(list[Any], found or []):
+                for entry in entries:
+                    last, message = _entry(entry, key)
+                    yield (*message, False)
+
+
+async def _pause() -> None:
+    """Wait before retrying a failed Redis call, unless the task is being cancelled:
+    redis-py may turn a cancellation during a blocking read into a connection error."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    await asyncio.sleep(RETRY)
+
+
+KINDS: frozenset[str] = frozenset(("final", "partial", "event", "end"))
+
+
+def _entry(entry: Any, key: str | None) -> tuple[str, tuple[str, RelayKind, str]]:
+    """A stream entry as ``(id, (key, kind, text))``; an unknown kind is an event."""
+    entry_id, fields = entry
+    fields = fields or {}
+    kind = str(fields.get("f", "event"))
+    known = cast(RelayKind, kind if kind in KINDS else "event")
+    return str(entry_id), (str(fields.get("k", key or "")), known, str(fields.get("m", "")))
