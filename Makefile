@@ -25,11 +25,12 @@ $(VENV)/.dev: pyproject.toml
 	touch $(VENV)/.installed $@
 
 ## testdata: real human speech with exact transcripts (Debian's pocketsphinx-testdata),
-## espeak-ng voices (conversations, languages) and a real browser for the live page
-testdata: $(TESTDATA) /usr/bin/espeak-ng /usr/bin/chromium
-$(TESTDATA) /usr/bin/espeak-ng /usr/bin/chromium &:
+## espeak-ng voices (conversations, languages), a real browser for the live page, and
+## redis-server and haproxy for the cluster tests (deploy/haproxy.cfg)
+testdata: $(TESTDATA) /usr/bin/espeak-ng /usr/bin/chromium /usr/bin/redis-server /usr/sbin/haproxy
+$(TESTDATA) /usr/bin/espeak-ng /usr/bin/chromium /usr/bin/redis-server /usr/sbin/haproxy &:
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq pocketsphinx-testdata espeak-ng chromium
+	$(SUDO) apt-get install -y -qq pocketsphinx-testdata espeak-ng chromium redis-server haproxy
 
 ## lint: formatting, lint rules and strict typing
 lint: dev
