@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 from . import __version__, logs, memory, tokens
 from .config import SUPPORTED_RATES, Settings
-from .errors import GatewayError
+from .errors import ConfigError, GatewayError
 
 SERVE_FLAGS = [f.name for f in dataclasses.fields(Settings)]
 
@@ -59,6 +59,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _install_uvloop()
     asyncio.run(_serve(settings))
     return 0
+
+
+#: Recognition workers live with the transcription pipeline; the gateway names them only
+#: by import string, as it does pipelines (it never imports ``pipelines``).
+WORKER = "pipelines.transcription.worker:main"
+WORKER_FLAGS = [
+    "redis_url",
+    "node_id",
+    "device",
+    "model",
+    "model_cache",
+    "asr_threads",
+    "partial_interval",
+    "log_level",
+    "log_format",
+]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import importlib
+
+    settings = Settings.from_sources(args)
+    if not settings.redis_url:
+        raise ConfigError("worker: --redis-url (GATEWAY_REDIS_URL) is required")
+    logs.setup(settings.log_level, settings.log_format)
+    module, _, name = WORKER.partition(":")
+    code: int = getattr(importlib.import_module(module), name)(settings)
+    return code
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -237,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     Settings.add_arguments(serve, SERVE_FLAGS)
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run recognition for a cluster, taking jobs from Redis")
+    Settings.add_arguments(worker, WORKER_FLAGS)
+    worker.set_defaults(func=cmd_worker)
 
     sim = sub.add_parser("simulate", help="play a WAV file into a gateway like a bot")
     sim.add_argument("--url", required=True, help="the bot's output URL")

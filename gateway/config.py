@@ -113,6 +113,15 @@ class Settings:
     asr_threads: int = _setting(
         0, "recognition lanes (one model copy, one thread); 0: one per core"
     )
+    recognition: str = _setting(
+        "local",
+        "where recognition runs: local lanes, or pool (the cluster's workers on Redis,"
+        " local lanes when none is alive)",
+        choices=("local", "pool"),
+    )
+    device: str = _setting(
+        "cpu", "where the model runs: cpu, or cuda (a GPU worker)", choices=("cpu", "cuda")
+    )
     partial_interval: float = _setting(1.0, "seconds between partial results while speaking")
     max_utterance: float = _setting(15.0, "longest utterance before a final is forced, seconds")
     bot_speech: str = _setting(
@@ -199,6 +208,8 @@ class Settings:
             raise bad("workers", "more than one process needs a cluster: set --redis-url")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise bad("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        if self.recognition == "pool" and not self.redis_url:
+            raise bad("recognition", "the pool is the cluster's: set --redis-url")
         if not 2 <= self.lease <= 300:
             raise bad("lease", "must be between 2 and 300 seconds")
         for name in ("public_url", "webhook_url"):

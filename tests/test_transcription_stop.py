@@ -30,6 +30,7 @@ from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.outputs import TranscriptOutputs
 from pipelines.transcription.pipeline import TranscriptionPipeline
 from pipelines.transcription.policy import Request
+from pipelines.transcription.recognizer import LocalRecognizer
 from pipelines.transcription.scheduler import Scheduler
 from pipelines.transcription.words import HypWord
 
@@ -96,9 +97,10 @@ async def pipeline(tmp_path: Path, scheduler: Scheduler) -> tuple[TranscriptionP
     env = Environment(Settings(data_dir=tmp_path), registry)
     outputs = TranscriptOutputs(env)
     published: list[Any] = []
+    engine = SilentEngine()
     p = TranscriptionPipeline(
-        SilentEngine(),  # type: ignore[arg-type]
-        scheduler,
+        engine,  # type: ignore[arg-type]
+        LocalRecognizer(engine, scheduler),  # type: ignore[arg-type]
         outputs,
         TranscriptionMetrics(registry),
         partial_interval=1.0,

@@ -42,7 +42,7 @@ from .engine import Engine, Hypothesis
 from .language import LanguageChoice
 from .policy import REPEAT_SPAN, SENTENCE_END, Draft, Request, StreamingPolicy, reheard
 from .provider import segment_result
-from .scheduler import Scheduler
+from .recognizer import Recognizer
 from .turns import RosterLag
 from .window import Window
 from .words import ASR_RATE, HypWord
@@ -80,7 +80,7 @@ class TranscriptionPipeline(Pipeline):
     def __init__(
         self,
         engine: Engine,
-        scheduler: Scheduler,
+        recognizer: Recognizer,
         outputs: TranscriptOutputs,
         metrics: TranscriptionMetrics,
         *,
@@ -91,7 +91,7 @@ class TranscriptionPipeline(Pipeline):
     ) -> None:
         self._engine = engine
         self._default_language = language
-        self._scheduler = scheduler
+        self._recognizer = recognizer
         self._hub = outputs
         self._metrics = metrics
         self._bot_speech = bot_speech
@@ -162,7 +162,7 @@ class TranscriptionPipeline(Pipeline):
         finally:
             if self._hold is not None:
                 self._hold.cancel()
-            self._scheduler.forget(self._ctx.key)
+            self._recognizer.forget(self._ctx.key)
             await self._out.close()
 
     def _restart(self, sample: int) -> None:
@@ -212,13 +212,13 @@ class TranscriptionPipeline(Pipeline):
         if request.kind == "final":
             self._finals.append(pending)
 
-        language = self._language.for_request()
-
-        def fn(lane: int) -> Hypothesis:
-            return self._engine.transcribe(audio, at / ASR_RATE, lane=lane, language=language)
-
-        future = self._scheduler.submit(
-            self._ctx.key, request.kind, fn, urgent=request.kind == "partial" and request.first
+        future = self._recognizer.recognize(
+            self._ctx.key,
+            request.kind,
+            audio,
+            at / ASR_RATE,
+            self._language.for_request(),
+            urgent=request.kind == "partial" and request.first,
         )
         self._inflight += 1
         self._idle.clear()
