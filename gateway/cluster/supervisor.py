@@ -5,7 +5,8 @@ connections over them; a session lives in one worker and a bot that lands on ano
 is handed over through Redis like a bot that moved between machines. The supervisor
 only starts the workers, passes SIGTERM and SIGINT on (each drains and suspends its
 sessions), and restarts a worker that died (its sessions are adopted by the others
-meanwhile), backing off if it keeps dying.
+meanwhile), backing off if it keeps dying. Workers get SIGTERM if the supervisor itself
+dies.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def supervise(settings: Settings, argv: list[str]) -> int:
     stopping = False
 
     def start(i: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, env=worker_env(settings, i, n, port))
+        env = worker_env(settings, i, n, port)
+        return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -100,6 +102,17 @@ def supervise(settings: Settings, argv: list[str]) -> int:
             if not stopping:
                 workers[i], started[i] = start(i), time.monotonic()
     return status
+
+
+def _die_with_parent() -> None:
+    """In the worker before it runs: a SIGTERM when the supervisor dies, even killed with
+    SIGKILL, so no worker outlives it holding the port (Linux; elsewhere a no-op)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _sleep_unless(stop: Callable[[], bool], seconds: float) -> None:

@@ -1,9 +1,9 @@
 """Recognition jobs and results as Redis stream entries (sans I/O).
 
-A node running ``--recognition pool`` appends each job to ``gateway:asr:final`` or
-``gateway:asr:partial`` (workers read finals first); a worker appends the result to the
-node's own ``gateway:asr:done:{node}``. Both sides encode and decode here, so the format
-is one thing, tested without Redis.
+A node running ``--recognition pool`` appends each job to ``gateway:asr:final`` (finals
+and first partials) or ``gateway:asr:partial`` (workers read the first one first); a
+worker appends the result to the node's own ``gateway:asr:done:{node}``. Both sides
+encode and decode here, so the format is one thing, tested without Redis.
 
 A job carries its audio as 16 kHz 16-bit PCM (half the bytes of the float32 the model
 takes; the model hears no difference), the session-clock offset, the language to decode
@@ -28,6 +28,12 @@ GROUP = "workers"
 WORKERS = f"{PREFIX}workers"
 
 
+def stream_for(kind: str, urgent: bool) -> str:
+    """Finals, and the partials that bring an utterance's first text, go where workers
+    look first and run them on the lane they keep free (as a node's own lanes do)."""
+    return STREAMS["final"] if kind == "final" or urgent else STREAMS["partial"]
+
+
 def done_stream(node: str) -> str:
     return f"{PREFIX}done:{node}"
 
@@ -47,6 +53,8 @@ class JobSpec:
     language: str | None
     submitted: float
     """Wall time the node submitted it (``time.time()``)."""
+    urgent: bool = False
+    """A partial that would bring an utterance's first text (runs with the finals)."""
 
 
 def encode_job(job: JobSpec) -> dict[str, bytes | str]:
@@ -59,6 +67,7 @@ def encode_job(job: JobSpec) -> dict[str, bytes | str]:
         "offset": repr(job.offset),
         "language": job.language or "",
         "submitted": repr(job.submitted),
+        "urgent": "1" if job.urgent else "",
         "audio": pcm,
     }
 
@@ -80,6 +89,7 @@ def decode_job(fields: dict[Any, Any]) -> JobSpec:
         float(_text(f["offset"])),
         _text(f["language"]) or None,
         float(_text(f["submitted"])),
+        bool(_text(f.get("urgent", ""))),
     )
 
 

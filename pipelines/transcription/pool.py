@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -73,6 +74,8 @@ class PoolRecognizer:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.workers = 0
+        self.partial_lanes = 0
+        """Lanes of the live workers that take partials, all nodes' to share."""
 
     async def start(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -109,7 +112,7 @@ class PoolRecognizer:
             return self.local.recognize(session, kind, audio, offset, language, urgent=urgent)
         future: asyncio.Future[Hypothesis | None] = asyncio.get_running_loop().create_future()
         spec = jobs.JobSpec(
-            uuid.uuid4().hex, self.node, session, kind, audio, offset, language, time.time()
+            uuid.uuid4().hex, self.node, session, kind, audio, offset, language, time.time(), urgent
         )
         job = Job(session, kind, time.monotonic(), _Remote(spec, future, urgent), urgent)
         self._dropped(self._queue.push(job))
@@ -131,7 +134,11 @@ class PoolRecognizer:
         while True:
             job = None
             if len(self._out) < WINDOW:
-                job, dropped = self._queue.pop(time.monotonic(), self._busy)
+                # Partials wait here, where a newer one supersedes them, until a lane of
+                # the pool is free: sent at once they would run however stale.
+                out = sum(j.kind != FINAL and not j.urgent for j in self._out.values())
+                partials = out < self.partial_lanes
+                job, dropped = self._queue.pop(time.monotonic(), self._busy, partials=partials)
                 self._dropped(dropped)
             if job is None:
                 self._wake.clear()
@@ -146,7 +153,8 @@ class PoolRecognizer:
                 continue
             self._busy.add(job.session)
             try:
-                await self.redis.xadd(jobs.STREAMS[job.kind], jobs.encode_job(remote.spec))  # type: ignore[arg-type]
+                stream = jobs.stream_for(job.kind, job.urgent)
+                await self.redis.xadd(stream, jobs.encode_job(remote.spec))  # type: ignore[arg-type]
             except (RedisError, OSError) as exc:
                 logger.warning("recognition pool unreachable (%s): running the job here", exc)
                 self._here(job)
@@ -233,10 +241,12 @@ class PoolRecognizer:
         except (RedisError, OSError):
             self.workers = 0
             return
-        alive = sum(b is not None for b in beats)
-        if alive != self.workers:
-            logger.info("recognition pool: %d workers alive", alive)
-        self.workers = alive
+        alive = [json.loads(b) for b in beats if b is not None]
+        if len(alive) != self.workers:
+            logger.info("recognition pool: %d workers alive", len(alive))
+        self.workers = len(alive)
+        # Each worker keeps one lane for finals (see .worker): the rest take partials.
+        self.partial_lanes = sum(max(1, int(info.get("lanes") or 1) - 1) for info in alive)
 
 
 def _text(value: bytes | str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -57,12 +58,19 @@ class Worker:
         self._claimed: deque[tuple[str, str, dict[Any, Any]]] = deque()
         self._stopping = asyncio.Event()
         self.done = 0
+        self.lanes = 0
+        self._partials = 0
 
     async def run(self) -> None:
         from prometheus_client import CollectorRegistry
 
         engine = await asyncio.to_thread(shared_engine, self.settings)
-        scheduler = Scheduler(TranscriptionMetrics(CollectorRegistry()), lanes=engine.lanes)
+        self.lanes = engine.lanes
+        scheduler = Scheduler(
+            TranscriptionMetrics(CollectorRegistry()),
+            lanes=engine.lanes,
+            stale_after=self.stale_after,
+        )
         await scheduler.start()
         await scheduler.run_in_lanes(lambda lane: engine.warm_up(lane, 16.0))
         await self._groups()
@@ -77,14 +85,18 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 await free.acquire()
-                entry = await self._next()
+                # As on a node, partials never take the last free lane: a final that
+                # arrives next starts at once.
+                entry = await self._next(partials=self._partials < max(1, engine.lanes - 1))
                 if entry is None:
                     free.release()
                     continue
+                partial = entry[0] == jobs.STREAMS["partial"]
+                self._partials += partial
                 task = asyncio.create_task(self._run(engine, scheduler, *entry))
                 running.add(task)
                 task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: free.release())
+                task.add_done_callback(functools.partial(self._done, free, partial))
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -101,13 +113,24 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _done(self, free: asyncio.Semaphore, partial: bool, _: object) -> None:
+        self._partials -= partial
+        free.release()
+
     async def _every(self, seconds: float, job: Any) -> None:
         while True:
             await asyncio.sleep(seconds)
             await job()
 
     async def _beat(self) -> None:
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
+        info = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "lanes": self.lanes,
+                "at": time.time(),
+            }
+        )
         with contextlib.suppress(RedisError, OSError):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(jobs.worker_key(self.name), info, px=int(HEARTBEAT_TTL * 1000))
@@ -141,19 +164,31 @@ class Worker:
                     )
                     self._claimed.append((stream, _id(entry_id), fields))
 
-    async def _next(self) -> tuple[str, str, dict[Any, Any]] | None:
-        """The next job: one claimed from a dead worker, then finals, then partials."""
-        if self._claimed:
-            return self._claimed.popleft()
+    async def _next(self, partials: bool) -> tuple[str, str, dict[Any, Any]] | None:
+        """The next job: one already this worker's (claimed from a dead worker, or read
+        with another), then finals, then partials."""
         final, partial = jobs.STREAMS["final"], jobs.STREAMS["partial"]
+        for i, held in enumerate(self._claimed):
+            if partials or held[0] == final:
+                del self._claimed[i]
+                return held
+        wanted = {final: ">", partial: ">"} if partials else {final: ">"}
         try:
-            for streams, block in (({final: ">"}, None), ({final: ">", partial: ">"}, BLOCK_MS)):
+            for streams, block in (({final: ">"}, None), (wanted, BLOCK_MS)):
                 found: Any = await self.redis.xreadgroup(
                     jobs.GROUP, self.name, cast(Any, streams), count=1, block=block
                 )
-                for stream, entries in found or []:
-                    for entry_id, fields in entries:
-                        return _id(stream), _id(entry_id), fields
+                # One read may deliver a final and a partial: both are this worker's now
+                # (pending under its name), so keep the second for the next free lane.
+                got = [
+                    (_id(stream), _id(entry_id), fields)
+                    for stream, entries in found or []
+                    for entry_id, fields in entries
+                ]
+                got.sort(key=lambda entry: entry[0] != final)
+                if got:
+                    self._claimed.extend(got[1:])
+                    return got[0]
         except (RedisError, OSError) as exc:
             logger.warning("redis unreachable (%s)", exc)
             await asyncio.sleep(1.0)
@@ -176,7 +211,8 @@ class Worker:
             def run(lane: int) -> Any:
                 return engine.transcribe(audio, offset, lane=lane, language=language)
 
-            hypothesis = await scheduler.submit(job.session, "final", run)
+            # The same lanes as a node's own: lane 0 for finals and first partials.
+            hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
         await self._ack(
             stream, entry_id, (job.node, jobs.encode_result(job.id, hypothesis, self.name))
         )
