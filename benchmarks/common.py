@@ -261,7 +261,21 @@ async def scrape(host: str, port: int) -> Scrape:
 
 def histogram_ms(before: Scrape, after: Scrape, name: str) -> dict[str, float | None]:
     """p50, p99 and the highest bucket (in ms) of what a histogram saw between scrapes."""
-    buckets = bucket_delta(before.buckets(name), after.buckets(name))
+    return buckets_ms(bucket_delta(before.buckets(name), after.buckets(name)))
+
+
+def merge_buckets(parts: Sequence[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """One histogram from several with the same bounds (one per process): counts summed
+    bucket by bucket, so quantiles of the merge are those of every observation together."""
+    total: dict[float, float] = {}
+    for buckets in parts:
+        for le, count in buckets:
+            total[le] = total.get(le, 0.0) + count
+    return sorted(total.items())
+
+
+def buckets_ms(buckets: list[tuple[float, float]]) -> dict[str, float | None]:
+    """p50, p99 and the highest bucket (in ms) of cumulative buckets in seconds."""
     out: dict[str, float | None] = {}
     for label, q in (("p50", 0.5), ("p99", 0.99)):
         v = quantile(q, buckets)

@@ -32,6 +32,15 @@ on stderr (or ``--summary``). The full run (about 40 minutes):
 
     .venv/bin/python benchmarks/transcription.py --sessions 1,2,4,8,12,16 --duration 60
 
+Recognition through the cluster's pool instead of the gateway's own lanes
+(``--recognition pool``): a ``redis-server`` and ``--pool-workers`` ``meeting-gateway
+worker`` processes of ``--asr-threads`` lanes each are started, and the gateway sends its
+jobs there (its one local lane is only the fallback). Compare with the same command
+without the flag, e.g. the read workload at 4 and 8 meetings::
+
+    .venv/bin/python benchmarks/transcription.py --workload read --sessions 4,8 \
+        --recognition pool --pool-workers 1 --asr-threads 2
+
 A short one while developing:
 
     .venv/bin/python benchmarks/transcription.py --workload conversation \\
@@ -42,15 +51,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +380,43 @@ def _collect(out: Any, proc: Any) -> Any:
         return result
 
 
+# -- recognition through the pool -------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def recognition_pool(workers: int, lanes: int, model: str) -> AsyncIterator[dict[str, Any]]:
+    """A Redis and ``workers`` worker processes; yields the gateway settings that use them."""
+    from benchmarks.cluster import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix="bench-pool-") as tmp:
+        redis = RedisServer(Path(tmp), argparse.Namespace(nice=0))
+        await redis.wait_ready()
+        procs = []
+        for i in range(workers):
+            env = {**os.environ, "GATEWAY_REDIS_URL": redis.url, "GATEWAY_MODEL": model}
+            env |= {"GATEWAY_NODE_ID": f"bench-worker-{i}", "GATEWAY_ASR_THREADS": str(lanes)}
+            with open(Path(tmp) / f"worker-{i}.log", "wb") as log:
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "gateway", "worker", env=env, stderr=log, cwd=ROOT
+                    )
+                )
+
+        async def joined() -> bool:
+            return bool(await redis.client.hlen("gateway:asr:workers") >= workers)
+
+        try:
+            if not await common.poll(joined, 120):
+                raise RuntimeError(f"the workers did not start; see {tmp}/worker-*.log")
+            yield {"redis_url": redis.url, "recognition": "pool", "node_id": "bench-node"}
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                await asyncio.wait_for(proc.wait(), 30)
+            await redis.stop()
+
+
 # -- the read workload ------------------------------------------------------------------
 
 #: Measures of the conversation workload that mean the same for read speech.
@@ -529,6 +578,8 @@ async def main() -> None:
         ("--rate", 24000, "conversation sample rate"),
         ("--cache", DEFAULT_CACHE, "where built conversations are kept"),
         ("--excerpt", 0.0, "single-meeting conversation runs play only this many s (0: all)"),
+        ("--recognition", "local", "local lanes, or pool: worker processes on a Redis"),
+        ("--pool-workers", 1, "worker processes with --recognition pool"),
     ):
         parser.add_argument(flag, type=type(default), default=default, help=help)
     parser.add_argument("--load-only", action="store_true", help="only the load sweeps")
@@ -552,11 +603,18 @@ async def main() -> None:
         "machine": common.machine(),
         "workloads": workloads,
     }
-    for workload in workloads:
-        if workload == "read":
-            result["read"] = await read_workload(args, settings)
-        else:
-            result["conversation"] = await conversation_workload(args, settings)
+    result["recognition"] = args.recognition
+    pool: Any = contextlib.nullcontext({})
+    if args.recognition == "pool":
+        pool = recognition_pool(args.pool_workers, args.asr_threads or 1, args.model)
+        result["pool_workers"] = args.pool_workers
+    async with pool as extra:
+        settings.update(extra)
+        for workload in workloads:
+            if workload == "read":
+                result["read"] = await read_workload(args, settings)
+            else:
+                result["conversation"] = await conversation_workload(args, settings)
     print(json.dumps(result, indent=2))
     summary = render(result)
     print(summary, file=sys.stderr)
@@ -567,6 +625,7 @@ async def main() -> None:
 def render(r: dict[str, Any]) -> str:
     lines = [
         f"# Transcription benchmark ({r['model']}, asr_threads={r['asr_threads']},"
+        f" recognition={r.get('recognition', 'local')},"
         f" stagger={r['stagger']} s, revision {r['revision']})",
         "",
     ]
