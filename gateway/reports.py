@@ -160,7 +160,20 @@ def metadata(session: Session) -> dict[str, Any]:
         "start_time": session.start_time,
         "annotations": dict(session.annotations),
         "provider": session.provider,
+        "parts": parts(session),
     }
+
+
+def parts(session: Session) -> list[dict[str, Any]]:
+    """Cluster mode: the directories the session's files are in, in order, one per run of
+    a node without the data directory of the one before (see README, Cluster)."""
+    out: list[dict[str, Any]] = []
+    for p in session.parts:
+        if out and out[-1]["directory"] == p["directory"] and out[-1]["node"] == p["node"]:
+            continue
+        rate = session.sample_rate or 1
+        out.append({"node": p["node"], "directory": p["directory"], "from": p["sample"] / rate})
+    return out
 
 
 class MetadataFile:

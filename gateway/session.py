@@ -85,6 +85,8 @@ class Session(SpeechOut):
         self.metadata_file = MetadataFile(self)
         self._metadata_at = 0.0
         self.annotations: dict[str, str] = {}  # pipelines' notes (annotate)
+        self.parts: list[dict[str, Any]] = []  # cluster mode: the nodes that served it
+        self._unwritten_parts: list[dict[str, Any]] = []
         self.provider: str | None = None  # the vendor's transcription provider, if any
         self.start_time: float | None = None  # the handshake's start_time, epoch seconds
 
@@ -162,6 +164,9 @@ class Session(SpeechOut):
             self.runners.append(runner)
             runner.start()
         self._journal_session()
+        for part in self._unwritten_parts:
+            self.journal.append("part", **part)
+        self._unwritten_parts.clear()
         self.metadata_file.update()
         self.log.info(
             "session started at %d Hz with pipelines %s",
@@ -201,6 +206,15 @@ class Session(SpeechOut):
                 self.sample_rate,
             )
         self.start(rate or self.settings.default_rate)
+
+    def add_part(self, part: dict[str, Any]) -> None:
+        """Cluster mode: a node serves the session from now on (in the journal once the
+        session's directory exists)."""
+        self.parts.append(part)
+        if self.core.started:
+            self.journal.append("part", **part)
+        else:
+            self._unwritten_parts.append(part)
 
     def _journal_session(self) -> None:
         self.journal.append("session", **reports.identity(self))

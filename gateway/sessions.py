@@ -49,6 +49,9 @@ class SessionManager:
         """Cluster mode: a key with no live session here continues the unfinished session
         another node left in the shared data directory (see :mod:`gateway.cluster`)."""
         self.on_ended: Callable[[str], None] = lambda key: None
+        self.on_opened: Callable[[Session], None] = lambda session: None
+        self.mirror: Callable[[str, str], None] | None = None
+        """Cluster mode: ``mirror(key, line)`` keeps every journal line in Redis too."""
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
@@ -74,6 +77,7 @@ class SessionManager:
                 session = self._restore(state)
                 self._sessions[key] = session
                 self._update_gauge()
+                self.on_opened(session)
                 session.log.info(
                     "session continued from %s at %.1f s of audio",
                     state.directory,
@@ -88,10 +92,20 @@ class SessionManager:
             factories=self.factories,
             params=dict(params),
         )
+        self._mirrored(session)
         self._sessions[key] = session
         self._update_gauge()
+        self.on_opened(session)
         session.log.info("session opened")
         return session
+
+    def _mirrored(self, session: Session) -> None:
+        mirror, key = self.mirror, session.key
+        if mirror is not None:
+            session.journal.mirror = lambda line: mirror(key, line)
+
+    def new_directory(self, key: str) -> Path:
+        return self._directory(key)
 
     def _directory(self, key: str) -> Path:
         """A fresh directory: an earlier session with the same key keeps its files."""
@@ -154,6 +168,8 @@ class SessionManager:
             protocol_version=state.protocol_version,
             created_at=state.created_at,
         )
+        self._mirrored(session)
+        session.parts = list(state.parts)
         session.speakers.restore(state.speakers)
         session.speakers.take_learnt()  # already in the journal
         gaps = [

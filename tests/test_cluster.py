@@ -268,3 +268,44 @@ def is_final(message: dict[str, Any]) -> bool:
 
 def final_text(message: dict[str, Any]) -> str:
     return str(message["channel"]["alternatives"][0]["transcript"])
+
+
+async def test_nodes_without_a_shared_directory_continue_a_moved_meeting_in_parts(
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+) -> None:
+    one = await node(tmp_path / "one", redis_server, "one", nodes)
+    two = await node(tmp_path / "two", redis_server, "two", nodes)
+    audio = meeting_audio(librivox, 12.0)
+    bot = BackoffBot(one.url("/bots/parted"), audio, RATE, stop_after=9.0)
+    meeting = asyncio.create_task(bot.run())
+    await asyncio.sleep(3.0)
+    bot.url = two.url("/bots/parted")
+    assert bot._ws is not None
+    await bot._ws.close()
+    await asyncio.wait_for(meeting, scaled(30))
+    for serve in (one, two):
+        assert await serve.stop() == 0
+
+    first, second = (
+        tmp_path / "one" / "sessions" / "parted",
+        tmp_path / "two" / "sessions" / "parted",
+    )
+    meta = json.loads((second / "session.json").read_text())
+    assert [(p["node"], p["directory"]) for p in meta["parts"]] == [
+        ("one", str(first)),
+        ("two", str(second)),
+    ]
+    # One clock across both parts: the second's file is silent until it took over, and
+    # the two files mixed are the meeting, with the outage as a gap.
+    a = np.frombuffer(read_recording(first)[0], np.int16)
+    b = np.frombuffer(read_recording(second)[0], np.int16)
+    assert not b[: len(a)].any()
+    whole = b.copy()
+    whole[: len(a)] = a
+    (a0, _), (b0, b1) = bot.sent
+    [gap] = meta["gaps"]
+    assert meta["reconnects"] == 1 and meta["speakers"] == []
+    assert np.array_equal(whole[: gap["sample"]], audio[a0 : a0 + gap["sample"]])
+    after = gap["sample"] + round(gap["seconds"] * RATE)
+    assert abs(after - (b0 - a0)) <= 0.35 * RATE
+    assert np.array_equal(whole[after:], audio[b0:b1])

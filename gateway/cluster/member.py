@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import reports
+from ..storage.offload import blocking
+from . import parts
 from .node import ClusterNode
 from .schema import default_node_id
 from .sweep import Sweeper
 
 if TYPE_CHECKING:
     from ..server import Gateway
+    from ..session import Session
 
 logger = logging.getLogger("gateway.cluster")
 
@@ -37,9 +41,13 @@ class Membership:
             gateway.metrics.registry,
             address=f"{s.host}:{s.port}",
         )
+        assert gateway.relay is not None, "cluster mode relays transcripts"
+        self.relay = gateway.relay
         sessions = gateway.sessions
         sessions.adopt = True
         sessions.on_ended = self._ended
+        sessions.on_opened = self._opened
+        sessions.mirror = self.relay.journal
         self.node.hand_over = self._hand_over
         self.node.summaries = lambda: ((x.key, reports.summary(x)) for x in sessions)
         self.sweeper = Sweeper(self.node, sessions)
@@ -54,8 +62,7 @@ class Membership:
     async def stop(self) -> None:
         """After the sessions were suspended: relay their last messages, let their leases
         go."""
-        if self.gateway.relay is not None:
-            await self.gateway.relay.close()
+        await self.relay.close()
         if self._sweeping is not None:
             self._sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -74,12 +81,30 @@ class Membership:
         if self.gateway.sessions.get(key) is not None and key in self.node.owned:
             return
         await self.node.claim(key)
+        if self.gateway.sessions.get(key) is None:
+            await self._part(key)
+
+    async def _part(self, key: str) -> None:
+        """Start a new part here if the session's files are on another node's disk."""
+        lines = await self.relay.journal_lines(key)
+        root = self.gateway.sessions.root
+        if not lines or not await blocking(parts.needs_part, lines, key, root):
+            return
+        finals = await self.relay.finals(key) or []
+        directory = self.gateway.sessions.new_directory(key)
+        await blocking(parts.write_part, directory, lines, finals)
+        logger.info("session %s continues in a new part, %s", key, directory)
+
+    def _opened(self, session: Session) -> None:
+        """This node serves ``session`` from now on: say so in its journal."""
+        sample = int(session.audio_seconds * session.sample_rate) if session.sample_rate else 0
+        where = {"node": self.node.id, "directory": str(session.directory)}
+        session.add_part({**where, "sample": sample, "wall": time.time()})
 
     async def _hand_over(self, key: str) -> None:
         await self.gateway.sessions.hand_over(key)
-        if self.gateway.relay is not None:
-            # The next owner's messages must follow this one's last in the stream.
-            await self.gateway.relay.flush()
+        # The next owner's messages (and journal lines) must follow this one's last.
+        await self.relay.flush()
 
     def _ended(self, key: str) -> None:
         task = asyncio.get_running_loop().create_task(self.node.release(key))

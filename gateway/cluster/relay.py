@@ -11,6 +11,11 @@ joins late first gets the finals still in it.
 Entries are ``f`` (final, partial, event or end) and ``m`` (the message as sent to
 subscribers). Appends are queued (bounded, drops counted) and written in batches by
 one task, in order; while Redis is away they wait and are written when it is back.
+
+The same queue keeps what a node needs to continue a session whose files it cannot see
+(nodes without a shared data directory): every journal line (``gateway:journal:{key}``)
+and every final as written to ``transcript.jsonl`` (``gateway:tx:{key}:finals``), both
+dropped when the meeting ends. See :meth:`journal_lines` and :meth:`finals`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ def stream(key: str | None) -> str:
     return ALL if key is None else f"{ALL}:{key}"
 
 
+def finals_key(key: str) -> str:
+    return f"{ALL}:{key}:finals"
+
+
+def journal_key(key: str) -> str:
+    return f"gateway:journal:{key}"
+
+
+#: A journal line that ends its session (``Journal`` writes ``{"t":kind,...}``).
+ENDED = '{"t":"ended"'
+
+
 class TranscriptRelay:
     """Appends and follows transcript streams (see :class:`gateway.pipeline.Relay`)."""
 
@@ -53,7 +70,7 @@ class TranscriptRelay:
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=1.0, decode_responses=True
         )
-        self._queue: deque[tuple[str, RelayKind, str]] = deque()
+        self._queue: deque[tuple[str, str, str]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -79,6 +96,13 @@ class TranscriptRelay:
 
     def publish(self, key: str, kind: RelayKind, text: str) -> None:
         """Queue one message of ``key``'s; never waits."""
+        self._push(key, kind, text)
+
+    def journal(self, key: str, line: str) -> None:
+        """Keep a journal line of ``key``'s (see the module docstring); never waits."""
+        self._push(key, "journal", line)
+
+    def _push(self, key: str, kind: str, text: str) -> None:
         if len(self._queue) >= CAPACITY:
             if kind == "partial":
                 self.dropped.labels(kind).inc()
@@ -119,12 +143,7 @@ class TranscriptRelay:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for key, kind, text in batch:
-                        pipe.xadd(
-                            stream(key), {"f": kind, "m": text}, maxlen=MAXLEN, approximate=True
-                        )
-                        pipe.xadd(
-                            ALL, {"k": key, "f": kind, "m": text}, maxlen=MAXLEN, approximate=True
-                        )
+                        _append(pipe, key, kind, text)
                     for key in {k for k, _, _ in batch}:
                         pipe.expire(stream(key), KEEP)
                     await pipe.execute()
@@ -135,6 +154,22 @@ class TranscriptRelay:
                 self._queue.popleft()
             self.sent.inc(len(batch))
             self.pending.set(len(self._queue))
+
+    # -- reading what was kept -------------------------------------------------------------
+
+    async def journal_lines(self, key: str) -> list[str] | None:
+        """``key``'s journal as kept in Redis; None when Redis cannot be asked."""
+        return await self._list(journal_key(key))
+
+    async def finals(self, key: str) -> list[str] | None:
+        """``key``'s ``transcript.jsonl`` lines so far; None when Redis cannot be asked."""
+        return await self._list(finals_key(key))
+
+    async def _list(self, name: str) -> list[str] | None:
+        try:
+            return [str(x) for x in await self.redis.lrange(name, 0, -1)]
+        except (RedisError, OSError):
+            return None
 
     # -- following ------------------------------------------------------------------------
 
@@ -186,6 +221,23 @@ class TranscriptRelay:
                 for entry in entries:
                     last, message = _entry(entry, key)
                     yield (*message, False)
+
+
+def _append(pipe: Any, key: str, kind: str, text: str) -> None:
+    if kind == "journal":
+        if text.startswith(ENDED):
+            pipe.delete(journal_key(key))  # the meeting is over: nothing to continue
+        else:
+            pipe.rpush(journal_key(key), text.rstrip("\n"))
+            pipe.expire(journal_key(key), KEEP)
+        return
+    pipe.xadd(stream(key), {"f": kind, "m": text}, maxlen=MAXLEN, approximate=True)
+    pipe.xadd(ALL, {"k": key, "f": kind, "m": text}, maxlen=MAXLEN, approximate=True)
+    if kind == "final":
+        pipe.rpush(finals_key(key), text)
+        pipe.expire(finals_key(key), KEEP)
+    elif kind == "end":
+        pipe.delete(finals_key(key))
 
 
 async def _pause() -> None:

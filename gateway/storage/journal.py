@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class Resume:
     suspended: bool = False
     """The previous process stopped cleanly (SIGTERM) rather than dying."""
     ended: bool = False
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    """Cluster mode: each node that served the session, where, from which sample on."""
 
 
 def fold(key: str, directory: Path, lines: Iterable[str]) -> Resume:
@@ -106,6 +108,8 @@ def _apply(state: Resume, r: dict[str, Any]) -> None:
         state.last_seen = max(state.last_seen, float(r["wall"]))
     elif kind == "ended":
         state.ended = True
+    elif kind == "part":
+        state.parts.append({k: r[k] for k in ("node", "directory", "sample", "wall")})
 
 
 def unfinished(root: Path) -> Iterator[Resume]:
@@ -164,11 +168,15 @@ class Journal:
         self._on_error = on_error
         self._failed = False
         self._closed = False
+        self.mirror: Callable[[str], None] | None = None
+        """Cluster mode: every line is also kept in Redis (see :mod:`gateway.cluster`)."""
 
     def append(self, kind: str, **fields: Any) -> None:
         if self._closed:
             return  # the session was ended or handed over: its journal is another's now
         line = json.dumps({"t": kind, **fields}, separators=(",", ":")) + "\n"
+        if self.mirror is not None:
+            self.mirror(line)
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
