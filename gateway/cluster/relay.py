@@ -5,8 +5,8 @@ subscribers: it appends them to the session's stream ``gateway:tx:{key}`` (and t
 ``gateway:tx``, every session's), and every node's subscribers, the owner's included,
 read them from there. So a subscriber on any node hears any session, and one that was
 listening when its session moved to another node goes on hearing it with nothing
-repeated or missed. Each stream holds about :data:`MAXLEN` entries; a subscriber that
-joins late first gets the finals still in it.
+repeated or missed. Each session's stream holds about :data:`MAXLEN` entries; a
+subscriber that joins late first gets the finals still in it.
 
 Entries are ``f`` (final, partial, event or end) and ``m`` (the message as sent to
 subscribers). Appends are queued (bounded, drops counted) and written in batches by
@@ -36,7 +36,10 @@ from ..pipeline import RelayKind
 logger = logging.getLogger("gateway.cluster")
 
 ALL = "gateway:tx"
-MAXLEN = 10_000
+#: Entries kept per session stream (about half an hour of partials and finals, ~1 MB) and
+#: in the all-sessions stream. Finals are also kept whole in a list (``finals_key``).
+MAXLEN = 2_000
+MAXLEN_ALL = 10_000
 #: Appends waiting for Redis, all sessions; past it partials are dropped first.
 CAPACITY = 20_000
 BATCH = 500
@@ -232,7 +235,7 @@ def _append(pipe: Any, key: str, kind: str, text: str) -> None:
             pipe.expire(journal_key(key), KEEP)
         return
     pipe.xadd(stream(key), {"f": kind, "m": text}, maxlen=MAXLEN, approximate=True)
-    pipe.xadd(ALL, {"k": key, "f": kind, "m": text}, maxlen=MAXLEN, approximate=True)
+    pipe.xadd(ALL, {"k": key, "f": kind, "m": text}, maxlen=MAXLEN_ALL, approximate=True)
     if kind == "final":
         pipe.rpush(finals_key(key), text)
         pipe.expire(finals_key(key), KEEP)
