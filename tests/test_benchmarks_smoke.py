@@ -208,3 +208,20 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     table = summary.read_text()
     assert re.search(r"^\| \+1 \|", table, re.M), table
     assert re.search(r"^\| 2 \|", table, re.M), table
+
+
+@pytest.mark.skipif(not LIBRIVOX.exists(), reason="LibriVox test speech not installed")
+def test_cluster_benchmark_reports_one_and_two_processes(tmp_path: Path) -> None:
+    out = tmp_path / "cluster.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "cluster.py"), "--quick"]
+    argv += ["--procs", "1,2", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(120), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert [(p["procs"], p["frames_lost"]) for p in summary["points"]] == [(1, 0), (2, 0)]
+    for point in summary["points"]:
+        # A real Redis was used: heartbeats, leases and journals cost commands.
+        assert point["redis_commands_per_meeting_s"] > 0
+        assert point["redis_bytes_per_meeting_s"] > 0
+        assert len(point["gateway_core_pct"]) == point["procs"]
+    assert set(summary["targets"]) == {"two_procs_1_8x_bots_at_p99_50ms_zero_loss"}
