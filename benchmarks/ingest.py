@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -432,24 +430,7 @@ async def amain(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    # Each bot is a socket here and in the server; lift the soft limit to the hard one.
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if opts.nice:
-        os.setpriority(os.PRIO_PROCESS, 0, opts.nice)
-    for name in [k for k in os.environ if k.startswith("GATEWAY_")]:
-        del os.environ[name]  # the gateway must run with the settings given here only
-    import uvloop
-
-    summary = uvloop.run(amain(opts))
-    print(json.dumps(summary), flush=True)
-    text = human(summary)
-    print(text, file=sys.stderr)
-    if opts.out is not None:
-        opts.out.write_text(json.dumps(summary, indent=2) + "\n")
-        opts.out.with_suffix(opts.out.suffix + ".md").write_text(text)
-    return 0
+    return common.run_benchmark(parse_args(argv), amain, human)
 
 
 if __name__ == "__main__":

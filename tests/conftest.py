@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -144,3 +145,13 @@ async def refused_with(url: str, **kwargs: Any) -> tuple[int, dict[str, str]]:
             pass
     response = info.value.response
     return response.status_code, {k.lower(): v for k, v in response.headers.raw_items()}
+
+
+@pytest.fixture
+async def serves() -> AsyncIterator[list[Any]]:
+    """Gateway processes a test starts (``test_resume.Serve``): killed if still running."""
+    started: list[Any] = []
+    yield started
+    for s in started:
+        if s.proc.returncode is None:
+            await s.stop(signal.SIGKILL)

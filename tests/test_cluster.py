@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -32,21 +33,19 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     await server.stop()
 
 
-@pytest.fixture
-async def nodes() -> AsyncIterator[list[Serve]]:
-    started: list[Serve] = []
-    yield started
-    for s in started:
-        if s.proc.returncode is None:
-            await s.stop(signal.SIGKILL)
-
-
-async def node(data: Path, redis: RedisServer, name: str, nodes: list[Serve], **env: str) -> Serve:
+async def node(data: Path, redis: RedisServer, name: str, serves: list[Serve], **env: str) -> Serve:
     """A cluster node of one process (``serve`` would start one per core)."""
     env = {"GATEWAY_WORKERS": "1", **env}
     serve = await Serve.start(data, GATEWAY_REDIS_URL=redis.url, GATEWAY_NODE_ID=name, **env)
-    nodes.append(serve)
+    serves.append(serve)
     return serve
+
+
+async def move(bot: BackoffBot, to: Serve) -> None:
+    """A load balancer sends the bot's next connection to ``to``: drop its socket."""
+    bot.url = to.url(urlsplit(bot.url).path)
+    assert bot._ws is not None
+    await bot._ws.close()
 
 
 def get(serve: Serve, path: str) -> Any:
@@ -69,18 +68,15 @@ async def until(check: Any, seconds: float, what: str) -> None:
 
 
 async def test_a_bot_moved_to_another_node_continues_its_meeting_there(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
-    one = await node(tmp_path, redis_server, "one", nodes)
-    two = await node(tmp_path, redis_server, "two", nodes)
+    one = await node(tmp_path, redis_server, "one", serves)
+    two = await node(tmp_path, redis_server, "two", serves)
     audio = meeting_audio(librivox, 12.0)
     bot = BackoffBot(one.url("/bots/moved"), audio, RATE, stop_after=9.0)
     meeting = asyncio.create_task(bot.run())
     await asyncio.sleep(3.0)
-    # A load balancer sends the bot's next connection to the other node.
-    bot.url = two.url("/bots/moved")
-    assert bot._ws is not None
-    await bot._ws.close()
+    await move(bot, two)
     await asyncio.wait_for(meeting, scaled(30))
     assert metric(one, "gateway_cluster_handoffs_total", '{reason="asked"}') == 1
     assert metric(two, "gateway_cluster_claims_total", '{how="handed"}') == 1
@@ -103,10 +99,10 @@ def row(serve: Serve, key: str) -> tuple[str, str] | None:
 
 
 async def test_kill_9_of_the_owner_and_the_bot_reconnects_through_the_proxy_elsewhere(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
-    one = await node(tmp_path, redis_server, "one", nodes)
-    two = await node(tmp_path, redis_server, "two", nodes)
+    one = await node(tmp_path, redis_server, "one", serves)
+    two = await node(tmp_path, redis_server, "two", serves)
     proxy = await HAProxy.start(tmp_path, [one.port, two.port])
     try:
         audio = meeting_audio(librivox, 12.0)
@@ -128,10 +124,10 @@ async def test_kill_9_of_the_owner_and_the_bot_reconnects_through_the_proxy_else
 
 
 async def test_an_orphan_of_a_dead_node_is_adopted_and_finalized_once(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
-    one = await node(tmp_path, redis_server, "one", nodes, GATEWAY_LINGER="4")
-    two = await node(tmp_path, redis_server, "two", nodes, GATEWAY_LINGER="4")
+    one = await node(tmp_path, redis_server, "one", serves, GATEWAY_LINGER="4")
+    two = await node(tmp_path, redis_server, "two", serves, GATEWAY_LINGER="4")
     audio = meeting_audio(librivox, 3.0)
     bot = BackoffBot(one.url("/bots/orphan"), audio, RATE, stop_after=2.0)
     await bot.run()
@@ -152,10 +148,10 @@ async def test_an_orphan_of_a_dead_node_is_adopted_and_finalized_once(
 
 
 async def test_a_redis_restart_mid_meeting_loses_nothing(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
-    one = await node(tmp_path, redis_server, "one", nodes)
-    two = await node(tmp_path, redis_server, "two", nodes)
+    one = await node(tmp_path, redis_server, "one", serves)
+    two = await node(tmp_path, redis_server, "two", serves)
     audio = meeting_audio(librivox, 10.0)
     bot = BackoffBot(one.url("/bots/steady"), audio, RATE, stop_after=8.0)
     meeting = asyncio.create_task(bot.run())
@@ -168,7 +164,11 @@ async def test_a_redis_restart_mid_meeting_loses_nothing(
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         await until(lambda: metric(one, "gateway_cluster_redis_up") == 1, 10, "redis up")
-        assert await client.get("gateway:owner:steady") == "one"
+        deadline = time.monotonic() + scaled(10)  # renewed within a renewal period (2 s)
+        while (owner := await client.get("gateway:owner:steady")) is None:
+            assert time.monotonic() < deadline, "the lease never came back"
+            await asyncio.sleep(0.1)
+        assert owner == "one"
     finally:
         await client.aclose()
     await until(lambda: row(two, "steady") == ("one", "lingering"), 10, "the cluster view")
@@ -179,12 +179,12 @@ async def test_a_redis_restart_mid_meeting_loses_nothing(
 
 
 async def test_workers_share_one_port_and_hand_sessions_to_each_other(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
     serve = await Serve.start(
         tmp_path, GATEWAY_REDIS_URL=redis_server.url, GATEWAY_WORKERS="2", GATEWAY_NODE_ID="box"
     )
-    nodes.append(serve)
+    serves.append(serve)
     audio = meeting_audio(librivox, 8.0)
     # Each bot reconnects twice: the kernel picks a worker for every connection, so
     # sessions move between the two processes and must stay whole.
@@ -220,12 +220,12 @@ def find(pcm: np.ndarray, needle: np.ndarray, near: int, slack: float = 0.35) ->
 
 @pytest.mark.model
 async def test_subscribers_on_any_node_hear_a_session_as_it_moves(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
     env = {"GATEWAY_PIPELINES": "recording,transcription", "GATEWAY_LINGER": "2"}
     env["GATEWAY_ASR_THREADS"] = "1"
-    one = await node(tmp_path, redis_server, "one", nodes, **env)
-    two = await node(tmp_path, redis_server, "two", nodes, **env)
+    one = await node(tmp_path, redis_server, "one", serves, **env)
+    two = await node(tmp_path, redis_server, "two", serves, **env)
     heard: dict[str, list[dict[str, Any]]] = {"one": [], "two": []}
     closed: dict[str, int | None] = {}
 
@@ -243,9 +243,7 @@ async def test_subscribers_on_any_node_hear_a_session_as_it_moves(
     bot = BackoffBot(one.url("/bots/heard"), audio, RATE, stop_after=12.0)
     meeting = asyncio.create_task(bot.run())
     await asyncio.sleep(6.0)
-    bot.url = two.url("/bots/heard")  # the session moves from one to two mid-meeting
-    assert bot._ws is not None
-    await bot._ws.close()
+    await move(bot, two)  # the session moves from one to two mid-meeting
     await asyncio.wait_for(meeting, scaled(30))
     await asyncio.wait_for(asyncio.gather(*readers), scaled(60))  # closed at the end
 
@@ -271,17 +269,15 @@ def final_text(message: dict[str, Any]) -> str:
 
 
 async def test_nodes_without_a_shared_directory_continue_a_moved_meeting_in_parts(
-    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, nodes: list[Serve]
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
 ) -> None:
-    one = await node(tmp_path / "one", redis_server, "one", nodes)
-    two = await node(tmp_path / "two", redis_server, "two", nodes)
+    one = await node(tmp_path / "one", redis_server, "one", serves)
+    two = await node(tmp_path / "two", redis_server, "two", serves)
     audio = meeting_audio(librivox, 12.0)
     bot = BackoffBot(one.url("/bots/parted"), audio, RATE, stop_after=9.0)
     meeting = asyncio.create_task(bot.run())
     await asyncio.sleep(3.0)
-    bot.url = two.url("/bots/parted")
-    assert bot._ws is not None
-    await bot._ws.close()
+    await move(bot, two)
     await asyncio.wait_for(meeting, scaled(30))
     for serve in (one, two):
         assert await serve.stop() == 0

@@ -12,12 +12,10 @@ import signal
 import sys
 import time
 import wave
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from websockets.asyncio.client import connect
 
 from gateway.config import Settings
@@ -80,15 +78,6 @@ class Serve:
         code = await asyncio.wait_for(self.proc.wait(), scaled(30))
         await self._drain
         return code
-
-
-@pytest.fixture
-async def serves() -> AsyncIterator[list[Serve]]:
-    started: list[Serve] = []
-    yield started
-    for s in started:
-        if s.proc.returncode is None:
-            await s.stop(signal.SIGKILL)
 
 
 def meeting_audio(librivox: list[Utterance], seconds: float) -> np.ndarray:
