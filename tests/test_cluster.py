@@ -305,3 +305,41 @@ async def test_nodes_without_a_shared_directory_continue_a_moved_meeting_in_part
     after = gap["sample"] + round(gap["seconds"] * RATE)
     assert abs(after - (b0 - a0)) <= 0.35 * RATE
     assert np.array_equal(whole[after:], audio[b0:b1])
+
+
+@pytest.mark.model
+async def test_the_last_part_holds_the_whole_meetings_transcript(
+    tmp_path: Path, librivox: list[Utterance], redis_server: RedisServer, serves: list[Serve]
+) -> None:
+    env = {"GATEWAY_PIPELINES": "recording,transcription", "GATEWAY_LINGER": "2"}
+    env["GATEWAY_ASR_THREADS"] = "1"
+    one = await node(tmp_path / "one", redis_server, "one", serves, **env)
+    two = await node(tmp_path / "two", redis_server, "two", serves, **env)
+    heard: list[dict[str, Any]] = []
+
+    async def subscribe() -> None:
+        async with connect(two.url("/bots/told/transcripts")) as ws:
+            heard.extend([json.loads(m) async for m in ws])
+
+    reader = asyncio.create_task(subscribe())
+    await asyncio.sleep(1.0)
+    bot = BackoffBot(one.url("/bots/told"), meeting_audio(librivox, 14.0), RATE, stop_after=12.0)
+    meeting = asyncio.create_task(bot.run())
+    await asyncio.sleep(6.0)
+    await move(bot, two)
+    await asyncio.wait_for(meeting, scaled(30))
+    await asyncio.wait_for(reader, scaled(60))  # the session ended on the second node
+
+    first = tmp_path / "one" / "sessions" / "told"
+    last = tmp_path / "two" / "sessions" / "told"
+    said = [final_text(m) for m in heard if is_final(m)]
+    before = [json.loads(x) for x in (first / "transcript.jsonl").read_text().splitlines()]
+    assert before, "the first node heard finals of its own"
+    # The last part's files hold every final of the meeting, the first node's included,
+    # in order and once each, and transcript.json was built from them.
+    lines = [json.loads(x) for x in (last / "transcript.jsonl").read_text().splitlines()]
+    assert [final_text(m) for m in lines] == said
+    assert lines[: len(before)] == before
+    transcript = json.loads((last / "transcript.json").read_text())
+    words = " ".join(w["word"] for seg in transcript["transcript"] for w in seg["words"])
+    assert words.split() == " ".join(said).split()
