@@ -145,10 +145,11 @@ class TranscriptRelay:
             batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
+                    kept: set[str] = set()
                     for key, kind, text in batch:
-                        _append(pipe, key, kind, text)
-                    for key in {k for k, _, _ in batch}:
-                        pipe.expire(stream(key), KEEP)
+                        kept.update(_append(pipe, key, kind, text))
+                    for name in kept:  # once per batch, not per entry
+                        pipe.expire(name, KEEP)
                     await pipe.execute()
             except (RedisError, OSError):
                 await _pause()  # kept in order; written when Redis is back
@@ -226,21 +227,22 @@ class TranscriptRelay:
                     yield (*message, False)
 
 
-def _append(pipe: Any, key: str, kind: str, text: str) -> None:
+def _append(pipe: Any, key: str, kind: str, text: str) -> list[str]:
+    """Queue the commands for one entry; returns the names to keep for :data:`KEEP` s."""
     if kind == "journal":
         if text.startswith(ENDED):
             pipe.delete(journal_key(key))  # the meeting is over: nothing to continue
-        else:
-            pipe.rpush(journal_key(key), text.rstrip("\n"))
-            pipe.expire(journal_key(key), KEEP)
-        return
+            return []
+        pipe.rpush(journal_key(key), text.rstrip("\n"))
+        return [journal_key(key)]
     pipe.xadd(stream(key), {"f": kind, "m": text}, maxlen=MAXLEN, approximate=True)
     pipe.xadd(ALL, {"k": key, "f": kind, "m": text}, maxlen=MAXLEN_ALL, approximate=True)
     if kind == "final":
         pipe.rpush(finals_key(key), text)
-        pipe.expire(finals_key(key), KEEP)
-    elif kind == "end":
+        return [stream(key), finals_key(key)]
+    if kind == "end":
         pipe.delete(finals_key(key))
+    return [stream(key)]
 
 
 async def _pause() -> None:
