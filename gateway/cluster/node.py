@@ -134,9 +134,15 @@ class ClusterNode:
         await self.redis.aclose()
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        failed = False
         while True:
             await asyncio.sleep(seconds)
-            await job()
+            try:
+                await job()
+            except Exception:  # a defect: log it once, keep the node in the cluster
+                if not failed:
+                    logger.exception("cluster task %s failed; it goes on", job.__name__)
+                failed = True
 
     def _failed(self, op: str, exc: BaseException) -> None:
         if self.up is not False:  # logged once per outage, counted always
@@ -319,6 +325,9 @@ class ClusterNode:
         if not nodes:
             return []
         beats = await self.redis.mget([node_key(n) for n in nodes])
+        dead = [n for n, beat in zip(nodes, beats, strict=True) if beat is None]
+        if dead:
+            await self.redis.hdel(NODES, *dead)  # a node that comes back beats itself in
         return [n for n, beat in zip(nodes, beats, strict=True) if beat is not None]
 
     async def all_sessions(self) -> list[dict[str, Any]] | None:

@@ -241,6 +241,10 @@ class PoolRecognizer:
         except (RedisError, OSError):
             self.workers = 0
             return
+        dead = [n for n, b in zip(names, beats, strict=True) if b is None]
+        if dead:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.hdel(jobs.WORKERS, *dead)  # a live worker re-adds itself
         alive = [json.loads(b) for b in beats if b is not None]
         if len(alive) != self.workers:
             logger.info("recognition pool: %d workers alive", len(alive))

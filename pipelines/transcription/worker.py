@@ -120,7 +120,10 @@ class Worker:
     async def _every(self, seconds: float, job: Any) -> None:
         while True:
             await asyncio.sleep(seconds)
-            await job()
+            try:
+                await job()
+            except Exception:  # a defect: the worker keeps answering jobs
+                logger.exception("worker task %s failed", job.__name__)
 
     async def _beat(self) -> None:
         info = json.dumps(
