@@ -80,9 +80,17 @@ from redis.exceptions import RedisError
 
 from benchmarks import common
 from benchmarks.common import MIB, Scrape, ServerProcess
-from benchmarks.ingest import HOST, PORT_LINE, generator_report, niced, scrape, speech
+from benchmarks.ingest import (
+    HOST,
+    PORT_LINE,
+    add_load_options,
+    add_output_options,
+    generator_report,
+    niced,
+    scrape,
+    speech,
+)
 from benchmarks.loadgen import LoadGenerator, audio_frames
-from gateway.config import Settings
 
 REDIS_BIN = "/usr/bin/redis-server"
 #: redis-server's start-up line: ``Running mode=standalone, port=6379.``
@@ -647,38 +655,11 @@ def human(summary: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--procs", default="1,2", help="gateway process counts, comma-separated")
     p.add_argument("--n", default="200,300,400,500,600", help="bot counts, comma-separated")
-    p.add_argument("--window", type=float, default=25.0, help="measured seconds per point")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds of audio before it")
-    p.add_argument("--rate", type=int, default=24000, help="sample rate the bots stream at")
-    p.add_argument("--frame-ms", type=int, default=10, help="audio per message, ms")
-    p.add_argument("--phases", type=int, default=5, help="send slots per frame period")
-    p.add_argument("--roster-every", type=float, default=3.0, help="seconds between rosters")
-    p.add_argument("--linger", type=float, default=5.0, help="the gateways' --linger")
-    p.add_argument("--ring-seconds", type=float, default=defaults.ring_seconds)
+    add_load_options(p)
     p.add_argument("--node-id", default="bench", help="node names: NODE_ID-w0, NODE_ID-w1...")
-    p.add_argument(
-        "--max-late-ms",
-        type=float,
-        default=10.0,
-        help="generator p99 lateness above which lag is not the gateway's",
-    )
-    p.add_argument(
-        "--max-wait-pct",
-        type=float,
-        default=10.0,
-        help="run-queue wait of a gateway (%% of the window) above which it was starved",
-    )
-    p.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="niceness for the servers and the generator; negative (root only) keeps"
-        " other work on a shared machine from starving the measurement",
-    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -686,9 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
         + " unless given",
     )
-    p.add_argument("--out", type=Path, help="write the summary JSON here (and FILE.md)")
-    p.add_argument("--workdir", type=Path, help="where temporary data goes (default: /tmp)")
-    p.add_argument("--keep", action="store_true", help="keep recordings and server logs")
+    add_output_options(p)
     opts = p.parse_args(argv)
     if opts.quick:
         for name, value in QUICK.items():

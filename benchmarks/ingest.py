@@ -374,18 +374,16 @@ def human(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = Settings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--n", default="1,50,100,200,300", help="bot counts, comma-separated")
-    p.add_argument("--window", type=float, default=25.0, help="measured seconds per N")
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """What the bots send and how a point is judged (shared with ``cluster.py``)."""
+    p.add_argument("--window", type=float, default=25.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of audio before it")
     p.add_argument("--rate", type=int, default=24000, help="sample rate the bots stream at")
     p.add_argument("--frame-ms", type=int, default=10, help="audio per message, ms")
     p.add_argument("--phases", type=int, default=5, help="send slots per frame period")
     p.add_argument("--roster-every", type=float, default=3.0, help="seconds between rosters")
-    p.add_argument("--linger", type=float, default=5.0, help="the gateway's --linger")
-    p.add_argument("--ring-seconds", type=float, default=defaults.ring_seconds)
+    p.add_argument("--linger", type=float, default=5.0, help="the gateways' --linger")
+    p.add_argument("--ring-seconds", type=float, default=Settings().ring_seconds)
     p.add_argument(
         "--max-late-ms",
         type=float,
@@ -396,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-wait-pct",
         type=float,
         default=10.0,
-        help="gateway run-queue wait (%% of the window) above which it was starved",
+        help="run-queue wait of a gateway (%% of the window) above which it was starved",
     )
     p.add_argument(
         "--nice",
@@ -405,11 +403,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="niceness for the servers and the generator; negative (root only) keeps"
         " other work on a shared machine from starving the measurement",
     )
-    p.add_argument("--no-floor", action="store_true", help="skip the floor server")
-    p.add_argument("--floor-no-uvloop", action="store_true", help="floor on stock asyncio")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the summary JSON here (and FILE.md)")
     p.add_argument("--workdir", type=Path, help="where temporary data goes (default: /tmp)")
     p.add_argument("--keep", action="store_true", help="keep recordings and server logs")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--n", default="1,50,100,200,300", help="bot counts, comma-separated")
+    add_load_options(p)
+    p.add_argument("--no-floor", action="store_true", help="skip the floor server")
+    p.add_argument("--floor-no-uvloop", action="store_true", help="floor on stock asyncio")
+    add_output_options(p)
     opts = p.parse_args(argv)
     opts.counts = [int(x) for x in opts.n.split(",") if x.strip()]
     if not opts.counts or min(opts.counts) < 1:
