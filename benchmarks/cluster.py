@@ -68,7 +68,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -85,12 +84,15 @@ from benchmarks.ingest import (
     PORT_LINE,
     add_load_options,
     add_output_options,
+    attribute_lag,
     generator_report,
     niced,
     scrape,
+    short_sessions,
     speech,
 )
 from benchmarks.loadgen import LoadGenerator, audio_frames
+from gateway.cluster.supervisor import free_port
 
 REDIS_BIN = "/usr/bin/redis-server"
 #: redis-server's start-up line: ``Running mode=standalone, port=6379.``
@@ -103,14 +105,6 @@ QUICK = {"n": "4", "window": 3.0, "warmup": 1.0, "roster_every": 0.5}
 
 def log(msg: str) -> None:
     print(f"[cluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A TCP port on ``HOST`` nothing listens on right now (Redis needs one given)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def shares(n: int, p: int) -> list[int]:
@@ -127,7 +121,7 @@ class RedisServer:
             raise SystemExit(f"{REDIS_BIN} is missing: `make testdata` installs it (apt-get)")
         directory = work / "redis"
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = free_port(HOST)
         argv = [binary, "--port", str(self.port), "--bind", HOST, "--save", ""]
         argv += ["--appendonly", "no", "--dir", str(directory)]
         self.server = ServerProcess(niced(argv, opts), directory / "redis.log", REDIS_PORT_LINE)
@@ -341,17 +335,7 @@ async def run_cluster(
         seconds = cpu["seconds"]
 
         lag = merged_ms(s0, s1, "gateway_ingest_lag_seconds")
-        if gen_report["kept_real_time"]:
-            result["ingest_lag_ms"] = lag
-        else:
-            result["ingest_lag_ms"] = None
-            result["ingest_lag_ms_unattributed"] = lag
-            notes.append(
-                f"generator fell behind real time (p99 lateness {gen_report['late_ms']['p99']} ms"
-                f" > {opts.max_late_ms} ms; it waited for a core"
-                f" {cpu['generator_runqueue_wait_pct']}% of the window): ingest lag is not"
-                " the gateway's"
-            )
+        attribute_lag(result, notes, lag, gen_report, cpu, opts)
         result["loop_lag_ms"] = merged_ms(s0, s1, "gateway_event_loop_lag_seconds")
         gw_cpu = sum(cpu["processes"][f"w{i}"]["cpu_s"] for i in range(p))
         result.update(
@@ -391,21 +375,7 @@ async def run_cluster(
 
         data = work / "data"
 
-        def short_sessions() -> int:
-            short = 0
-            for bot in gen.bots:
-                path = data / "sessions" / bot.key / "session.json"
-                try:
-                    got = json.loads(path.read_text())["frames_received"]
-                except (OSError, ValueError, KeyError):
-                    got = -1
-                short += got != bot.frames_sent
-            return short
-
-        async def recorded() -> bool:
-            return short_sessions() == 0
-
-        await common.poll(recorded, 30, interval=0.25)
+        short = await short_sessions(gen, data)
 
         processes = []
         for i, server in enumerate(servers):
@@ -446,7 +416,7 @@ async def run_cluster(
             frames_sent=sent,
             frames_received=sum(received),
             frames_lost=sent - sum(received),
-            sessions_disagreeing=short_sessions(),
+            sessions_disagreeing=short,
             rosters_sent=sum(b.rosters_sent for b in gen.bots),
             messages_rejected=sum(s.total("gateway_messages_rejected_total") for s in final),
             closes_unanswered=stuck,

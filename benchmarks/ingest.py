@@ -159,17 +159,7 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         result["ring_touched_mib_per_session"] = round(touched / MIB, 3)
         result["rss_live_beyond_ring_mib"] = round((live - touched) / MIB, 4)
         lag = common.histogram_ms(s0, s1, "gateway_ingest_lag_seconds")
-        if gen_report["kept_real_time"]:
-            result["ingest_lag_ms"] = lag
-        else:
-            result["ingest_lag_ms"] = None
-            result["ingest_lag_ms_unattributed"] = lag
-            notes.append(
-                f"generator fell behind real time (p99 lateness {gen_report['late_ms']['p99']} ms"
-                f" > {opts.max_late_ms} ms; it waited for a core"
-                f" {cpu['generator_runqueue_wait_pct']}% of the window): ingest lag is not"
-                " the gateway's"
-            )
+        attribute_lag(result, notes, lag, gen_report, cpu, opts)
         result["loop_lag_ms"] = common.histogram_ms(s0, s1, "gateway_event_loop_lag_seconds")
         result["outputs_connected_at_window_end"] = s1.value("gateway_connections", role="output")
         if gen_report["write_pauses"]:
@@ -187,26 +177,12 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         final = await scrape(port)
         received = int(final.value("gateway_audio_frames_received_total"))
 
-        def short_sessions() -> int:
-            short = 0
-            for bot in gen.bots:
-                path = data / "sessions" / bot.key / "session.json"
-                try:
-                    got = json.loads(path.read_text())["frames_received"]
-                except (OSError, ValueError, KeyError):
-                    got = -1
-                short += got != bot.frames_sent
-            return short
-
-        async def recorded() -> bool:
-            return short_sessions() == 0
-
-        await common.poll(recorded, 30, interval=0.25)
+        short = await short_sessions(gen, data)
         result.update(
             frames_sent=sent,
             frames_received=received,
             frames_lost=sent - received,
-            sessions_disagreeing=short_sessions(),
+            sessions_disagreeing=short,
             rosters_sent=sum(b.rosters_sent for b in gen.bots),
             messages_rejected=final.total("gateway_messages_rejected_total"),
             closes_unanswered=stuck,
@@ -372,6 +348,50 @@ def human(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def attribute_lag(
+    result: dict[str, Any],
+    notes: list[str],
+    lag: dict[str, float | None],
+    gen_report: dict[str, Any],
+    cpu: dict[str, Any],
+    opts: argparse.Namespace,
+) -> None:
+    """The ingest lag is the gateway's only while the generator kept real time."""
+    if gen_report["kept_real_time"]:
+        result["ingest_lag_ms"] = lag
+        return
+    result["ingest_lag_ms"] = None
+    result["ingest_lag_ms_unattributed"] = lag
+    notes.append(
+        f"generator fell behind real time (p99 lateness {gen_report['late_ms']['p99']} ms"
+        f" > {opts.max_late_ms} ms; it waited for a core"
+        f" {cpu['generator_runqueue_wait_pct']}% of the window): ingest lag is not"
+        " the gateway's"
+    )
+
+
+async def short_sessions(gen: LoadGenerator, data: Path) -> int:
+    """Bots whose ``session.json`` does not count every frame they sent, once the files
+    agree or 30 s have passed."""
+
+    def count() -> int:
+        short = 0
+        for bot in gen.bots:
+            path = data / "sessions" / bot.key / "session.json"
+            try:
+                got = json.loads(path.read_text())["frames_received"]
+            except (OSError, ValueError, KeyError):
+                got = -1
+            short += got != bot.frames_sent
+        return short
+
+    async def recorded() -> bool:
+        return count() == 0
+
+    await common.poll(recorded, 30, interval=0.25)
+    return count()
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -21,20 +20,14 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 
+from gateway.cluster.supervisor import free_port
+
 from .timing import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 HAPROXY_BIN = "/usr/sbin/haproxy"
 REDIS_BIN = "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def binary(path: str) -> str:

@@ -36,7 +36,8 @@ def worker_count(settings: Settings) -> int:
     return (os.cpu_count() or 1) if settings.redis_url else 1
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
