@@ -155,3 +155,5 @@ async def serves() -> AsyncIterator[list[Any]]:
     for s in started:
         if s.proc.returncode is None:
             await s.stop(signal.SIGKILL)
+        # Captured by pytest and shown only when the test failed.
+        print(f"--- gateway on port {s.port} (exit {s.proc.returncode}) ---\n{s.stderr}")

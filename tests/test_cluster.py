@@ -273,11 +273,12 @@ async def test_nodes_without_a_shared_directory_continue_a_moved_meeting_in_part
 ) -> None:
     one = await node(tmp_path / "one", redis_server, "one", serves)
     two = await node(tmp_path / "two", redis_server, "two", serves)
-    audio = meeting_audio(librivox, 12.0)
-    bot = BackoffBot(one.url("/bots/parted"), audio, RATE, stop_after=9.0)
+    audio = meeting_audio(librivox, 13.0)
+    bot = BackoffBot(one.url("/bots/parted"), audio, RATE, stop_after=10.0)
     meeting = asyncio.create_task(bot.run())
     await asyncio.sleep(3.0)
     await move(bot, two)
+    await until(lambda: bot.opens == 2, 6, "the bot reconnected to the second node")
     await asyncio.wait_for(meeting, scaled(30))
     for serve in (one, two):
         assert await serve.stop() == 0

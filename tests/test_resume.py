@@ -46,6 +46,8 @@ class Serve:
     def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
         self.proc = proc
         self.port = port
+        self.stderr = ""
+        """What the process logged, once it has exited (shown when a test fails)."""
 
     @classmethod
     async def start(cls, data_dir: Path, port: int = 0, **env: str) -> Serve:
@@ -76,7 +78,7 @@ class Serve:
     async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         code = await asyncio.wait_for(self.proc.wait(), scaled(30))
-        await self._drain
+        self.stderr = (await self._drain).decode(errors="replace")
         return code
 
 
