@@ -160,6 +160,37 @@ def test_split_at_max_length_emits_confirmed_words_once() -> None:
     assert len(emitted) >= 10
 
 
+def test_a_long_monologue_rolls_on_without_splits_and_prompts_with_what_was_said() -> None:
+    """Ten minutes without a pause the VAD hears: words become final a couple of seconds
+    behind the voice, each once and in order, and no request reaches far back."""
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=15.0)
+    script = [f"w{i}" for i in range(1500)]
+    spoken = words(" ".join(script))
+    policy.speech_started(0.0)
+    emitted: list[str] = []
+    t = 0.0
+    while t < 600.0:
+        t += 0.1
+        for action in policy.advance(t):
+            if isinstance(action, Draft):  # a split would come out here
+                emitted.extend(w.text for w in action.words)
+                continue
+            assert action.kind == "partial"
+            assert t - action.start <= 15.0, "a request re-hears the whole segment"
+            if t > 30.0:
+                said = action.prompt.split()
+                assert said and said == script[script.index(said[0]) :][: len(said)]
+            hyp = [w for w in spoken if w.start >= action.start and w.end <= action.end]
+            for draft in policy.recognized(action, hyp):
+                if draft.is_final:
+                    assert all(w.end <= action.end - 0.5 for w in draft.words)
+                    emitted.extend(w.text for w in draft.words)
+    assert policy.segment == 1  # one segment all along: no split at the maximum length
+    assert len(policy.confirmed) <= 30
+    assert emitted == script[: len(emitted)]
+    assert spoken[len(emitted)].end > t - 3.0  # final up to a few seconds ago
+
+
 def test_speech_shorter_than_a_word_requests_nothing() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
     policy.speech_started(3.0)

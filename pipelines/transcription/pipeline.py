@@ -199,7 +199,7 @@ class TranscriptionPipeline(Pipeline):
         self._flush()
         keep = self._window.end - int(LEAD_IN * ASR_RATE)
         if self._policy.speaking:
-            keep = min(keep, int(self._policy.segment_start * ASR_RATE))
+            keep = min(keep, int(self._policy.needed_from(ready) * ASR_RATE))
         for request in self._waiting:
             keep = min(keep, int(request.start * ASR_RATE))
         self._window.trim(keep)
@@ -219,6 +219,7 @@ class TranscriptionPipeline(Pipeline):
             at / ASR_RATE,
             self._language.for_request(),
             urgent=request.kind == "partial" and request.first,
+            prompt=request.prompt,
         )
         self._inflight += 1
         self._idle.clear()

@@ -12,6 +12,9 @@ The rules:
   audio (the first once ``first_partial`` seconds are in). Each partial re-recognizes the
   open segment from its start, or, once words are confirmed, at least ``PARTIAL_SPAN``
   seconds back from its end.
+- Every partial carries a prompt: the last ``PROMPT_WORDS`` words made final before its
+  audio starts, the context its short window cut off. Finals carry none: the confirmed
+  words they re-hear must come back as heard to anchor the rest.
 - Words are *confirmed* by agreement: the longest common prefix of the last two
   hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
   never changed or dropped afterwards (LocalAgreement-2). Words within
@@ -30,10 +33,15 @@ The rules:
   by time. It recognizes only the audio from shortly before the last confirmed words
   (``RECHECK_CONTEXT``), not the whole segment again; the confirmed words re-heard there
   anchor the new ones and are never repeated.
-- A segment reaching ``max_utterance`` is split after its last confirmed word, at the
-  pause before the next word: the confirmed words not yet final become a final at once
-  and the rest is recognized again with the following audio, so nothing is duplicated or
-  lost. With no confirmed word to split at, the whole segment is finalized as it is.
+- A segment rolls on as its words are confirmed: only the audio from about a second
+  before the last confirmed words is kept and re-heard (and the last
+  ``KEEP_CONFIRMED`` confirmed words, to anchor new hypotheses), so a person talking
+  for minutes without a pause the VAD hears costs no more than one talking for seconds.
+  When nothing is confirmed for ``max_utterance`` seconds, the segment is split after
+  its last confirmed word, at the pause before the next word: the confirmed words not
+  yet final become a final at once and the rest is recognized again with the following
+  audio, so nothing is duplicated or lost. With no confirmed word to split at, the
+  whole segment is finalized as it is.
 
 Every word reaches exactly one final: a segment's confirmed words are counted as they
 are released, and each final carries only words after the last one released.
@@ -41,6 +49,7 @@ are released, and each final carries only words after the last one released.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -80,6 +89,12 @@ SPLIT_PAUSE = 0.3
 #: them (see :func:`tail_after`); fewer may be a person repeating themselves.
 REPEAT_GUARD = 3
 SENTENCE_END = (".", "?", "!")
+#: Confirmed words kept once final (the rest are forgotten as the segment rolls on):
+#: enough to find them again in a hypothesis that re-hears them.
+KEEP_CONFIRMED = 24
+#: Each partial is prompted with up to this many of the last words made final before its
+#: audio starts (Whisper's ``initial_prompt``): the context its short window cut off.
+PROMPT_WORDS = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,8 @@ class Request:
     """The VAD's end of speech, for finals that close an utterance."""
     first: bool
     """No partial of this segment has shown words yet."""
+    prompt: str = ""
+    """The words said just before ``start``, to condition the recognition on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,22 +227,25 @@ class StreamingPolicy:
         self._floor = 0.0  # no request reaches back before this (the last final's end)
         self._confirmed: list[HypWord] = []
         self._released = 0  # confirmed words of the segment already final
+        self._forgot = False
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = 0.0
+        self._history: deque[HypWord] = deque(maxlen=PROMPT_WORDS)  # the newest finals
         self.emitted_words = 0
 
     def _request(
         self, kind: str, end: float, *, speech_final: bool, speech_end: float | None = None
     ) -> Request:
         self._ids += 1
+        start = self._resume_at() if kind == "final" else self._partial_start(end)
         return Request(
             self._ids,
             kind,
             self.utterance,
             self.segment,
-            self._resume_at() if kind == "final" else self._partial_start(end),
+            start,
             end,
             tuple(self._confirmed),
             self._released,
@@ -233,13 +253,20 @@ class StreamingPolicy:
             self._speech_start,
             speech_end,
             not self._shown,
+            self._prompt(start) if kind == "partial" else "",
         )
+
+    def _prompt(self, start: float) -> str:
+        """The last words made final that end before ``start`` (see ``PROMPT_WORDS``)."""
+        words = [*self._history, *self._confirmed[self._released :]]
+        return " ".join([w.text for w in words if w.end <= start + 0.05][-PROMPT_WORDS:])
 
     def _new_segment(self, start: float) -> None:
         self.segment += 1
         self._seg_start = max(start, self._floor)
         self._confirmed = []
         self._released = 0
+        self._forgot = False  # whether the segment's first confirmed words were forgotten
         self._previous = []
         self._partial_pending = False
         self._shown = False
@@ -253,7 +280,7 @@ class StreamingPolicy:
         while i > 0 and words[i].start > words[-1].end - RECHECK_CONTEXT:
             i -= 1
         if i <= 0:
-            return self._seg_start
+            return self._seg_start if not self._forgot else max(self._seg_start, words[0].start)
         return max(self._seg_start, (words[i - 1].end + words[i].start) / 2)
 
     def _partial_start(self, end: float) -> float:
@@ -288,7 +315,7 @@ class StreamingPolicy:
         if not self.speaking:
             return []
         out: list[Request | Draft] = []
-        if t - self._seg_start >= self.max_utterance:
+        if t - self.needed_from(t) >= self.max_utterance:
             out.extend(self._split(t))
         # Until a partial has shown words, ask again at the short first interval.
         interval = self.partial_interval if self._shown else self.first_partial
@@ -319,6 +346,12 @@ class StreamingPolicy:
         words = self._confirmed[self._released :]
         self._released = len(self._confirmed)
         self.emitted_words += len(words)
+        self._history.extend(words)
+        drop = len(self._confirmed) - KEEP_CONFIRMED
+        if drop > 0:  # all final already (confirmed words are released at once)
+            del self._confirmed[:drop]
+            self._released -= drop
+            self._forgot = True
         return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
     def skipped(self, request: Request) -> None:
@@ -339,6 +372,7 @@ class StreamingPolicy:
             tail = tail_after(request.confirmed, words)
             final = (*request.confirmed[request.released :], *tail)
             self.emitted_words += len(final)
+            self._history.extend(final)
             return [Draft(final, is_final=True, speech_final=request.speech_final, request=request)]
         if not self._current(request):
             return []  # the segment it belonged to was finalized meanwhile
@@ -365,10 +399,10 @@ class StreamingPolicy:
             out.append(Draft(shown, is_final=False, speech_final=False, request=request))
         return out
 
-    @property
-    def segment_start(self) -> float:
-        """Where the open segment's audio begins; earlier audio is no longer needed."""
-        return self._seg_start
+    def needed_from(self, now: float) -> float:
+        """Where the audio any later request of the open segment needs begins, with
+        audio heard up to ``now``; earlier audio is no longer needed."""
+        return max(self._seg_start, min(self._resume_at(), now - PARTIAL_SPAN))
 
     @property
     def confirmed(self) -> tuple[HypWord, ...]:

@@ -209,10 +209,12 @@ class Worker:
         if job.kind != "final" and time.time() - job.submitted > self.stale_after:
             hypothesis = None
         else:
-            audio, offset, language = job.audio, job.offset, job.language
+            audio, offset, language, prompt = job.audio, job.offset, job.language, job.prompt
 
             def run(lane: int) -> Any:
-                return engine.transcribe(audio, offset, lane=lane, language=language)
+                return engine.transcribe(
+                    audio, offset, prompt or None, lane=lane, language=language
+                )
 
             # The same lanes as a node's own: lane 0 for finals and first partials.
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
