@@ -5,19 +5,18 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.transcription.engine import looping
+from pipelines.transcription.matching import agreement, split_sentences, tail_after
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
     RECHECK_CONTEXT,
     Draft,
     Request,
     StreamingPolicy,
-    agreement,
-    split_sentences,
-    tail_after,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
 from pipelines.transcription.window import Window
@@ -160,10 +159,13 @@ def test_split_at_max_length_emits_confirmed_words_once() -> None:
     assert len(emitted) >= 10
 
 
-def test_a_long_monologue_rolls_on_without_splits_and_prompts_with_what_was_said() -> None:
+@pytest.mark.parametrize("max_utterance", [15.0, 3.0])
+def test_a_long_monologue_rolls_on_without_splits_and_prompts_with_what_was_said(
+    max_utterance: float,
+) -> None:
     """Ten minutes without a pause the VAD hears: words become final a couple of seconds
     behind the voice, each once and in order, and no request reaches far back."""
-    policy = StreamingPolicy(partial_interval=0.5, max_utterance=15.0)
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=max_utterance)
     script = [f"w{i}" for i in range(1500)]
     spoken = words(" ".join(script))
     policy.speech_started(0.0)
@@ -365,7 +367,7 @@ def test_re_heard_words_with_drifted_times_are_not_repeated() -> None:
 def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> None:
     from types import SimpleNamespace
 
-    from pipelines.transcription.policy import reheard
+    from pipelines.transcription.matching import reheard
 
     def ws(text: str, start: float) -> list[SimpleNamespace]:
         return [SimpleNamespace(word=t, start=start + i * 0.3) for i, t in enumerate(text.split())]

@@ -1,14 +1,12 @@
 """One session's live transcription: audio in, speaker-attributed results out.
 
-Audio is resampled to 16 kHz into a bounded window that holds the open segment plus a
-second of lead-in. The ingest VAD's events drive the :class:`StreamingPolicy`; its
-requests are cut from the window, copied, and queued on the shared :class:`Scheduler`.
+Audio is resampled to 16 kHz into a bounded window that holds what the open segment
+still needs plus a second of lead-in. The ingest VAD's events drive the
+:class:`StreamingPolicy`; its requests are cut from the window, copied, and recognized.
 A final that needs audio past the VAD's end (the trailing pad) waits until that audio
-has arrived, or until a gap or the end of the session cuts it short.
-
-Finals are published strictly in request order, whatever order recognition finishes
-in; partials go out as soon as they are recognized and are dropped once their segment
-was finalized.
+has arrived, or until a gap or the end of the session cuts it short. Finals are
+published strictly in request order, whatever order recognition finishes in; partials
+go out as soon as they are recognized and are dropped once their segment was finalized.
 """
 
 from __future__ import annotations
@@ -40,7 +38,8 @@ from gateway.pipeline import (
 from . import results
 from .engine import Engine, Hypothesis
 from .language import LanguageChoice
-from .policy import REPEAT_SPAN, SENTENCE_END, Draft, Request, StreamingPolicy, reheard
+from .matching import REPEAT_SPAN, SENTENCE_END, reheard
+from .policy import Draft, Request, StreamingPolicy
 from .provider import segment_result
 from .recognizer import Recognizer
 from .turns import RosterLag
@@ -99,10 +98,9 @@ class TranscriptionPipeline(Pipeline):
         self._window = Window(max_utterance + partial_interval + LEAD_IN + 2.0)
         self._waiting: list[Request] = []
         self._finals: deque[_Pending] = deque()
-        # Recognitions not yet handled by :meth:`_recognized`. ``stop`` waits on ``_idle``,
-        # which only that callback sets: a future the scheduler resolved inside ``submit``
-        # (a superseded partial) is done before its callback has run, and awaiting a done
-        # future does not yield, so waiting on the futures themselves could spin forever.
+        # Recognitions not yet handled by :meth:`_recognized`, which alone sets ``_idle``:
+        # a future resolved inside ``submit`` is done before its callback ran, and
+        # awaiting a done future does not yield, so waiting on futures could spin.
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()

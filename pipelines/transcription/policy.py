@@ -24,10 +24,10 @@ The rules:
   it, agreement or not, which bounds how late any word becomes final.
 - Confirmed words are *final* at once: they are released as finals
   (``is_final``, not ``speech_final``) as soon as they are confirmed, without waiting
-  for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
-  Partials show only the words not final yet. In a conversation the VAD rarely ends
-  (people answer each other with 0-200 ms gaps), so this is what keeps finals a second
-  or two behind the voice.
+  for the speaker to pause, split at sentence ends and at pauses
+  (:func:`~.matching.split_sentences`). Partials show only the words not final yet.
+  In a conversation the VAD rarely ends (people answer each other with 0-200 ms gaps),
+  so this is what keeps finals a second or two behind the voice.
 - The utterance's end brings a ``speech_final``: the words not yet final, followed by
   the final hypothesis' words after the confirmed ones, matched by word sequence, else
   by time. It recognizes only the audio from shortly before the last confirmed words
@@ -52,9 +52,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from difflib import SequenceMatcher
-from typing import Any
 
+from .matching import agreement, split_sentences, tail_after
 from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
@@ -62,9 +61,6 @@ from .words import HypWord
 PAD = 0.2
 #: Shorter speech is not worth a recognition (webrtcvad blips, clicks).
 MIN_SPEECH = 0.2
-#: Sequence matching trusts a match only if it lies within this many seconds of the
-#: confirmed word's own time; otherwise the split falls back to timestamps.
-MATCH_SLACK = 1.0
 #: Words ending this close to the end of the audio heard are not confirmed yet: with
 #: little right context Whisper still revises them, even twice in a row.
 CONFIRM_MARGIN = 0.5
@@ -78,17 +74,13 @@ PARTIAL_SPAN = 4.0
 #: A word heard with this much audio after it is confirmed without agreement: words
 #: are final at most about this long, plus a partial interval, after they were said.
 FORCE_AGE = 2.0
+#: Agreement must hold over hypotheses this many seconds of audio apart (see
+#: :meth:`StreamingPolicy._agreed`).
+AGREE_SPAN = 0.9
 #: Hypotheses of less audio than this are shown but take no part in agreement: on a
 #: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
 #: "Had he married") and only more context corrects them.
 CONFIRM_CONTEXT = 2.5
-#: Words released together are split into separate finals where one word ends a
-#: sentence or where this much silence separates two words.
-SPLIT_PAUSE = 0.3
-#: A tail starting with this many or more of the confirmed words' last ones repeats
-#: them (see :func:`tail_after`); fewer may be a person repeating themselves.
-REPEAT_GUARD = 3
-SENTENCE_END = (".", "?", "!")
 #: Confirmed words kept once final (the rest are forgotten as the segment rolls on):
 #: enough to find them again in a hypothesis that re-hears them.
 KEEP_CONFIRMED = 24
@@ -132,78 +124,6 @@ class Draft:
     request: Request | None
 
 
-def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> list[HypWord]:
-    """The words of ``hypothesis`` that come after the ``confirmed`` ones.
-
-    The confirmed words are found in the hypothesis by word sequence; when the
-    hypothesis no longer ends them the same way, by time (words centred after the last
-    confirmed word's end).
-    """
-    if not confirmed:
-        return list(hypothesis)
-    last = confirmed[-1]
-    c = [w.norm for w in confirmed]
-    h = [w.norm for w in hypothesis]
-    blocks = [
-        b for b in SequenceMatcher(None, c, h, autojunk=False).get_matching_blocks() if b.size
-    ]
-    if blocks:
-        b = blocks[-1]
-        if b.a + b.size == len(c):
-            matched = hypothesis[b.b + b.size - 1]
-            if abs(matched.end - last.end) <= MATCH_SLACK:
-                return list(hypothesis[b.b + b.size :])
-    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
-    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
-    # past the last one. Confirmed words repeated at the head of the tail are that.
-    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
-        if [w.norm for w in tail[:k]] == c[-k:]:
-            return tail[k:]
-    return tail
-
-
-#: The most words a repeat of the previous final is looked for over (:func:`reheard`).
-REPEAT_SPAN = 8
-
-
-def reheard(said: Sequence[str], words: Sequence[Any], covered_until: float) -> int:
-    """How many of a final's leading ``words`` repeat the last words already final
-    (``said``, normalized) on audio those already covered: re-heard audio joined to
-    confirmed words a second time. At least :data:`REPEAT_GUARD` words must repeat, and
-    the first must start before ``covered_until`` (the last final's end); a person
-    repeating themselves does so on new audio and is kept."""
-    if not words or words[0].start >= covered_until:
-        return 0
-    said = list(said)
-    for k in range(min(len(words), len(said)), REPEAT_GUARD - 1, -1):
-        if [w.word for w in words[:k]] == said[-k:]:
-            return k
-    return 0
-
-
-def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
-    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``."""
-    out: list[list[HypWord]] = []
-    for w in words:
-        if out:
-            last = out[-1][-1]
-            if not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
-                out[-1].append(w)
-                continue
-        out.append([w])
-    return out
-
-
-def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
-    """Length of the common prefix of two word sequences, compared normalized."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x.norm != y.norm:
-            break
-        n += 1
-    return n
-
-
 class StreamingPolicy:
     """One session's streaming state. Feed it in clock order; act on what it returns.
 
@@ -228,6 +148,8 @@ class StreamingPolicy:
         self._confirmed: list[HypWord] = []
         self._released = 0  # confirmed words of the segment already final
         self._forgot = False
+        # The segment's latest partial hypotheses, (end of their audio, words).
+        self._hyps: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=4)
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._partial_pending = False
         self._shown = False
@@ -267,6 +189,7 @@ class StreamingPolicy:
         self._confirmed = []
         self._released = 0
         self._forgot = False  # whether the segment's first confirmed words were forgotten
+        self._hyps.clear()
         self._previous = []
         self._partial_pending = False
         self._shown = False
@@ -315,7 +238,8 @@ class StreamingPolicy:
         if not self.speaking:
             return []
         out: list[Request | Draft] = []
-        if t - self.needed_from(t) >= self.max_utterance:
+        heard_to = self._confirmed[-1].end if self._confirmed else self._seg_start
+        if t - max(heard_to, self._seg_start) >= self.max_utterance:
             out.extend(self._split(t))
         # Until a partial has shown words, ask again at the short first interval.
         interval = self.partial_interval if self._shown else self.first_partial
@@ -382,7 +306,8 @@ class StreamingPolicy:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
-        agreed = agreement(self._previous, tail)
+        agreed = self._agreed(request.end, tail)
+        self._hyps.append((request.end, tuple(words)))
         while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
             agreed -= 1
         # Hypotheses that keep disagreeing must not hold words back for long: a word with
@@ -403,6 +328,18 @@ class StreamingPolicy:
         """Where the audio any later request of the open segment needs begins, with
         audio heard up to ``now``; earlier audio is no longer needed."""
         return max(self._seg_start, min(self._resume_at(), now - PARTIAL_SPAN))
+
+    def _agreed(self, end: float, tail: Sequence[HypWord]) -> int:
+        """How many of ``tail``'s first words every earlier hypothesis back to one of
+        ``AGREE_SPAN`` seconds less audio agrees on (all of them, if none is that old):
+        hypotheses half a second apart share most of their audio and agree on the same
+        mistakes, so agreement must span about a second whatever the partial interval."""
+        agreed = len(tail) if self._hyps else 0
+        for heard_to, words in reversed(self._hyps):
+            agreed = min(agreed, agreement(tail_after(self._confirmed, words), tail))
+            if end - heard_to >= AGREE_SPAN or not agreed:
+                break
+        return agreed
 
     @property
     def confirmed(self) -> tuple[HypWord, ...]:
