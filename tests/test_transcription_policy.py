@@ -297,16 +297,6 @@ def test_queue_runs_first_text_partials_before_others() -> None:
     assert nxt is not None and nxt.payload == "b-first"
 
 
-def test_queue_gives_urgent_partials_only_when_asked() -> None:
-    q: JobQueue[str] = JobQueue()
-    q.push(job("a", PARTIAL, 0.0))
-    assert q.pop(0.0, set(), urgent_only=True)[0] is None
-    q.push(Job("b", PARTIAL, 0.1, "b-first", urgent=True))
-    nxt, _ = q.pop(0.2, set(), urgent_only=True)
-    assert nxt is not None and nxt.payload == "b-first"
-    assert q.partials == 1
-
-
 def test_looping_catches_repeated_phrases_only() -> None:
     assert looping(["he", "was", "he", "was", "he", "was"])
     assert looping(["so", "so", "so", "so"])

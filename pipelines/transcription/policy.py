@@ -330,16 +330,15 @@ class StreamingPolicy:
         return max(self._seg_start, min(self._resume_at(), now - PARTIAL_SPAN))
 
     def _agreed(self, end: float, tail: Sequence[HypWord]) -> int:
-        """How many of ``tail``'s first words every earlier hypothesis back to one of
-        ``AGREE_SPAN`` seconds less audio agrees on (all of them, if none is that old):
-        hypotheses half a second apart share most of their audio and agree on the same
-        mistakes, so agreement must span about a second whatever the partial interval."""
-        agreed = len(tail) if self._hyps else 0
-        for heard_to, words in reversed(self._hyps):
-            agreed = min(agreed, agreement(tail_after(self._confirmed, words), tail))
-            if end - heard_to >= AGREE_SPAN or not agreed:
-                break
-        return agreed
+        """How many of ``tail``'s first words the newest earlier hypothesis of at least
+        ``AGREE_SPAN`` seconds less audio agrees on (the oldest kept, if none is that
+        old): hypotheses half a second apart share most of their audio and agree on the
+        same mistakes, so agreement must span about a second whatever the interval."""
+        if not self._hyps:
+            return 0
+        older = [words for heard_to, words in self._hyps if end - heard_to >= AGREE_SPAN]
+        words = older[-1] if older else self._hyps[0][1]
+        return agreement(tail_after(self._confirmed, words), tail)
 
     @property
     def confirmed(self) -> tuple[HypWord, ...]:

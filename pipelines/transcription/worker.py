@@ -216,7 +216,7 @@ class Worker:
                     audio, offset, prompt or None, lane=lane, language=language
                 )
 
-            # The same lanes as a node's own: lane 0 for finals and first partials.
+            # The same lanes and order as a node's own: finals first on every lane.
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
         await self._ack(
             stream, entry_id, (job.node, jobs.encode_result(job.id, hypothesis, self.name))
