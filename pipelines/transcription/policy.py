@@ -15,9 +15,10 @@ The rules:
 - Every partial carries a prompt: the last ``PROMPT_WORDS`` words made final before its
   audio starts, the context its short window cut off. Finals carry none: the confirmed
   words they re-hear must come back as heard to anchor the rest.
-- Words are *confirmed* by agreement: the longest common prefix of the last two
-  hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
-  never changed or dropped afterwards (LocalAgreement-2). Words within
+- Words are *confirmed* by agreement: the longest common prefix of the latest
+  hypothesis and one about ``AGREE_SPAN`` seconds of audio older (after the words
+  already confirmed) is confirmed, and a confirmed word is never changed or dropped
+  afterwards (LocalAgreement-2). Words within
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed as the latest hypothesis has
