@@ -5,18 +5,19 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.transcription.engine import looping
-from pipelines.transcription.matching import agreement, split_sentences, tail_after
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
     RECHECK_CONTEXT,
     Draft,
     Request,
     StreamingPolicy,
+    agreement,
+    split_sentences,
+    tail_after,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
 from pipelines.transcription.window import Window
@@ -159,40 +160,6 @@ def test_split_at_max_length_emits_confirmed_words_once() -> None:
     assert len(emitted) >= 10
 
 
-@pytest.mark.parametrize("max_utterance", [15.0, 3.0])
-def test_a_long_monologue_rolls_on_without_splits_and_prompts_with_what_was_said(
-    max_utterance: float,
-) -> None:
-    """Ten minutes without a pause the VAD hears: words become final a couple of seconds
-    behind the voice, each once and in order, and no request reaches far back."""
-    policy = StreamingPolicy(partial_interval=0.5, max_utterance=max_utterance)
-    script = [f"w{i}" for i in range(1500)]
-    spoken = words(" ".join(script))
-    policy.speech_started(0.0)
-    emitted: list[str] = []
-    t = 0.0
-    while t < 600.0:
-        t += 0.1
-        for action in policy.advance(t):
-            if isinstance(action, Draft):  # a split would come out here
-                emitted.extend(w.text for w in action.words)
-                continue
-            assert action.kind == "partial"
-            assert t - action.start <= 15.0, "a request re-hears the whole segment"
-            if t > 30.0:
-                said = action.prompt.split()
-                assert said and said == script[script.index(said[0]) :][: len(said)]
-            hyp = [w for w in spoken if w.start >= action.start and w.end <= action.end]
-            for draft in policy.recognized(action, hyp):
-                if draft.is_final:
-                    assert all(w.end <= action.end - 0.5 for w in draft.words)
-                    emitted.extend(w.text for w in draft.words)
-    assert policy.segment == 1  # one segment all along: no split at the maximum length
-    assert len(policy.confirmed) <= 30
-    assert emitted == script[: len(emitted)]
-    assert spoken[len(emitted)].end > t - 3.0  # final up to a few seconds ago
-
-
 def test_speech_shorter_than_a_word_requests_nothing() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
     policy.speech_started(3.0)
@@ -297,6 +264,16 @@ def test_queue_runs_first_text_partials_before_others() -> None:
     assert nxt is not None and nxt.payload == "b-first"
 
 
+def test_queue_gives_urgent_partials_only_when_asked() -> None:
+    q: JobQueue[str] = JobQueue()
+    q.push(job("a", PARTIAL, 0.0))
+    assert q.pop(0.0, set(), urgent_only=True)[0] is None
+    q.push(Job("b", PARTIAL, 0.1, "b-first", urgent=True))
+    nxt, _ = q.pop(0.2, set(), urgent_only=True)
+    assert nxt is not None and nxt.payload == "b-first"
+    assert q.partials == 1
+
+
 def test_looping_catches_repeated_phrases_only() -> None:
     assert looping(["he", "was", "he", "was", "he", "was"])
     assert looping(["so", "so", "so", "so"])
@@ -357,7 +334,7 @@ def test_re_heard_words_with_drifted_times_are_not_repeated() -> None:
 def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> None:
     from types import SimpleNamespace
 
-    from pipelines.transcription.matching import reheard
+    from pipelines.transcription.policy import reheard
 
     def ws(text: str, start: float) -> list[SimpleNamespace]:
         return [SimpleNamespace(word=t, start=start + i * 0.3) for i, t in enumerate(text.split())]

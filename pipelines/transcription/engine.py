@@ -298,12 +298,6 @@ class Engine:
             if use_compact and "repetition" in rejected:
                 # A short window occasionally loops where the standard one does not.
                 words, rejected, info = self._decode(model, audio, offset, prompt, False, language)
-            if prompt and not words:
-                # A prompt now and then makes Whisper end at once on speech it hears
-                # perfectly well without one.
-                words, rejected, info = self._decode(
-                    model, audio, offset, None, use_compact, language
-                )
         return Hypothesis(
             tuple(words),
             tuple(rejected),

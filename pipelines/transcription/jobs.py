@@ -7,8 +7,7 @@ encode and decode here, so the format is one thing, tested without Redis.
 
 A job carries its audio as 16 kHz 16-bit PCM (half the bytes of the float32 the model
 takes; the model hears no difference), the session-clock offset, the language to decode
-in (empty: detect), the words said just before it (the decoder's prompt) and when it
-was submitted (a worker skips a partial that is stale).
+in (empty: detect) and when it was submitted (a worker skips a partial that is stale).
 """
 
 from __future__ import annotations
@@ -56,8 +55,6 @@ class JobSpec:
     """Wall time the node submitted it (``time.time()``)."""
     urgent: bool = False
     """A partial that would bring an utterance's first text (runs with the finals)."""
-    prompt: str = ""
-    """What was said just before the audio (conditions the decoder)."""
 
 
 def encode_job(job: JobSpec) -> dict[str, bytes | str]:
@@ -71,7 +68,6 @@ def encode_job(job: JobSpec) -> dict[str, bytes | str]:
         "language": job.language or "",
         "submitted": repr(job.submitted),
         "urgent": "1" if job.urgent else "",
-        "prompt": job.prompt,
         "audio": pcm,
     }
 
@@ -94,7 +90,6 @@ def decode_job(fields: dict[Any, Any]) -> JobSpec:
         _text(f["language"]) or None,
         float(_text(f["submitted"])),
         bool(_text(f.get("urgent", ""))),
-        _text(f.get("prompt", "")),
     )
 
 

@@ -1,12 +1,14 @@
 """One session's live transcription: audio in, speaker-attributed results out.
 
-Audio is resampled to 16 kHz into a bounded window that holds what the open segment
-still needs plus a second of lead-in. The ingest VAD's events drive the
-:class:`StreamingPolicy`; its requests are cut from the window, copied, and recognized.
+Audio is resampled to 16 kHz into a bounded window that holds the open segment plus a
+second of lead-in. The ingest VAD's events drive the :class:`StreamingPolicy`; its
+requests are cut from the window, copied, and queued on the shared :class:`Scheduler`.
 A final that needs audio past the VAD's end (the trailing pad) waits until that audio
-has arrived, or until a gap or the end of the session cuts it short. Finals are
-published strictly in request order, whatever order recognition finishes in; partials
-go out as soon as they are recognized and are dropped once their segment was finalized.
+has arrived, or until a gap or the end of the session cuts it short.
+
+Finals are published strictly in request order, whatever order recognition finishes
+in; partials go out as soon as they are recognized and are dropped once their segment
+was finalized.
 """
 
 from __future__ import annotations
@@ -38,8 +40,7 @@ from gateway.pipeline import (
 from . import results
 from .engine import Engine, Hypothesis
 from .language import LanguageChoice
-from .matching import REPEAT_SPAN, SENTENCE_END, reheard
-from .policy import Draft, Request, StreamingPolicy
+from .policy import REPEAT_SPAN, SENTENCE_END, Draft, Request, StreamingPolicy, reheard
 from .provider import segment_result
 from .recognizer import Recognizer
 from .turns import RosterLag
@@ -98,9 +99,10 @@ class TranscriptionPipeline(Pipeline):
         self._window = Window(max_utterance + partial_interval + LEAD_IN + 2.0)
         self._waiting: list[Request] = []
         self._finals: deque[_Pending] = deque()
-        # Recognitions not yet handled by :meth:`_recognized`, which alone sets ``_idle``:
-        # a future resolved inside ``submit`` is done before its callback ran, and
-        # awaiting a done future does not yield, so waiting on futures could spin.
+        # Recognitions not yet handled by :meth:`_recognized`. ``stop`` waits on ``_idle``,
+        # which only that callback sets: a future the scheduler resolved inside ``submit``
+        # (a superseded partial) is done before its callback has run, and awaiting a done
+        # future does not yield, so waiting on the futures themselves could spin forever.
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -197,7 +199,7 @@ class TranscriptionPipeline(Pipeline):
         self._flush()
         keep = self._window.end - int(LEAD_IN * ASR_RATE)
         if self._policy.speaking:
-            keep = min(keep, int(self._policy.needed_from(ready) * ASR_RATE))
+            keep = min(keep, int(self._policy.segment_start * ASR_RATE))
         for request in self._waiting:
             keep = min(keep, int(request.start * ASR_RATE))
         self._window.trim(keep)
@@ -217,7 +219,6 @@ class TranscriptionPipeline(Pipeline):
             at / ASR_RATE,
             self._language.for_request(),
             urgent=request.kind == "partial" and request.first,
-            prompt=request.prompt,
         )
         self._inflight += 1
         self._idle.clear()

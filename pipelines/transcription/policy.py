@@ -12,37 +12,28 @@ The rules:
   audio (the first once ``first_partial`` seconds are in). Each partial re-recognizes the
   open segment from its start, or, once words are confirmed, at least ``PARTIAL_SPAN``
   seconds back from its end.
-- Every partial carries a prompt: the last ``PROMPT_WORDS`` words made final before its
-  audio starts, the context its short window cut off. Finals carry none: the confirmed
-  words they re-hear must come back as heard to anchor the rest.
-- Words are *confirmed* by agreement: the longest common prefix of the latest
-  hypothesis and one about ``AGREE_SPAN`` seconds of audio older (after the words
-  already confirmed) is confirmed, and a confirmed word is never changed or dropped
-  afterwards (LocalAgreement-2). Words within
+- Words are *confirmed* by agreement: the longest common prefix of the last two
+  hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
+  never changed or dropped afterwards (LocalAgreement-2). Words within
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed as the latest hypothesis has
   it, agreement or not, which bounds how late any word becomes final.
 - Confirmed words are *final* at once: they are released as finals
   (``is_final``, not ``speech_final``) as soon as they are confirmed, without waiting
-  for the speaker to pause, split at sentence ends and at pauses
-  (:func:`~.matching.split_sentences`). Partials show only the words not final yet.
-  In a conversation the VAD rarely ends (people answer each other with 0-200 ms gaps),
-  so this is what keeps finals a second or two behind the voice.
+  for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
+  Partials show only the words not final yet. In a conversation the VAD rarely ends
+  (people answer each other with 0-200 ms gaps), so this is what keeps finals a second
+  or two behind the voice.
 - The utterance's end brings a ``speech_final``: the words not yet final, followed by
   the final hypothesis' words after the confirmed ones, matched by word sequence, else
   by time. It recognizes only the audio from shortly before the last confirmed words
   (``RECHECK_CONTEXT``), not the whole segment again; the confirmed words re-heard there
   anchor the new ones and are never repeated.
-- A segment rolls on as its words are confirmed: only the audio from about a second
-  before the last confirmed words is kept and re-heard (and the last
-  ``KEEP_CONFIRMED`` confirmed words, to anchor new hypotheses), so a person talking
-  for minutes without a pause the VAD hears costs no more than one talking for seconds.
-  When nothing is confirmed for ``max_utterance`` seconds, the segment is split after
-  its last confirmed word, at the pause before the next word: the confirmed words not
-  yet final become a final at once and the rest is recognized again with the following
-  audio, so nothing is duplicated or lost. With no confirmed word to split at, the
-  whole segment is finalized as it is.
+- A segment reaching ``max_utterance`` is split after its last confirmed word, at the
+  pause before the next word: the confirmed words not yet final become a final at once
+  and the rest is recognized again with the following audio, so nothing is duplicated or
+  lost. With no confirmed word to split at, the whole segment is finalized as it is.
 
 Every word reaches exactly one final: a segment's confirmed words are counted as they
 are released, and each final carries only words after the last one released.
@@ -50,11 +41,11 @@ are released, and each final carries only words after the last one released.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
+from typing import Any
 
-from .matching import agreement, split_sentences, tail_after
 from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
@@ -62,6 +53,9 @@ from .words import HypWord
 PAD = 0.2
 #: Shorter speech is not worth a recognition (webrtcvad blips, clicks).
 MIN_SPEECH = 0.2
+#: Sequence matching trusts a match only if it lies within this many seconds of the
+#: confirmed word's own time; otherwise the split falls back to timestamps.
+MATCH_SLACK = 1.0
 #: Words ending this close to the end of the audio heard are not confirmed yet: with
 #: little right context Whisper still revises them, even twice in a row.
 CONFIRM_MARGIN = 0.5
@@ -75,19 +69,17 @@ PARTIAL_SPAN = 4.0
 #: A word heard with this much audio after it is confirmed without agreement: words
 #: are final at most about this long, plus a partial interval, after they were said.
 FORCE_AGE = 2.0
-#: Agreement must hold over hypotheses this many seconds of audio apart (see
-#: :meth:`StreamingPolicy._agreed`).
-AGREE_SPAN = 0.9
 #: Hypotheses of less audio than this are shown but take no part in agreement: on a
 #: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
 #: "Had he married") and only more context corrects them.
 CONFIRM_CONTEXT = 2.5
-#: Confirmed words kept once final (the rest are forgotten as the segment rolls on):
-#: enough to find them again in a hypothesis that re-hears them.
-KEEP_CONFIRMED = 24
-#: Each partial is prompted with up to this many of the last words made final before its
-#: audio starts (Whisper's ``initial_prompt``): the context its short window cut off.
-PROMPT_WORDS = 24
+#: Words released together are split into separate finals where one word ends a
+#: sentence or where this much silence separates two words.
+SPLIT_PAUSE = 0.3
+#: A tail starting with this many or more of the confirmed words' last ones repeats
+#: them (see :func:`tail_after`); fewer may be a person repeating themselves.
+REPEAT_GUARD = 3
+SENTENCE_END = (".", "?", "!")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +103,6 @@ class Request:
     """The VAD's end of speech, for finals that close an utterance."""
     first: bool
     """No partial of this segment has shown words yet."""
-    prompt: str = ""
-    """The words said just before ``start``, to condition the recognition on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +113,78 @@ class Draft:
     is_final: bool
     speech_final: bool
     request: Request | None
+
+
+def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> list[HypWord]:
+    """The words of ``hypothesis`` that come after the ``confirmed`` ones.
+
+    The confirmed words are found in the hypothesis by word sequence; when the
+    hypothesis no longer ends them the same way, by time (words centred after the last
+    confirmed word's end).
+    """
+    if not confirmed:
+        return list(hypothesis)
+    last = confirmed[-1]
+    c = [w.norm for w in confirmed]
+    h = [w.norm for w in hypothesis]
+    blocks = [
+        b for b in SequenceMatcher(None, c, h, autojunk=False).get_matching_blocks() if b.size
+    ]
+    if blocks:
+        b = blocks[-1]
+        if b.a + b.size == len(c):
+            matched = hypothesis[b.b + b.size - 1]
+            if abs(matched.end - last.end) <= MATCH_SLACK:
+                return list(hypothesis[b.b + b.size :])
+    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
+    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
+    # past the last one. Confirmed words repeated at the head of the tail are that.
+    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
+        if [w.norm for w in tail[:k]] == c[-k:]:
+            return tail[k:]
+    return tail
+
+
+#: The most words a repeat of the previous final is looked for over (:func:`reheard`).
+REPEAT_SPAN = 8
+
+
+def reheard(said: Sequence[str], words: Sequence[Any], covered_until: float) -> int:
+    """How many of a final's leading ``words`` repeat the last words already final
+    (``said``, normalized) on audio those already covered: re-heard audio joined to
+    confirmed words a second time. At least :data:`REPEAT_GUARD` words must repeat, and
+    the first must start before ``covered_until`` (the last final's end); a person
+    repeating themselves does so on new audio and is kept."""
+    if not words or words[0].start >= covered_until:
+        return 0
+    said = list(said)
+    for k in range(min(len(words), len(said)), REPEAT_GUARD - 1, -1):
+        if [w.word for w in words[:k]] == said[-k:]:
+            return k
+    return 0
+
+
+def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
+    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``."""
+    out: list[list[HypWord]] = []
+    for w in words:
+        if out:
+            last = out[-1][-1]
+            if not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
+                out[-1].append(w)
+                continue
+        out.append([w])
+    return out
+
+
+def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
+    """Length of the common prefix of two word sequences, compared normalized."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x.norm != y.norm:
+            break
+        n += 1
+    return n
 
 
 class StreamingPolicy:
@@ -148,27 +210,22 @@ class StreamingPolicy:
         self._floor = 0.0  # no request reaches back before this (the last final's end)
         self._confirmed: list[HypWord] = []
         self._released = 0  # confirmed words of the segment already final
-        self._forgot = False
-        # The segment's latest partial hypotheses, (end of their audio, words).
-        self._hyps: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=4)
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = 0.0
-        self._history: deque[HypWord] = deque(maxlen=PROMPT_WORDS)  # the newest finals
         self.emitted_words = 0
 
     def _request(
         self, kind: str, end: float, *, speech_final: bool, speech_end: float | None = None
     ) -> Request:
         self._ids += 1
-        start = self._resume_at() if kind == "final" else self._partial_start(end)
         return Request(
             self._ids,
             kind,
             self.utterance,
             self.segment,
-            start,
+            self._resume_at() if kind == "final" else self._partial_start(end),
             end,
             tuple(self._confirmed),
             self._released,
@@ -176,21 +233,13 @@ class StreamingPolicy:
             self._speech_start,
             speech_end,
             not self._shown,
-            self._prompt(start) if kind == "partial" else "",
         )
-
-    def _prompt(self, start: float) -> str:
-        """The last words made final that end before ``start`` (see ``PROMPT_WORDS``)."""
-        words = [*self._history, *self._confirmed[self._released :]]
-        return " ".join([w.text for w in words if w.end <= start + 0.05][-PROMPT_WORDS:])
 
     def _new_segment(self, start: float) -> None:
         self.segment += 1
         self._seg_start = max(start, self._floor)
         self._confirmed = []
         self._released = 0
-        self._forgot = False  # whether the segment's first confirmed words were forgotten
-        self._hyps.clear()
         self._previous = []
         self._partial_pending = False
         self._shown = False
@@ -204,7 +253,7 @@ class StreamingPolicy:
         while i > 0 and words[i].start > words[-1].end - RECHECK_CONTEXT:
             i -= 1
         if i <= 0:
-            return self._seg_start if not self._forgot else max(self._seg_start, words[0].start)
+            return self._seg_start
         return max(self._seg_start, (words[i - 1].end + words[i].start) / 2)
 
     def _partial_start(self, end: float) -> float:
@@ -239,8 +288,7 @@ class StreamingPolicy:
         if not self.speaking:
             return []
         out: list[Request | Draft] = []
-        heard_to = self._confirmed[-1].end if self._confirmed else self._seg_start
-        if t - max(heard_to, self._seg_start) >= self.max_utterance:
+        if t - self._seg_start >= self.max_utterance:
             out.extend(self._split(t))
         # Until a partial has shown words, ask again at the short first interval.
         interval = self.partial_interval if self._shown else self.first_partial
@@ -271,12 +319,6 @@ class StreamingPolicy:
         words = self._confirmed[self._released :]
         self._released = len(self._confirmed)
         self.emitted_words += len(words)
-        self._history.extend(words)
-        drop = len(self._confirmed) - KEEP_CONFIRMED
-        if drop > 0:  # all final already (confirmed words are released at once)
-            del self._confirmed[:drop]
-            self._released -= drop
-            self._forgot = True
         return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
     def skipped(self, request: Request) -> None:
@@ -297,7 +339,6 @@ class StreamingPolicy:
             tail = tail_after(request.confirmed, words)
             final = (*request.confirmed[request.released :], *tail)
             self.emitted_words += len(final)
-            self._history.extend(final)
             return [Draft(final, is_final=True, speech_final=request.speech_final, request=request)]
         if not self._current(request):
             return []  # the segment it belonged to was finalized meanwhile
@@ -307,8 +348,7 @@ class StreamingPolicy:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
-        agreed = self._agreed(request.end, tail)
-        self._hyps.append((request.end, tuple(words)))
+        agreed = agreement(self._previous, tail)
         while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
             agreed -= 1
         # Hypotheses that keep disagreeing must not hold words back for long: a word with
@@ -325,21 +365,10 @@ class StreamingPolicy:
             out.append(Draft(shown, is_final=False, speech_final=False, request=request))
         return out
 
-    def needed_from(self, now: float) -> float:
-        """Where the audio any later request of the open segment needs begins, with
-        audio heard up to ``now``; earlier audio is no longer needed."""
-        return max(self._seg_start, min(self._resume_at(), now - PARTIAL_SPAN))
-
-    def _agreed(self, end: float, tail: Sequence[HypWord]) -> int:
-        """How many of ``tail``'s first words the newest earlier hypothesis of at least
-        ``AGREE_SPAN`` seconds less audio agrees on (the oldest kept, if none is that
-        old): hypotheses half a second apart share most of their audio and agree on the
-        same mistakes, so agreement must span about a second whatever the interval."""
-        if not self._hyps:
-            return 0
-        older = [words for heard_to, words in self._hyps if end - heard_to >= AGREE_SPAN]
-        words = older[-1] if older else self._hyps[0][1]
-        return agreement(tail_after(self._confirmed, words), tail)
+    @property
+    def segment_start(self) -> float:
+        """Where the open segment's audio begins; earlier audio is no longer needed."""
+        return self._seg_start
 
     @property
     def confirmed(self) -> tuple[HypWord, ...]:

@@ -34,10 +34,8 @@ class Recognizer(Protocol):
         language: str | None,
         *,
         urgent: bool = False,
-        prompt: str = "",
     ) -> asyncio.Future[Hypothesis | None]:
-        """Recognize 16 kHz ``audio`` that starts ``offset`` s into the session, after
-        the words ``prompt`` (what was said just before, to condition the decoder on)."""
+        """Recognize 16 kHz ``audio`` that starts ``offset`` s into the session."""
         ...
 
     def forget(self, session: str) -> None:
@@ -59,12 +57,11 @@ class LocalRecognizer:
         language: str | None,
         *,
         urgent: bool = False,
-        prompt: str = "",
     ) -> asyncio.Future[Hypothesis | None]:
         engine = self.engine
 
         def run(lane: int) -> Hypothesis:
-            return engine.transcribe(audio, offset, prompt or None, lane=lane, language=language)
+            return engine.transcribe(audio, offset, lane=lane, language=language)
 
         return self.scheduler.submit(session, kind, run, urgent=urgent)
 

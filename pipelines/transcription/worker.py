@@ -209,14 +209,12 @@ class Worker:
         if job.kind != "final" and time.time() - job.submitted > self.stale_after:
             hypothesis = None
         else:
-            audio, offset, language, prompt = job.audio, job.offset, job.language, job.prompt
+            audio, offset, language = job.audio, job.offset, job.language
 
             def run(lane: int) -> Any:
-                return engine.transcribe(
-                    audio, offset, prompt or None, lane=lane, language=language
-                )
+                return engine.transcribe(audio, offset, lane=lane, language=language)
 
-            # The same lanes and order as a node's own: finals first on every lane.
+            # The same lanes as a node's own: lane 0 for finals and first partials.
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
         await self._ack(
             stream, entry_id, (job.node, jobs.encode_result(job.id, hypothesis, self.name))
