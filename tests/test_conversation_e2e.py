@@ -109,9 +109,9 @@ async def test_dialogue_speakers_at_every_roster_timing(
 ) -> None:
     gw = await start_gateway(pipelines="recording,transcription", linger=0.5)
     conv = conversations["dialogue"]
-    runs = await asyncio.gather(
-        *(stream(gw, f"dialogue{n}", conv, lag=lag) for n, lag in enumerate(lags))
-    )
+    # One meeting at a time: attribution at each roster timing, not the machine's
+    # capacity (that is the benchmark's capacity sweep).
+    runs = [await stream(gw, f"dialogue{n}", conv, lag=lag) for n, lag in enumerate(lags)]
     for lag, (received, began) in zip(lags, runs, strict=True):
         s = tm.score(conv.turns, received, lambda t, b=began: b + t)
         assert s["words_matched"] >= 0.75 * s["words_expected"], lag
