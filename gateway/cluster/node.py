@@ -70,6 +70,20 @@ HandOver = Callable[[str], Awaitable[None]]
 Summaries = Callable[[], Iterable[tuple[str, dict[str, Any]]]]
 
 
+async def every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    """Run ``job`` every ``seconds`` until cancelled. A defect in one run is logged once
+    and the next runs go on: a cluster member stays in the cluster."""
+    failed = False
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            if not failed:
+                logger.exception("cluster task %s failed; it goes on", job.__name__)
+            failed = True
+
+
 class ClusterNode:
     """This process's membership of the cluster."""
 
@@ -108,9 +122,9 @@ class ClusterNode:
         starts anyway and joins when it answers."""
         await self._beat()
         self._tasks = [
-            asyncio.create_task(self._every(HEARTBEAT_INTERVAL, self._beat), name="heartbeat"),
-            asyncio.create_task(self._every(self.renew_every, self._renew_all), name="leases"),
-            asyncio.create_task(self._every(SUMMARY_INTERVAL, self.publish), name="summaries"),
+            asyncio.create_task(every(HEARTBEAT_INTERVAL, self._beat), name="heartbeat"),
+            asyncio.create_task(every(self.renew_every, self._renew_all), name="leases"),
+            asyncio.create_task(every(SUMMARY_INTERVAL, self.publish), name="summaries"),
             asyncio.create_task(self._listen(), name="handoffs"),
         ]
         logger.info("node %s joined the cluster", self.id)
@@ -132,17 +146,6 @@ class ClusterNode:
                 await pipe.execute()
         self.owned.clear()
         await self.redis.aclose()
-
-    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
-        failed = False
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await job()
-            except Exception:  # a defect: log it once, keep the node in the cluster
-                if not failed:
-                    logger.exception("cluster task %s failed; it goes on", job.__name__)
-                failed = True
 
     def _failed(self, op: str, exc: BaseException) -> None:
         if self.up is not False:  # logged once per outage, counted always
@@ -325,10 +328,10 @@ class ClusterNode:
         if not nodes:
             return []
         beats = await self.redis.mget([node_key(n) for n in nodes])
-        dead = [n for n, beat in zip(nodes, beats, strict=True) if beat is None]
-        if dead:
-            await self.redis.hdel(NODES, *dead)  # a node that comes back beats itself in
-        return [n for n, beat in zip(nodes, beats, strict=True) if beat is not None]
+        alive = [n for n, beat in zip(nodes, beats, strict=True) if beat is not None]
+        if len(alive) < len(nodes):  # a node that comes back beats itself in
+            await self.redis.hdel(NODES, *(set(nodes) - set(alive)))
+        return alive
 
     async def all_sessions(self) -> list[dict[str, Any]] | None:
         """Every live node's sessions, or None when Redis cannot be asked."""

@@ -30,6 +30,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.cluster.node import every
 from gateway.config import Settings
 
 from . import jobs
@@ -76,8 +77,8 @@ class Worker:
         await self._groups()
         free = asyncio.Semaphore(engine.lanes)
         tasks = [
-            asyncio.create_task(self._every(HEARTBEAT_INTERVAL, self._beat)),
-            asyncio.create_task(self._every(CLAIM_IDLE / 4, self._claim)),
+            asyncio.create_task(every(HEARTBEAT_INTERVAL, self._beat)),
+            asyncio.create_task(every(CLAIM_IDLE / 4, self._claim)),
         ]
         await self._beat()
         logger.info("worker %s takes jobs with %d lanes", self.name, engine.lanes)
@@ -116,14 +117,6 @@ class Worker:
     def _done(self, free: asyncio.Semaphore, partial: bool, _: object) -> None:
         self._partials -= partial
         free.release()
-
-    async def _every(self, seconds: float, job: Any) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await job()
-            except Exception:  # a defect: the worker keeps answering jobs
-                logger.exception("worker task %s failed", job.__name__)
 
     async def _beat(self) -> None:
         info = json.dumps(
