@@ -119,8 +119,12 @@ async def test_dialogue_speakers_at_every_roster_timing(
         print(f"lag {lag}: attribution {attribution:.3f}, {s['words_matched']} words")
         # The benchmark holds the 95 % target; a regression shows here first.
         assert attribution >= (0.8 if lag > 1.5 else 0.88), (lag, attribution, s["confusions"])
-        assert s["duplicates"] == [], lag
-        assert s["repeats"] == [], lag
+        # On failure, the finals as sent (time, text) show where the repeat was joined.
+        sent = [
+            (m["start"], m["channel"]["alternatives"][0]["transcript"]) for _, m in finals(received)
+        ]
+        assert s["duplicates"] == [], (lag, sent)
+        assert s["repeats"] == [], (lag, sent)
         # Every word reaches exactly one final, in order: finals never overlap.
         words = [w for _, m in finals(received) for w in m["channel"]["alternatives"][0]["words"]]
         assert all(b["start"] >= a["end"] - 1e-6 for a, b in itertools.pairwise(words))

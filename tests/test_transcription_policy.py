@@ -334,7 +334,7 @@ def test_re_heard_words_with_drifted_times_are_not_repeated() -> None:
 def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> None:
     from types import SimpleNamespace
 
-    from pipelines.transcription.policy import reheard
+    from pipelines.transcription.finals import reheard
 
     def ws(text: str, start: float) -> list[SimpleNamespace]:
         return [SimpleNamespace(word=t, start=start + i * 0.3) for i, t in enumerate(text.split())]

@@ -39,8 +39,9 @@ from gateway.pipeline import (
 
 from . import results
 from .engine import Engine, Hypothesis
+from .finals import FinalWords
 from .language import LanguageChoice
-from .policy import REPEAT_SPAN, SENTENCE_END, Draft, Request, StreamingPolicy, reheard
+from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
 from .provider import segment_result
 from .recognizer import Recognizer
 from .turns import RosterLag
@@ -106,12 +107,11 @@ class TranscriptionPipeline(Pipeline):
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._last_final_end = 0.0
         self._first_partial: set[int] = set()
         self._words_in_utterance: dict[int, float] = {}
         self._roster_lag = RosterLag()
         self._last_word: HypWord | None = None  # the last word handed to a final
-        self._said: deque[str] = deque(maxlen=REPEAT_SPAN)  # the newest final words
+        self._final_words = FinalWords()
         self._hold: asyncio.TimerHandle | None = None
 
     async def start(self, ctx: SessionContext) -> None:
@@ -305,9 +305,7 @@ class TranscriptionPipeline(Pipeline):
             self._turn_starts(draft.words)
         words = self._attribute(draft.words)
         if draft.is_final:
-            words = words[reheard(self._said, words, self._last_final_end) :]
-            words = self._after_last_final(words)
-            self._said.extend(w.word for w in words)
+            words = self._final_words.admit(words)
         utterance = request.utterance if request is not None else self._policy.utterance
         lang = self._language.current
         if not draft.is_final:
@@ -356,20 +354,6 @@ class TranscriptionPipeline(Pipeline):
         wall = self._ctx.clock.wall(round(seconds * self._rate))
         if wall is not None:
             histogram.observe(max(0.0, time.time() - wall))
-
-    def _after_last_final(self, words: tuple[results.Word, ...]) -> tuple[results.Word, ...]:
-        """Finals never overlap: clamp word times to start at the last final's end."""
-        out = []
-        floor = self._last_final_end
-        for w in words:
-            start = max(w.start, floor)
-            end = max(w.end, start)
-            if (start, end) != (w.start, w.end):
-                w = dataclasses.replace(w, start=start, end=end)
-            out.append(w)
-            floor = end
-        self._last_final_end = floor
-        return tuple(out)
 
     def _attribute(self, words: tuple[HypWord, ...]) -> tuple[results.Word, ...]:
         out = []

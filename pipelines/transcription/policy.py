@@ -44,8 +44,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
-from typing import Any
 
+from .finals import REPEAT_GUARD
 from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
@@ -76,9 +76,6 @@ CONFIRM_CONTEXT = 2.5
 #: Words released together are split into separate finals where one word ends a
 #: sentence or where this much silence separates two words.
 SPLIT_PAUSE = 0.3
-#: A tail starting with this many or more of the confirmed words' last ones repeats
-#: them (see :func:`tail_after`); fewer may be a person repeating themselves.
-REPEAT_GUARD = 3
 SENTENCE_END = (".", "?", "!")
 
 
@@ -143,25 +140,6 @@ def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> l
         if [w.norm for w in tail[:k]] == c[-k:]:
             return tail[k:]
     return tail
-
-
-#: The most words a repeat of the previous final is looked for over (:func:`reheard`).
-REPEAT_SPAN = 8
-
-
-def reheard(said: Sequence[str], words: Sequence[Any], covered_until: float) -> int:
-    """How many of a final's leading ``words`` repeat the last words already final
-    (``said``, normalized) on audio those already covered: re-heard audio joined to
-    confirmed words a second time. At least :data:`REPEAT_GUARD` words must repeat, and
-    the first must start before ``covered_until`` (the last final's end); a person
-    repeating themselves does so on new audio and is kept."""
-    if not words or words[0].start >= covered_until:
-        return 0
-    said = list(said)
-    for k in range(min(len(words), len(said)), REPEAT_GUARD - 1, -1):
-        if [w.word for w in words[:k]] == said[-k:]:
-            return k
-    return 0
 
 
 def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:

@@ -1,0 +1,246 @@
+"""The streaming policy replayed on a conversation, with the real model on a virtual clock.
+
+Live runs of the transcription benchmark move by about ±0.03 WER and ±0.3 s of latency
+between runs of the same code: when each partial runs depends on the machine's load,
+and each partial's span changes what Whisper hears. The replay removes that noise. It
+drives the sans-I/O :class:`~pipelines.transcription.policy.StreamingPolicy` exactly as
+the pipeline does (the ingest VAD's events, audio in 100 ms blocks, requests waiting for
+their audio, finals published in request order through
+:class:`~pipelines.transcription.finals.FinalWords`) with one recognition lane whose
+calls take a modelled time, ``(overhead + rtf * seconds of audio) * load``, instead of
+the measured one. The same arguments give the same transcript every time; ``--loads``
+and ``--phases`` replay the conversation under different timings to find what only
+some timings show (a repeated phrase, a lost word).
+
+What it scores (:mod:`benchmarks.transcript_metrics`, as for live runs): per-word final
+latency p50/p95 on the virtual clock, speech_final latency, WER streaming vs the same
+model offline, lost and duplicated words and repeated phrases. Attribution needs the
+roster and the wall clock and stays with the live benchmark.
+
+    .venv/bin/python benchmarks/replay.py --conversations dialogue,monologue \\
+        --loads 1,2,4 --phases 0,0.05 --cache ~/.cache/meeting-gateway/conversations
+
+Prints one JSON document on stdout, a line per run on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import transcript_metrics as tm
+from benchmarks.conversations import build, recognize
+from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from gateway.config import Settings
+from pipelines.transcription import formats, results
+from pipelines.transcription.engine import Engine, shared_engine
+from pipelines.transcription.finals import FinalWords
+from pipelines.transcription.policy import Draft, Request, StreamingPolicy
+from pipelines.transcription.scoring import wer
+from pipelines.transcription.words import ASR_RATE, HypWord
+
+BLOCK = 0.1  # the pipeline's audio block
+OVERHEAD = 0.05  # seconds per recognition call, besides the audio (tiny.en, one core)
+RTF = 0.06  # seconds of compute per second of audio heard (tiny.en int8, one core)
+
+
+@dataclass
+class Replay:
+    """One replay: the conversation's 16 kHz audio through one policy and one lane."""
+
+    engine: Engine
+    samples: np.ndarray[Any, Any]
+    partial_interval: float = 1.0
+    max_utterance: float = 15.0
+    load: float = 1.0
+    phase: float = 0.0
+    heard: dict[tuple[int, int], tuple[HypWord, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
+        self.vad = VoiceActivity(ASR_RATE)
+        self.guard = FinalWords()
+        self.audio = (self.samples / 32768).astype(np.float32)
+        self.waiting: list[Request] = []
+        self.queue: list[Request] = []  # submitted, not started
+        self.running: list[tuple[float, int, Request]] = []  # (done at, id, request)
+        self.finals: deque[list[Any]] = deque()  # [request, draft], in publish order
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.now = 0.0
+
+    # -- the lane -----------------------------------------------------------------------
+
+    def _recognize(self, request: Request) -> tuple[HypWord, ...]:
+        a, b = round(request.start * ASR_RATE), round(request.end * ASR_RATE)
+        key = (max(0, a), b)
+        if key not in self.heard:
+            hyp = self.engine.transcribe(self.audio[key[0] : b], key[0] / ASR_RATE)
+            self.heard[key] = hyp.words
+        return self.heard[key]
+
+    def _start_next(self) -> None:
+        if self.running or not self.queue:
+            return
+        finals = [r for r in self.queue if r.kind == "final"]
+        request = finals[0] if finals else self.queue[-1]
+        for r in self.queue:  # a newer partial of the session supersedes the older
+            if r is not request and r.kind == "partial":
+                self.policy.skipped(r)
+        self.queue = [r for r in self.queue if r.kind == "final" and r is not request]
+        seconds = (OVERHEAD + RTF * (request.end - request.start)) * self.load
+        heapq.heappush(self.running, (self.now + seconds, request.id, request))
+
+    def _submit(self, request: Request) -> None:
+        if request.kind == "final":
+            self.finals.append([request, None])
+        self.queue.append(request)
+        self._start_next()
+
+    def _done(self, request: Request) -> None:
+        words = self._recognize(request)
+        drafts = self.policy.recognized(request, words)
+        if request.kind == "final":
+            for entry in self.finals:
+                if entry[0] is request:
+                    entry[1] = drafts[0]
+        else:
+            for draft in drafts:
+                if draft.is_final:
+                    self.finals.append([None, draft])
+                else:
+                    self._publish(draft)
+        self._flush()
+        self._start_next()
+
+    # -- the pipeline's bookkeeping -------------------------------------------------------
+
+    def _pump(self, actions: list[Request | Draft]) -> None:
+        for action in actions:
+            if isinstance(action, Draft):
+                self.finals.append([None, action])
+            else:
+                self.waiting.append(action)
+        ready = [r for r in self.waiting if r.end <= self.now + 1e-9]
+        self.waiting = [r for r in self.waiting if r.end > self.now + 1e-9]
+        for request in ready:
+            self._submit(request)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.finals and self.finals[0][1] is not None:
+            self._publish(self.finals.popleft()[1])
+
+    def _publish(self, draft: Draft) -> None:
+        words = tuple(
+            results.Word(w.norm, w.text, round(w.start, 3), round(w.end, 3), w.probability, None)
+            for w in draft.words
+        )
+        if draft.is_final:
+            words = self.guard.admit(words)
+        elif not words:
+            return
+        start, end = (words[0].start, words[-1].end) if words else (self.now, self.now)
+        result = results.Result(start, end, words, draft.is_final, draft.speech_final)
+        self.received.append((self.now, formats.deepgram(result)))
+
+    # -- the clock ------------------------------------------------------------------------
+
+    def run(self) -> list[tuple[float, dict[str, Any]]]:
+        block = round(BLOCK * ASR_RATE)
+        first = round(self.phase * ASR_RATE) or block
+        edges = itertools.chain(range(first, len(self.samples), block), [len(self.samples)])
+        for edge in edges:
+            arrival = edge / ASR_RATE
+            while self.running and self.running[0][0] <= arrival:
+                done_at, _, request = heapq.heappop(self.running)
+                self.now = done_at
+                self._done(request)
+            self.now = arrival
+            fed, self.fed = self.samples[self.fed : edge], edge
+            for event in self.vad.feed(fed):
+                if isinstance(event, SpeechStarted):
+                    self.policy.speech_started(event.sample / ASR_RATE)
+                elif isinstance(event, SpeechEnded):
+                    self._pump(self.policy.speech_ended(event.sample / ASR_RATE))
+            self._pump(self.policy.advance(arrival))
+        # The bot hangs up: what was heard is final (the pipeline's cut).
+        self._pump(self.policy.speech_ended(self.now))
+        for request in self.waiting:
+            self._submit(request)
+        self.waiting = []
+        while self.running:
+            done_at, _, request = heapq.heappop(self.running)
+            self.now = done_at
+            self._done(request)
+        return self.received
+
+    fed = 0  # samples the VAD has heard
+
+
+def _row(scores: list[Any], offline: float) -> dict[str, Any]:
+    row = tm.summarize(scores)
+    for key in ("attribution", "unattributed", "confusions", "errors_at_turn_edges"):
+        row.pop(key, None)
+    row["offline_wer"] = round(offline, 4)
+    streaming = row["streaming_wer"]
+    row["wer_ratio"] = None if not offline or streaming is None else round(streaming / offline, 3)
+    return row
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", default="dialogue,monologue")
+    parser.add_argument("--loads", type=_floats, default=[1.0])
+    parser.add_argument("--phases", type=_floats, default=[0.0, 0.02, 0.04, 0.06, 0.08])
+    parser.add_argument("--partial-interval", type=float, default=1.0)
+    parser.add_argument("--max-utterance", type=float, default=15.0)
+    parser.add_argument(
+        "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
+    )
+    parser.add_argument("--model", default=Settings().model)
+    args = parser.parse_args(argv)
+    engine = shared_engine(Settings(model=args.model))
+    out: dict[str, Any] = {"runs": [], "pooled": []}
+    for name in args.conversations.split(","):
+        conv = build(name, args.cache, ASR_RATE)
+        reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
+        offline = wer(reference, recognize(conv, engine))
+        heard: dict[tuple[int, int], tuple[HypWord, ...]] = {}
+        scores = []
+        for load, phase in itertools.product(args.loads, args.phases):
+            replay = Replay(
+                engine,
+                conv.at_rate(ASR_RATE),
+                args.partial_interval,
+                args.max_utterance,
+                load,
+                phase,
+                heard,
+            )
+            scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
+            row = {"conversation": name, "load": load, "phase": phase}
+            row |= _row(scores[-1:], offline)
+            out["runs"].append(row)
+            print(json.dumps(row), file=sys.stderr)
+        # Every timing's words together: the figure to compare policies by.
+        pooled = {"conversation": name, "runs": len(scores), **_row(scores, offline)}
+        out["pooled"].append(pooled)
+        print("pooled", json.dumps(pooled), file=sys.stderr)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
