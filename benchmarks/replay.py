@@ -41,7 +41,7 @@ from benchmarks import transcript_metrics as tm
 from benchmarks.conversations import build, recognize
 from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
 from gateway.config import Settings
-from pipelines.transcription import formats, results
+from pipelines.transcription import formats, policy, results
 from pipelines.transcription.engine import Engine, shared_engine
 from pipelines.transcription.finals import FinalWords
 from pipelines.transcription.policy import Draft, Request, StreamingPolicy
@@ -211,9 +211,19 @@ def main(argv: list[str] | None = None) -> None:
         "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
     )
     parser.add_argument("--model", default=Settings().model)
+    parser.add_argument(
+        "--policy",
+        default="",
+        help="override the policy's constants to try a tuning, e.g. FORCE_AGE=1.5,PAD=0.3",
+    )
     args = parser.parse_args(argv)
+    for item in filter(None, args.policy.split(",")):
+        name, _, value = item.partition("=")
+        if not isinstance(getattr(policy, name, None), float):
+            parser.error(f"--policy: {name} is not a tunable constant of the policy")
+        setattr(policy, name, float(value))
     engine = shared_engine(Settings(model=args.model))
-    out: dict[str, Any] = {"runs": [], "pooled": []}
+    out: dict[str, Any] = {"policy": args.policy, "runs": [], "pooled": []}
     for name in args.conversations.split(","):
         conv = build(name, args.cache, ASR_RATE)
         reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                 heard,
             )
             scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
-            row = {"conversation": name, "load": load, "phase": phase}
+            row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
             row |= _row(scores[-1:], offline)
             out["runs"].append(row)
             print(json.dumps(row), file=sys.stderr)

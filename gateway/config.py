@@ -122,7 +122,7 @@ class Settings:
     device: str = _setting(
         "cpu", "where the model runs: cpu, or cuda (a GPU worker)", choices=("cpu", "cuda")
     )
-    partial_interval: float = _setting(1.0, "seconds between partial results while speaking")
+    partial_interval: float = _setting(0.5, "seconds between partial results while speaking")
     max_utterance: float = _setting(15.0, "longest utterance before a final is forced, seconds")
     bot_speech: str = _setting(
         "label", "what transcription does with the bot's own voice", choices=("label", "drop")

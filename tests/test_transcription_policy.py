@@ -264,16 +264,6 @@ def test_queue_runs_first_text_partials_before_others() -> None:
     assert nxt is not None and nxt.payload == "b-first"
 
 
-def test_queue_gives_urgent_partials_only_when_asked() -> None:
-    q: JobQueue[str] = JobQueue()
-    q.push(job("a", PARTIAL, 0.0))
-    assert q.pop(0.0, set(), urgent_only=True)[0] is None
-    q.push(Job("b", PARTIAL, 0.1, "b-first", urgent=True))
-    nxt, _ = q.pop(0.2, set(), urgent_only=True)
-    assert nxt is not None and nxt.payload == "b-first"
-    assert q.partials == 1
-
-
 def test_looping_catches_repeated_phrases_only() -> None:
     assert looping(["he", "was", "he", "was", "he", "was"])
     assert looping(["so", "so", "so", "so"])
@@ -347,3 +337,30 @@ def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> N
     # Two words in common are not enough to call it a repeat.
     assert reheard(said, ws("there it's tonight", 11.2), covered_until=12.0) == 0
     assert reheard([], ws("right there", 1.0), covered_until=2.0) == 0
+
+
+def test_hypotheses_half_a_second_apart_confirm_nothing_between_them() -> None:
+    # Partials every 0.5 s: two hypotheses of nearly the same audio share their
+    # mistakes, so a word is confirmed only by one about a second of audio older.
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    policy.speech_started(0.0)
+    (first,) = requests(policy.advance(0.5))
+    policy.recognized(first, words("and", 0.1))
+    heard = {
+        3.0: "and is power to do",
+        3.5: "and is power to do for",
+        4.0: "prudently in his power to do for them",
+        4.5: "prudently in his power to do for them and",
+    }
+    confirmed = {}
+    for end, text in heard.items():
+        (req,) = requests(policy.advance(end))
+        assert req.end - req.start >= CONFIRM_CONTEXT
+        policy.recognized(req, words(text, 1.5, step=0.35))
+        confirmed[end] = [w.text for w in policy.confirmed]
+    # 3.5 agrees with 3.0 on "and is power to", but they are only 0.5 s apart.
+    assert confirmed[3.0] == confirmed[3.5] == []
+    # 4.0 disagrees with 3.0, a second older; only what has 2 s of audio after it
+    # (FORCE_AGE) is confirmed, from the latest hypothesis.
+    assert confirmed[4.0] == ["prudently"]
+    assert confirmed[4.5] == ["prudently", "in", "his"]

@@ -12,9 +12,11 @@ The rules:
   audio (the first once ``first_partial`` seconds are in). Each partial re-recognizes the
   open segment from its start, or, once words are confirmed, at least ``PARTIAL_SPAN``
   seconds back from its end.
-- Words are *confirmed* by agreement: the longest common prefix of the last two
-  hypotheses (after the words already confirmed) is confirmed, and a confirmed word is
-  never changed or dropped afterwards (LocalAgreement-2). Words within
+- Words are *confirmed* by agreement: the longest common prefix of the latest
+  hypothesis and the newest one of audio ending ``AGREE_SPAN`` or more earlier (after
+  the words already confirmed) is confirmed, and a confirmed word is never changed or
+  dropped afterwards (LocalAgreement-2, with partials every half second compared a
+  second apart). Words within
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed as the latest hypothesis has
@@ -41,6 +43,7 @@ are released, and each final carries only words after the last one released.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -73,6 +76,10 @@ FORCE_AGE = 2.0
 #: second or two, tiny.en agrees with itself on wrong words ("How do you marry" for
 #: "Had he married") and only more context corrects them.
 CONFIRM_CONTEXT = 2.5
+#: Words are confirmed by two hypotheses that agree and are this much audio apart (or
+#: more): hypotheses of nearly the same audio share their mistakes ("and is" for
+#: "prudently in his" in both of two hypotheses 0.5 s apart), ones a second apart less so.
+AGREE_SPAN = 0.9
 #: Words released together are split into separate finals where one word ends a
 #: sentence or where this much silence separates two words.
 SPLIT_PAUSE = 0.3
@@ -189,6 +196,7 @@ class StreamingPolicy:
         self._confirmed: list[HypWord] = []
         self._released = 0  # confirmed words of the segment already final
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
+        self._heard: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = 0.0
@@ -219,6 +227,7 @@ class StreamingPolicy:
         self._confirmed = []
         self._released = 0
         self._previous = []
+        self._heard.clear()
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = self._seg_start
@@ -299,6 +308,14 @@ class StreamingPolicy:
         self.emitted_words += len(words)
         return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
+    def _earlier(self, end: float) -> list[HypWord]:
+        """What the newest hypothesis of audio ending ``AGREE_SPAN`` or more before
+        ``end`` heard after the confirmed words (nothing if there is none)."""
+        for heard_until, words in reversed(self._heard):
+            if heard_until <= end - AGREE_SPAN + 1e-6:
+                return tail_after(self._confirmed, words)
+        return []
+
     def skipped(self, request: Request) -> None:
         """The scheduler dropped a partial request (finals are never skipped)."""
         if request.kind == "partial" and self._current(request):
@@ -326,7 +343,8 @@ class StreamingPolicy:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
-        agreed = agreement(self._previous, tail)
+        agreed = agreement(self._earlier(request.end), tail)
+        self._heard.append((request.end, tuple(words)))
         while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
             agreed -= 1
         # Hypotheses that keep disagreeing must not hold words back for long: a word with

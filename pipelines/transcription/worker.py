@@ -207,7 +207,7 @@ class Worker:
             def run(lane: int) -> Any:
                 return engine.transcribe(audio, offset, lane=lane, language=language)
 
-            # The same lanes as a node's own: lane 0 for finals and first partials.
+            # The same lanes as a node's own: finals first, then first-text partials.
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
         await self._ack(
             stream, entry_id, (job.node, jobs.encode_result(job.id, hypothesis, self.name))
