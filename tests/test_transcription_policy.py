@@ -332,8 +332,10 @@ def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> N
     said = ["put", "it", "in", "the", "shared", "folder", "right", "there", "it's"]
     # Re-heard: starts before the previous final's end (12.0) and repeats its last words.
     assert reheard(said, ws("right there it's tonight", 11.2), covered_until=12.0) == 3
+    # Re-heard with its times drifted past the previous final's end: still a repeat.
+    assert reheard(said, ws("right there it's tonight", 12.5), covered_until=12.0) == 3
     # The same words said again later, on new audio: a person repeating themselves.
-    assert reheard(said, ws("right there it's tonight", 12.5), covered_until=12.0) == 0
+    assert reheard(said, ws("right there it's tonight", 13.5), covered_until=12.0) == 0
     # Two words in common are not enough to call it a repeat.
     assert reheard(said, ws("there it's tonight", 11.2), covered_until=12.0) == 0
     assert reheard([], ws("right there", 1.0), covered_until=2.0) == 0
@@ -364,3 +366,27 @@ def test_hypotheses_half_a_second_apart_confirm_nothing_between_them() -> None:
     # (FORCE_AGE) is confirmed, from the latest hypothesis.
     assert confirmed[4.0] == ["prudently"]
     assert confirmed[4.5] == ["prudently", "in", "his"]
+
+
+def test_a_phrase_doubled_within_a_final_is_sent_once() -> None:
+    from types import SimpleNamespace
+
+    from pipelines.transcription.finals import FinalWords
+
+    def ws(text: str, start: float) -> list[SimpleNamespace]:
+        return [
+            SimpleNamespace(word=t, start=start + i * 0.3, end=start + i * 0.3 + 0.2)
+            for i, t in enumerate(text.split())
+        ]
+
+    guard = FinalWords()
+    sent = guard.admit(
+        ws("so i don't hear that new jersey now i don't hear that new jersey now", 1.0)
+    )
+    assert [w.word for w in sent] == ["so", "i", "don't", "hear", "that", "new", "jersey", "now"]
+    # Three times is once too; two words twice ("no no") may be what was said.
+    sent = guard.admit(ws("right there it's right there it's right there it's no no okay", 9.0))
+    assert [w.word for w in sent] == ["right", "there", "it's", "no", "no", "okay"]
+    # A re-heard repeat of the last final, its times drifted past that final's end.
+    sent = guard.admit(ws("no no okay then", sent[-1].end + 0.2))
+    assert [w.word for w in sent] == ["then"]

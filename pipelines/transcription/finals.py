@@ -32,19 +32,43 @@ class TimedWord(Protocol):
 W = TypeVar("W", bound=TimedWord)
 
 
+#: Word times of re-heard audio drift by up to about this much: a repeat starting this
+#: soon after the last final's end is the same audio heard again.
+DRIFT = 1.0
+
+
 def reheard(said: Sequence[str], words: Sequence[TimedWord], covered_until: float) -> int:
     """How many of a final's leading ``words`` repeat the last words already final
     (``said``, normalized) on audio those already covered: re-heard audio joined to
     confirmed words a second time. At least :data:`REPEAT_GUARD` words must repeat, and
-    the first must start before ``covered_until`` (the last final's end); a person
-    repeating themselves does so on new audio and is kept."""
-    if not words or words[0].start >= covered_until:
+    the first must start before ``covered_until`` (the last final's end) plus
+    :data:`DRIFT`; a person repeating a phrase later does so on new audio and is kept.
+    (One saying three or more words twice without a pause loses the second time: live
+    captions with a stutter dropped read better than ones that double what was said.)"""
+    if not words or words[0].start >= covered_until + DRIFT:
         return 0
     said = list(said)
     for k in range(min(len(words), len(said)), REPEAT_GUARD - 1, -1):
         if [w.word for w in words[:k]] == said[-k:]:
             return k
     return 0
+
+
+def once(words: Sequence[W]) -> list[W]:
+    """``words`` without a phrase of :data:`REPEAT_GUARD` to :data:`REPEAT_SPAN` words
+    said again right after itself: Whisper sometimes hears a phrase twice in one window
+    ("I don't hear that New Jersey now. I don't hear that New Jersey now.")."""
+    kept: list[W] = []
+    i = 0
+    while i < len(words):
+        for n in range(min(REPEAT_SPAN, len(kept), len(words) - i), REPEAT_GUARD - 1, -1):
+            if [w.word for w in words[i : i + n]] == [w.word for w in kept[-n:]]:
+                i += n
+                break
+        else:
+            kept.append(words[i])
+            i += 1
+    return kept
 
 
 class FinalWords:
@@ -56,11 +80,12 @@ class FinalWords:
         self.end = 0.0
 
     def admit(self, words: Sequence[W]) -> tuple[W, ...]:
-        """``words`` without a re-heard repeat of the last finals, and with times clamped
-        so that finals never overlap (each word starts where the one before ended)."""
+        """``words`` without a re-heard repeat of the last finals or a phrase doubled
+        within them, with times clamped so that finals never overlap (each word starts
+        where the one before ended)."""
         out = []
         floor = self.end
-        for w in words[reheard(self.said, words, self.end) :]:
+        for w in once(words[reheard(self.said, words, self.end) :]):
             start = max(w.start, floor)
             end = max(w.end, start)
             if (start, end) != (w.start, w.end):
