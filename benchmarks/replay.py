@@ -17,8 +17,9 @@ latency p50/p95 on the virtual clock, speech_final latency, WER streaming vs the
 model offline, lost and duplicated words and repeated phrases. Attribution needs the
 roster and the wall clock and stays with the live benchmark.
 
-    .venv/bin/python benchmarks/replay.py --conversations dialogue,monologue \\
-        --loads 1,2,4 --phases 0,0.05 --cache ~/.cache/meeting-gateway/conversations
+    .venv/bin/python benchmarks/replay.py --cache ~/.cache/meeting-gateway/conversations
+    .venv/bin/python benchmarks/replay.py --conversations dialogue --loads 1,2,4 \\
+        --policy FORCE_AGE=1.5
 
 Prints one JSON document on stdout, a line per run on stderr.
 """
@@ -59,8 +60,8 @@ class Replay:
 
     engine: Engine
     samples: np.ndarray[Any, Any]
-    partial_interval: float = 1.0
-    max_utterance: float = 15.0
+    partial_interval: float = Settings().partial_interval
+    max_utterance: float = Settings().max_utterance
     load: float = 1.0
     phase: float = 0.0
     heard: dict[tuple[int, int], tuple[HypWord, ...]] = field(default_factory=dict)
@@ -200,28 +201,7 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", default="dialogue,monologue")
-    parser.add_argument("--loads", type=_floats, default=[1.0])
-    parser.add_argument("--phases", type=_floats, default=[0.0, 0.02, 0.04, 0.06, 0.08])
-    parser.add_argument("--partial-interval", type=float, default=1.0)
-    parser.add_argument("--max-utterance", type=float, default=15.0)
-    parser.add_argument(
-        "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
-    )
-    parser.add_argument("--model", default=Settings().model)
-    parser.add_argument(
-        "--policy",
-        default="",
-        help="override the policy's constants to try a tuning, e.g. FORCE_AGE=1.5,PAD=0.3",
-    )
-    args = parser.parse_args(argv)
-    for item in filter(None, args.policy.split(",")):
-        name, _, value = item.partition("=")
-        if not isinstance(getattr(policy, name, None), float):
-            parser.error(f"--policy: {name} is not a tunable constant of the policy")
-        setattr(policy, name, float(value))
+def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = shared_engine(Settings(model=args.model))
     out: dict[str, Any] = {"policy": args.policy, "runs": [], "pooled": []}
     for name in args.conversations.split(","):
@@ -249,6 +229,39 @@ def main(argv: list[str] | None = None) -> None:
         pooled = {"conversation": name, "runs": len(scores), **_row(scores, offline)}
         out["pooled"].append(pooled)
         print("pooled", json.dumps(pooled), file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", default="dialogue,monologue,meeting,read")
+    parser.add_argument("--loads", type=_floats, default=[1.0])
+    parser.add_argument("--phases", type=_floats, default=[0.0, 0.02, 0.04, 0.06, 0.08])
+    defaults = Settings()
+    parser.add_argument("--partial-interval", type=float, default=defaults.partial_interval)
+    parser.add_argument("--max-utterance", type=float, default=defaults.max_utterance)
+    parser.add_argument(
+        "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
+    )
+    parser.add_argument("--model", default=Settings().model)
+    parser.add_argument(
+        "--policy",
+        default="",
+        help="override the policy's constants to try a tuning, e.g. FORCE_AGE=1.5,PAD=0.3",
+    )
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in filter(None, args.policy.split(",")):
+        name, _, value = item.partition("=")
+        if not isinstance(getattr(policy, name, None), float):
+            parser.error(f"--policy: {name} is not a tunable constant of the policy")
+        overrides[name] = float(value)
+    saved = {name: getattr(policy, name) for name in overrides}
+    vars(policy).update(overrides)
+    try:
+        out = run(args)
+    finally:
+        vars(policy).update(saved)  # called in-process (the tests), the policy is as it was
     print(json.dumps(out, indent=1))
 
 

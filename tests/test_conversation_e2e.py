@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,13 @@ RATE = 16000
 
 
 @pytest.fixture(scope="module")
-def conversations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Conversation]:
-    cache = tmp_path_factory.mktemp("conversations")
-    return {name: build(name, cache, RATE) for name in ("dialogue", "monologue")}
+def conversation_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("conversations")
+
+
+@pytest.fixture(scope="module")
+def conversations(conversation_cache: Path) -> dict[str, Conversation]:
+    return {name: build(name, conversation_cache, RATE) for name in ("dialogue", "monologue")}
 
 
 async def subscribe(gw: RunningGateway, key: str, into: list[tuple[float, dict[str, Any]]]) -> None:
@@ -158,3 +163,37 @@ async def test_a_bot_that_drops_mid_sentence_gets_its_words_final_at_once(
     words = [w for _, m in finals(received) for w in m["channel"]["alternatives"][0]["words"]]
     assert words and words[-1]["end"] > stop - 1.5  # the words up to the drop
     reader.cancel()
+
+
+def test_the_replay_is_deterministic_and_load_only_delays_finals(
+    conversations: dict[str, Conversation],
+    conversation_cache: Path,
+    whisper_model: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import replay
+
+    conv = conversations["monologue"]
+    samples = conv.at_rate(replay.ASR_RATE)
+    heard: dict[tuple[int, int], Any] = {}
+    one = replay.Replay(whisper_model, samples, heard=heard).run()
+    # The same timing gives the same transcript, message for message.
+    assert replay.Replay(whisper_model, samples).run() == one
+    busy = replay.Replay(whisper_model, samples, load=3.0, heard=heard).run()
+    s1, s3 = (tm.score(conv.turns, r, lambda t: t) for r in (one, busy))
+    for s in (s1, s3):
+        assert s["words_matched"] >= 0.9 * s["words_expected"]
+        assert s["duplicates"] == [] and s["repeats"] == []
+    # A recognizer three times slower makes finals later, not different in kind.
+    assert np.median(s3["word_final"]) > np.median(s1["word_final"])
+    # The command line prints its runs and their pooled figures.
+    argv = ["--conversations", "monologue", "--phases", "0,0.05", "--policy", "FORCE_AGE=1.5"]
+    replay.main([*argv, "--cache", str(conversation_cache)])
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"] == "FORCE_AGE=1.5"
+    assert [r["phase"] for r in out["runs"]] == [0.0, 0.05]
+    [pooled] = out["pooled"]
+    assert pooled["runs"] == 2
+    assert pooled["words_expected"] == 2 * s1["words_expected"]
+    assert 0 < pooled["word_final_p50"] <= pooled["word_final_p95"]
+    assert 0 <= pooled["offline_wer"] <= pooled["streaming_wer"] + 0.05

@@ -160,6 +160,40 @@ def test_split_at_max_length_emits_confirmed_words_once() -> None:
     assert len(emitted) >= 10
 
 
+def test_the_segment_after_a_split_starts_on_confirmed_words() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=6.0)
+    policy.speech_started(0.0)
+    script = words("one two three four five six seven eight nine ten eleven twelve", 0.1)
+    t, emitted, starts = 0.0, [], []
+
+    def run(actions: list[Request | Draft]) -> None:
+        for action in actions:
+            drafts = [action]
+            if isinstance(action, Request):
+                starts.append((policy.segment, action.start))
+                heard = [w for w in script if action.start <= w.start and w.end <= action.end]
+                drafts = policy.recognized(action, heard)
+            emitted.extend(w.text for d in drafts if d.is_final for w in d.words)
+
+    while policy.segment == 1:
+        t += 0.5
+        run(policy.advance(t))
+    # The split released every confirmed word; the new segment holds the last of them
+    # (about RECHECK_CONTEXT of speech) as its context, final already.
+    carried = policy.confirmed
+    assert carried and policy.segment_start <= carried[0].start
+    assert carried[-1].end - policy.segment_start >= RECHECK_CONTEXT - 0.4
+    assert emitted[-len(carried) :] == [w.text for w in carried]
+    for _ in range(4):
+        t += 0.5
+        run(policy.advance(t))
+    run(policy.speech_ended(t))
+    # Its requests heard the carried words again, and every word was final once.
+    assert min(start for segment, start in starts if segment == 2) <= carried[0].start
+    assert emitted == [w.text for w in script][: len(emitted)]
+    assert len(emitted) >= 10
+
+
 def test_speech_shorter_than_a_word_requests_nothing() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
     policy.speech_started(3.0)

@@ -32,10 +32,12 @@ The rules:
   by time. It recognizes only the audio from shortly before the last confirmed words
   (``RECHECK_CONTEXT``), not the whole segment again; the confirmed words re-heard there
   anchor the new ones and are never repeated.
-- A segment reaching ``max_utterance`` is split after its last confirmed word, at the
-  pause before the next word: the confirmed words not yet final become a final at once
-  and the rest is recognized again with the following audio, so nothing is duplicated or
-  lost. With no confirmed word to split at, the whole segment is finalized as it is.
+- A segment reaching ``max_utterance`` is split after its last confirmed word: the
+  confirmed words not yet final become a final at once, and the next segment starts
+  ``RECHECK_CONTEXT`` before their end, holding the confirmed words there as already
+  final: they give Whisper its left context and anchor the words after them, so nothing
+  is duplicated, lost or misheard for starting mid-phrase. With no confirmed word to
+  split at, the whole segment is finalized as it is.
 
 Every word reaches exactly one final: a segment's confirmed words are counted as they
 are released, and each final carries only words after the last one released.
@@ -288,11 +290,24 @@ class StreamingPolicy:
     def _split(self, t: float) -> list[Request | Draft]:
         if self._confirmed:
             words = self._confirmed
+            out: list[Request | Draft] = [*self._release(None)]
+            resume = self._resume_at()
+            if resume > self._seg_start:
+                # The next segment starts on the last confirmed words, already final:
+                # they give Whisper its left context and anchor the words after them,
+                # where audio cut right before an unconfirmed word loses or mishears
+                # its start ("and is" for "prudently in his").
+                carried = [w for w in words if w.start >= resume]
+                self._floor = resume
+                self._new_segment(resume)
+                self._confirmed = carried
+                self._released = len(carried)
+                self._shown = True
+                return out
             after = tail_after(words, self._previous)
             boundary = words[-1].end
             if after:
                 boundary = (boundary + max(boundary, after[0].start)) / 2
-            out: list[Request | Draft] = [*self._release(None)]
             self._floor = boundary
             self._new_segment(boundary)
             return out
