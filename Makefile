@@ -6,7 +6,7 @@ TESTDATA := /usr/share/pocketsphinx/test/data/librivox/transcription
 # apt-get needs root; use sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run install dev testdata lint test test-fast bench-ingest bench-transcription bench-speech bench-soak clean
+.PHONY: run install dev testdata lint test test-fast bench-ingest bench-transcription bench-replay bench-speech bench-soak clean
 
 ## run: install the gateway and start it with the defaults (recording + transcription on :8080)
 run: install
@@ -51,6 +51,9 @@ bench-ingest: dev
 
 bench-transcription: dev testdata
 	$(BIN)/python benchmarks/transcription.py
+
+bench-replay: dev testdata
+	$(BIN)/python benchmarks/replay.py
 
 bench-speech: dev
 	$(BIN)/python benchmarks/speech.py
