@@ -249,8 +249,8 @@ class PoolRecognizer:
         if len(alive) != self.workers:
             logger.info("recognition pool: %d workers alive", len(alive))
         self.workers = len(alive)
-        # Each worker keeps one lane for finals (see .worker): the rest take partials.
-        self.partial_lanes = sum(max(1, int(info.get("lanes") or 1) - 1) for info in alive)
+        # Every lane of a worker takes partials (see .worker), finals first.
+        self.partial_lanes = sum(max(1, int(info.get("lanes") or 1)) for info in alive)
 
 
 def _text(value: bytes | str) -> str:

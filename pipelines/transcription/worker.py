@@ -86,9 +86,9 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 await free.acquire()
-                # As on a node, partials never take the last free lane: a final that
-                # arrives next starts at once.
-                entry = await self._next(partials=self._partials < max(1, engine.lanes - 1))
+                # As on a node, every lane takes partials: in a conversation they are what
+                # makes words final. Finals still go first whenever one is waiting.
+                entry = await self._next(partials=self._partials < engine.lanes)
                 if entry is None:
                     free.release()
                     continue
