@@ -77,6 +77,7 @@ class Replay:
         self.finals: deque[list[Any]] = deque()  # [request, draft], in publish order
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.now = 0.0
+        self.fed = 0  # samples the VAD has heard
 
     # -- the lane -----------------------------------------------------------------------
 
@@ -183,8 +184,6 @@ class Replay:
             self.now = done_at
             self._done(request)
         return self.received
-
-    fed = 0  # samples the VAD has heard
 
 
 def _row(scores: list[Any], offline: float) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -60,7 +59,6 @@ class Worker:
         self._stopping = asyncio.Event()
         self.done = 0
         self.lanes = 0
-        self._partials = 0
 
     async def run(self) -> None:
         from prometheus_client import CollectorRegistry
@@ -86,18 +84,16 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 await free.acquire()
-                # As on a node, every lane takes partials: in a conversation they are what
-                # makes words final. Finals still go first whenever one is waiting.
-                entry = await self._next(partials=self._partials < engine.lanes)
+                # As on a node, every free lane takes the next job, finals first: in a
+                # conversation partials are what makes words final.
+                entry = await self._next()
                 if entry is None:
                     free.release()
                     continue
-                partial = entry[0] == jobs.STREAMS["partial"]
-                self._partials += partial
                 task = asyncio.create_task(self._run(engine, scheduler, *entry))
                 running.add(task)
                 task.add_done_callback(running.discard)
-                task.add_done_callback(functools.partial(self._done, free, partial))
+                task.add_done_callback(lambda _: free.release())
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -113,10 +109,6 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
-
-    def _done(self, free: asyncio.Semaphore, partial: bool, _: object) -> None:
-        self._partials -= partial
-        free.release()
 
     async def _beat(self) -> None:
         info = json.dumps(
@@ -160,15 +152,13 @@ class Worker:
                     )
                     self._claimed.append((stream, _id(entry_id), fields))
 
-    async def _next(self, partials: bool) -> tuple[str, str, dict[Any, Any]] | None:
+    async def _next(self) -> tuple[str, str, dict[Any, Any]] | None:
         """The next job: one already this worker's (claimed from a dead worker, or read
         with another), then finals, then partials."""
         final, partial = jobs.STREAMS["final"], jobs.STREAMS["partial"]
-        for i, held in enumerate(self._claimed):
-            if partials or held[0] == final:
-                del self._claimed[i]
-                return held
-        wanted = {final: ">", partial: ">"} if partials else {final: ">"}
+        if self._claimed:
+            return self._claimed.popleft()
+        wanted = {final: ">", partial: ">"}
         try:
             for streams, block in (({final: ">"}, None), (wanted, BLOCK_MS)):
                 found: Any = await self.redis.xreadgroup(
