@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from pipelines.transcription.engine import looping
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
+    QUICK_MARGIN,
+    QUICK_PROBABILITY,
     RECHECK_CONTEXT,
     Draft,
     Request,
@@ -24,9 +26,11 @@ from pipelines.transcription.window import Window
 from pipelines.transcription.words import HypWord, normalize
 
 
-def words(text: str, start: float = 0.0, step: float = 0.4) -> list[HypWord]:
+def words(
+    text: str, start: float = 0.0, step: float = 0.4, probability: float = 0.9
+) -> list[HypWord]:
     return [
-        HypWord(w, start + i * step, start + i * step + step * 0.8, 0.9)
+        HypWord(w, start + i * step, start + i * step + step * 0.8, probability)
         for i, w in enumerate(text.split())
     ]
 
@@ -375,31 +379,50 @@ def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> N
     assert reheard([], ws("right there", 1.0), covered_until=2.0) == 0
 
 
-def test_hypotheses_half_a_second_apart_confirm_nothing_between_them() -> None:
-    # Partials every 0.5 s: two hypotheses of nearly the same audio share their
-    # mistakes, so a word is confirmed only by one about a second of audio older.
-    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+def hear(policy: StreamingPolicy, heard: dict[float, str], probability: float) -> dict:
     policy.speech_started(0.0)
     (first,) = requests(policy.advance(0.5))
     policy.recognized(first, words("and", 0.1))
-    heard = {
-        3.0: "and is power to do",
-        3.5: "and is power to do for",
-        4.0: "prudently in his power to do for them",
-        4.5: "prudently in his power to do for them and",
-    }
     confirmed = {}
     for end, text in heard.items():
         (req,) = requests(policy.advance(end))
         assert req.end - req.start >= CONFIRM_CONTEXT
-        policy.recognized(req, words(text, 1.5, step=0.35))
+        policy.recognized(req, words(text, 1.5, step=0.35, probability=probability))
         confirmed[end] = [w.text for w in policy.confirmed]
+    return confirmed
+
+
+HEARD = {
+    3.0: "and is power to do",
+    3.5: "and is power to do for",
+    4.0: "prudently in his power to do for them",
+    4.5: "prudently in his power to do for them and",
+}
+
+
+def test_unsure_hypotheses_half_a_second_apart_confirm_nothing_between_them() -> None:
+    # Partials every 0.5 s: two hypotheses of nearly the same audio share their
+    # mistakes, so an unsure word is confirmed only by one about a second older.
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    confirmed = hear(policy, HEARD, probability=QUICK_PROBABILITY - 0.1)
     # 3.5 agrees with 3.0 on "and is power to", but they are only 0.5 s apart.
     assert confirmed[3.0] == confirmed[3.5] == []
     # 4.0 disagrees with 3.0, a second older; only what has 2 s of audio after it
     # (FORCE_AGE) is confirmed, from the latest hypothesis.
     assert confirmed[4.0] == ["prudently"]
     assert confirmed[4.5] == ["prudently", "in", "his"]
+
+
+def test_sure_words_with_right_context_are_confirmed_by_the_previous_partial() -> None:
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    confirmed = hear(policy, HEARD, probability=QUICK_PROBABILITY)
+    # At 3.5 "and is power to" end 0.6 s or more before the audio does, and the
+    # partial at 3.0 agrees: they are final; "do" (ending 3.18) waits for more audio.
+    assert confirmed[3.0] == []
+    assert confirmed[3.5] == ["and", "is", "power", "to"]
+    assert 3.5 - 2.83 >= QUICK_MARGIN > 3.5 - 3.18
+    # A confirmed word is never taken back, whatever later partials say.
+    assert confirmed[4.5][:4] == ["and", "is", "power", "to"]
 
 
 def test_a_phrase_doubled_within_a_final_is_sent_once() -> None:

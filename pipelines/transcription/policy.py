@@ -16,7 +16,8 @@ The rules:
   hypothesis and the newest one of audio ending ``AGREE_SPAN`` or more earlier (after
   the words already confirmed) is confirmed, and a confirmed word is never changed or
   dropped afterwards (LocalAgreement-2, with partials every half second compared a
-  second apart). Words within
+  second apart). Words heard surely (``QUICK_PROBABILITY``) with ``QUICK_MARGIN`` of
+  audio after them need only agree with the previous hypothesis. Words within
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed as the latest hypothesis has
@@ -82,6 +83,15 @@ CONFIRM_CONTEXT = 2.5
 #: more): hypotheses of nearly the same audio share their mistakes ("and is" for
 #: "prudently in his" in both of two hypotheses 0.5 s apart), ones a second apart less so.
 AGREE_SPAN = 0.9
+#: Words with this much audio after them in the newest hypothesis, and heard with at
+#: least ``QUICK_PROBABILITY``, are confirmed by agreement with a hypothesis only
+#: ``QUICK_SPAN`` older (the previous partial): with right context and confidence,
+#: consecutive hypotheses rarely share a mistake. On the replay this takes the median
+#: word 0.1-0.2 s sooner to its final at the same WER; without the probability floor,
+#: read speech gets "old, I suppose" for "ill disposed" from two partials in a row.
+QUICK_MARGIN = 0.6
+QUICK_SPAN = 0.4
+QUICK_PROBABILITY = 0.7
 #: Words released together are split into separate finals where one word ends a
 #: sentence or where this much silence separates two words.
 SPLIT_PAUSE = 0.3
@@ -323,13 +333,26 @@ class StreamingPolicy:
         self.emitted_words += len(words)
         return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
-    def _earlier(self, end: float) -> list[HypWord]:
-        """What the newest hypothesis of audio ending ``AGREE_SPAN`` or more before
-        ``end`` heard after the confirmed words (nothing if there is none)."""
+    def _earlier(self, end: float, span: float) -> list[HypWord]:
+        """What the newest hypothesis of audio ending ``span`` or more before ``end``
+        heard after the confirmed words (nothing if there is none)."""
         for heard_until, words in reversed(self._heard):
-            if heard_until <= end - AGREE_SPAN + 1e-6:
+            if heard_until <= end - span + 1e-6:
                 return tail_after(self._confirmed, words)
         return []
+
+    def _agreed(
+        self, tail: list[HypWord], end: float, span: float, margin: float, sure: float = 0.0
+    ) -> int:
+        """How many of ``tail``'s first words a hypothesis ``span`` older agrees with,
+        up to the last one ending ``margin`` or more before ``end`` and before the first
+        one heard with a probability under ``sure``."""
+        agreed = agreement(self._earlier(end, span), tail)
+        unsure = next((i for i, w in enumerate(tail[:agreed]) if w.probability < sure), agreed)
+        agreed = min(agreed, unsure)
+        while agreed and tail[agreed - 1].end > end - margin:
+            agreed -= 1
+        return agreed
 
     def skipped(self, request: Request) -> None:
         """The scheduler dropped a partial request (finals are never skipped)."""
@@ -358,10 +381,11 @@ class StreamingPolicy:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []
-        agreed = agreement(self._earlier(request.end), tail)
+        agreed = max(
+            self._agreed(tail, request.end, AGREE_SPAN, CONFIRM_MARGIN),
+            self._agreed(tail, request.end, QUICK_SPAN, QUICK_MARGIN, QUICK_PROBABILITY),
+        )
         self._heard.append((request.end, tuple(words)))
-        while agreed and tail[agreed - 1].end > request.end - CONFIRM_MARGIN:
-            agreed -= 1
         # Hypotheses that keep disagreeing must not hold words back for long: a word with
         # FORCE_AGE of audio after it is as good as one more hypothesis will make it.
         while agreed < len(tail) and tail[agreed].end <= request.end - FORCE_AGE:
