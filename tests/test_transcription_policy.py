@@ -18,11 +18,9 @@ from pipelines.transcription.policy import (
     Draft,
     Request,
     StreamingPolicy,
-    agreement,
-    split_sentences,
-    tail_after,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
+from pipelines.transcription.sequences import agreement, split_sentences, tail_after
 from pipelines.transcription.window import Window
 from pipelines.transcription.words import HypWord, normalize
 

@@ -42,9 +42,10 @@ from . import results
 from .engine import Engine, Hypothesis
 from .finals import FinalWords
 from .language import LanguageChoice
-from .policy import SENTENCE_END, Draft, Request, StreamingPolicy
+from .policy import Draft, Request, StreamingPolicy
 from .provider import segment_result
 from .recognizer import Recognizer
+from .sequences import SENTENCE_END
 from .turns import RosterLag
 from .window import Window
 from .words import ASR_RATE, HypWord

@@ -49,9 +49,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 
-from .finals import REPEAT_GUARD
+from .sequences import agreement, split_sentences, tail_after
 from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
@@ -59,9 +58,6 @@ from .words import HypWord
 PAD = 0.2
 #: Shorter speech is not worth a recognition (webrtcvad blips, clicks).
 MIN_SPEECH = 0.2
-#: Sequence matching trusts a match only if it lies within this many seconds of the
-#: confirmed word's own time; otherwise the split falls back to timestamps.
-MATCH_SLACK = 1.0
 #: Words ending this close to the end of the audio heard are not confirmed yet: with
 #: little right context Whisper still revises them, even twice in a row.
 CONFIRM_MARGIN = 0.5
@@ -94,10 +90,6 @@ AGREE_SPAN = 0.9
 QUICK_MARGIN = 0.6
 QUICK_SPAN = 0.4
 QUICK_PROBABILITY = 0.7
-#: Words released together are split into separate finals where one word ends a
-#: sentence or where this much silence separates two words.
-SPLIT_PAUSE = 0.3
-SENTENCE_END = (".", "?", "!")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,59 +123,6 @@ class Draft:
     is_final: bool
     speech_final: bool
     request: Request | None
-
-
-def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> list[HypWord]:
-    """The words of ``hypothesis`` that come after the ``confirmed`` ones.
-
-    The confirmed words are found in the hypothesis by word sequence; when the
-    hypothesis no longer ends them the same way, by time (words centred after the last
-    confirmed word's end).
-    """
-    if not confirmed:
-        return list(hypothesis)
-    last = confirmed[-1]
-    c = [w.norm for w in confirmed]
-    h = [w.norm for w in hypothesis]
-    blocks = [
-        b for b in SequenceMatcher(None, c, h, autojunk=False).get_matching_blocks() if b.size
-    ]
-    if blocks:
-        b = blocks[-1]
-        if b.a + b.size == len(c):
-            matched = hypothesis[b.b + b.size - 1]
-            if abs(matched.end - last.end) <= MATCH_SLACK:
-                return list(hypothesis[b.b + b.size :])
-    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
-    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
-    # past the last one. Confirmed words repeated at the head of the tail are that.
-    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
-        if [w.norm for w in tail[:k]] == c[-k:]:
-            return tail[k:]
-    return tail
-
-
-def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
-    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``."""
-    out: list[list[HypWord]] = []
-    for w in words:
-        if out:
-            last = out[-1][-1]
-            if not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
-                out[-1].append(w)
-                continue
-        out.append([w])
-    return out
-
-
-def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
-    """Length of the common prefix of two word sequences, compared normalized."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x.norm != y.norm:
-            break
-        n += 1
-    return n
 
 
 class StreamingPolicy:

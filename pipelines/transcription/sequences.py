@@ -1,0 +1,75 @@
+"""Word sequences compared and cut: the pure functions the streaming policy is made of.
+
+:func:`tail_after` finds where a new hypothesis continues the words already confirmed,
+:func:`agreement` how far two hypotheses agree, and :func:`split_sentences` where words
+released together become separate finals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from difflib import SequenceMatcher
+
+from .finals import REPEAT_GUARD
+from .words import HypWord
+
+#: Sequence matching trusts a match only if it lies within this many seconds of the
+#: confirmed word's own time; otherwise the split falls back to timestamps.
+MATCH_SLACK = 1.0
+#: Words released together are split into separate finals where one word ends a
+#: sentence or where this much silence separates two words.
+SPLIT_PAUSE = 0.3
+SENTENCE_END = (".", "?", "!")
+
+
+def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> list[HypWord]:
+    """The words of ``hypothesis`` that come after the ``confirmed`` ones.
+
+    The confirmed words are found in the hypothesis by word sequence; when the
+    hypothesis no longer ends them the same way, by time (words centred after the last
+    confirmed word's end).
+    """
+    if not confirmed:
+        return list(hypothesis)
+    last = confirmed[-1]
+    c = [w.norm for w in confirmed]
+    h = [w.norm for w in hypothesis]
+    blocks = [
+        b for b in SequenceMatcher(None, c, h, autojunk=False).get_matching_blocks() if b.size
+    ]
+    if blocks:
+        b = blocks[-1]
+        if b.a + b.size == len(c):
+            matched = hypothesis[b.b + b.size - 1]
+            if abs(matched.end - last.end) <= MATCH_SLACK:
+                return list(hypothesis[b.b + b.size :])
+    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
+    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
+    # past the last one. Confirmed words repeated at the head of the tail are that.
+    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
+        if [w.norm for w in tail[:k]] == c[-k:]:
+            return tail[k:]
+    return tail
+
+
+def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
+    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``."""
+    out: list[list[HypWord]] = []
+    for w in words:
+        if out:
+            last = out[-1][-1]
+            if not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
+                out[-1].append(w)
+                continue
+        out.append([w])
+    return out
+
+
+def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
+    """Length of the common prefix of two word sequences, compared normalized."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x.norm != y.norm:
+            break
+        n += 1
+    return n
