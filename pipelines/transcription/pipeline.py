@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -136,16 +135,15 @@ class TranscriptionPipeline(Pipeline):
             t = event.sample / self._rate
             self._policy.speech_started(t)
             self._out.publish(results.SpeechStarted(round(t, 3)))
-            self._voice_edge(t, self._roster_lag.voice_started)
+            wall = self._ctx.clock.wall(event.sample)
+            if wall is not None:
+                self._roster_lag.voice_started(wall)
         elif isinstance(event, SpeakerChange):
             if event.speaking and not event.speaker.is_bot:
                 self._roster_lag.roster_started(event.time)
                 self._language.speaker(event.speaker.key)
-            elif not event.speaker.is_bot:
-                self._roster_lag.roster_ended(event.time)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
-            self._voice_edge(event.sample / self._rate, self._roster_lag.voice_ended)
         elif isinstance(event, Disconnected):
             # What was heard is all there will be of it: finalize it now.
             self._restart(event.sample)
@@ -343,21 +341,15 @@ class TranscriptionPipeline(Pipeline):
             self._first_partial.discard(utterance)
 
     def _turn_starts(self, words: tuple[HypWord, ...]) -> None:
-        """Where a word may start a turn (after a sentence end or a gap), a voice starts
-        and the previous one ends, for the roster lag: in a conversation they are most
-        of what there is."""
+        """Words that may start a turn (after a sentence end or a gap) are voice starts
+        for the roster lag: in a conversation they are most of what there is."""
         for w in words:
             prev = self._last_word
             self._last_word = w
             if prev is None or prev.text.endswith(SENTENCE_END) or (w.start - prev.end >= TURN_GAP):
-                self._voice_edge(w.start, self._roster_lag.voice_started)
-                if prev is not None:
-                    self._voice_edge(prev.end, self._roster_lag.voice_ended)
-
-    def _voice_edge(self, seconds: float, note: Callable[[float], None]) -> None:
-        wall = self._ctx.clock.wall(round(seconds * self._rate))
-        if wall is not None:
-            note(wall)
+                wall = self._ctx.clock.wall(round(w.start * self._rate))
+                if wall is not None:
+                    self._roster_lag.voice_started(wall)
 
     def _observe(self, histogram: Histogram, seconds: float) -> None:
         wall = self._ctx.clock.wall(round(seconds * self._rate))

@@ -6,21 +6,13 @@ it was that much later (:meth:`gateway.ingest.speakers.SpeakerTimeline.attribute
 must be known, and it differs per platform and per meeting.
 
 Evidence: a roster start (someone marked speaking) follows the start of a voice by the
-lag, and a roster end its end. Voice edges are what the audio shows: the VAD's speech
-starts and ends where people pause, and, where they answer each other with no pause the
-VAD could hear (a real conversation), the words on either side of a sentence end or a
-gap. Each roster edge is paired with every voice edge of its kind within
-``[-early, late]`` of it, and each pair votes for its offset. Most pairs are
-coincidences spread over that range; the true lag is the offset on which the votes of
-many turns agree. The estimate is the peak of the recent votes' density, accepted once
-``support`` votes lie within :data:`AGREE` of it and no other offset has nearly as many
-(:data:`DOMINANCE`).
-
-Only a third to a half of a conversation's turns show a voice edge where the roster
-has one (Whisper leaves a turn change unpunctuated; overlaps hide a start), and in the
-first minute coincidences can outvote them: two stray pairs used to set a 0.5 s early
-roster to 2.1 s late for a third of a meeting. Ends double the evidence, and an
-estimate waits until its peak dominates.
+lag. Voice starts are what the audio shows: the VAD's speech starts where people pause,
+and, where they answer each other with no pause the VAD could hear (a real
+conversation), the first word of a sentence or the word after a gap. Each roster start
+is paired with every voice start within ``[-early, late]`` of it, and each pair votes
+for its offset. Most pairs are coincidences spread over that range; the true lag is
+the offset on which the votes of many turns agree. The estimate is the peak of the
+recent votes' density, accepted once ``support`` votes lie within :data:`AGREE` of it.
 
 All times are wall seconds (epoch).
 """
@@ -32,13 +24,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-#: Votes within this many seconds of the peak support it: Whisper's word times, and
-#: where a platform puts a turn's edge, spread the true votes over about this much.
-AGREE = 0.25
-#: The peak must have this many times the votes' density of any other offset to be
-#: believed: with a few turns heard, coincidences make peaks as tall as the true one.
-#: Until one does, the last estimate stands.
-DOMINANCE = 1.5
+#: Votes within this many seconds of the peak support it (word times are this good).
+AGREE = 0.15
 #: Resolution of the search for the peak, seconds.
 STEP = 0.05
 
@@ -50,15 +37,14 @@ class RosterLag:
         late: float = 2.5,
         horizon: float = 90.0,
         votes: int = 240,
-        support: int = 3,
+        support: int = 2,
     ) -> None:
         self.early = early
         self.late = late
         self.horizon = horizon
         self.support = support
-        # Voice and roster edges by kind: starts pair with starts, ends with ends.
-        self._voices: dict[str, deque[float]] = {"start": deque(), "end": deque()}
-        self._rosters: dict[str, deque[float]] = {"start": deque(), "end": deque()}
+        self._voices: deque[float] = deque()
+        self._rosters: deque[float] = deque()
         self._votes: deque[float] = deque(maxlen=votes)
         self.seconds = 0.0
         """The estimate (negative: the roster is early); 0 until votes agree."""
@@ -71,33 +57,17 @@ class RosterLag:
 
     def voice_started(self, wall: float) -> None:
         """A voice started at ``wall``: a VAD speech start, or a word that starts a turn."""
-        self._voice("start", wall)
-
-    def voice_ended(self, wall: float) -> None:
-        """A voice ended at ``wall``: a VAD speech end, or a word that ends a sentence."""
-        self._voice("end", wall)
+        self._prune(self._voices, wall)
+        if self._voices and abs(self._voices[-1] - wall) < AGREE / 3:
+            return  # the VAD and the words saw the same start
+        self._voices.append(wall)
+        self._vote(r - wall for r in self._rosters)
 
     def roster_started(self, wall: float) -> None:
         """Somebody was marked speaking at ``wall``."""
-        self._roster("start", wall)
-
-    def roster_ended(self, wall: float) -> None:
-        """Somebody was marked no longer speaking at ``wall``."""
-        self._roster("end", wall)
-
-    def _voice(self, kind: str, wall: float) -> None:
-        voices = self._voices[kind]
-        self._prune(voices, wall)
-        if voices and abs(voices[-1] - wall) < AGREE / 3:
-            return  # the VAD and the words saw the same edge
-        voices.append(wall)
-        self._vote(r - wall for r in self._rosters[kind])
-
-    def _roster(self, kind: str, wall: float) -> None:
-        rosters = self._rosters[kind]
-        self._prune(rosters, wall)
-        rosters.append(wall)
-        self._vote(wall - v for v in self._voices[kind])
+        self._prune(self._rosters, wall)
+        self._rosters.append(wall)
+        self._vote(wall - v for v in self._voices)
 
     def _prune(self, times: deque[float], now: float) -> None:
         while times and times[0] < now - self.horizon:
@@ -113,11 +83,8 @@ class RosterLag:
         votes = np.fromiter(self._votes, dtype=np.float64)
         grid = np.arange(-self.early, self.late + STEP / 2, STEP)
         density = np.exp(-(((votes[None, :] - grid[:, None]) / (AGREE / 2)) ** 2) / 2).sum(axis=1)
-        best = int(np.argmax(density))
-        peak = grid[best]
+        peak = grid[int(np.argmax(density))]
         near = votes[np.abs(votes - peak) <= AGREE]
-        rivals = density[np.abs(grid - peak) > 2 * AGREE]
-        rival = float(rivals.max()) if rivals.size else 0.0
-        if len(near) >= self.support and density[best] >= DOMINANCE * rival:
+        if len(near) >= self.support:
             self.seconds = float(np.median(near))
             self.settled = True
