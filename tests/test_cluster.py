@@ -17,7 +17,11 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
+
+from gateway.cluster.node import ClusterNode
+from gateway.cluster.schema import owner_key
 
 from .backoff_bot import BackoffBot
 from .cluster import HAProxy, RedisServer
@@ -344,3 +348,41 @@ async def test_the_last_part_holds_the_whole_meetings_transcript(
     transcript = json.loads((last / "transcript.json").read_text())
     words = " ".join(w["word"] for seg in transcript["transcript"] for w in seg["words"])
     assert words.split() == " ".join(said).split()
+
+
+async def test_a_hand_over_passes_the_lease_without_a_moment_unowned(
+    redis_server: RedisServer,
+) -> None:
+    # Released and then claimed, the session would be unowned for a poll's time: long
+    # enough for an orphan sweep (the handing node's own included) to adopt it.
+    one = ClusterNode(redis_server.url, "one", 10.0, CollectorRegistry())
+    two = ClusterNode(redis_server.url, "two", 10.0, CollectorRegistry())
+    suspended: list[str] = []
+
+    async def hand_over(key: str) -> None:
+        await asyncio.sleep(0.05)  # suspending takes a moment
+        suspended.append(key)
+
+    one.hand_over = hand_over
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    seen: list[str | None] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(await client.get(owner_key("handed")))
+
+    await one.start()
+    await two.start()
+    try:
+        assert await one.claim("handed") == "free"
+        watcher = asyncio.create_task(watch())
+        assert await two.claim("handed") == "handed"
+        await asyncio.sleep(0.1)
+        watcher.cancel()
+        assert suspended == ["handed"]
+        assert len(seen) > 50 and set(seen) == {"one", "two"}, set(seen)
+        assert await client.get(owner_key("handed")) == "two"
+    finally:
+        await one.stop()
+        await two.stop()
+        await client.aclose()

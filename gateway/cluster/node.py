@@ -16,7 +16,7 @@ channel ``handoff:{id}``         requests to node ``id`` to give a session up
 A bot may reach any node: at first, after a load balancer moved it, or after its node
 died. :meth:`ClusterNode.claim` makes the node the session's owner before the bot's
 socket is upgraded: a free session is taken at once; a live owner is asked to hand the
-session over (it suspends it, as a stopping process does, and releases the lease); a
+session over (it suspends it, as a stopping process does, and passes the lease on); a
 dead owner's lease is taken. The session's journal and files are in the shared data
 directory, so the new owner resumes it exactly as a restarted process would.
 
@@ -203,7 +203,7 @@ class ClusterNode:
                 found = await self.redis.get(owner_key(key))
                 owner = None if found is None else str(found)
                 if owner == self.id:
-                    return "mine"
+                    return "handed" if asked else "mine"
                 if owner is None:
                     continue  # released between the two calls
                 if not await self.redis.exists(node_key(owner)):
@@ -284,26 +284,29 @@ class ClusterNode:
             return
         logger.info("node %s hands session %s over to %s", self.id, key, to)
         self.metrics.handoffs.labels("asked").inc()
-        self._give_up(key, release=True)
+        self._give_up(key, to=to)
 
-    def _give_up(self, key: str, *, release: bool = False) -> None:
+    def _give_up(self, key: str, *, to: str | None = None) -> None:
         if key in self._handing:
             return
         self.owned.discard(key)
         self.metrics.owned.set(len(self.owned))
-        task = asyncio.create_task(self._hand(key, release))
+        task = asyncio.create_task(self._hand(key, to))
         self._handing[key] = task
         task.add_done_callback(lambda _: self._handing.pop(key, None))
 
-    async def _hand(self, key: str, release: bool) -> None:
+    async def _hand(self, key: str, to: str | None) -> None:
         try:
             if self.hand_over is not None:
                 await self.hand_over(key)
         except Exception:
             logger.exception("handing session %s over failed", key)
-        if release:
+        if to is not None:
+            # The lease passes to the asking node in one step: released, the session
+            # would look like an orphan (suspended, no owner) to a sweep, this node's
+            # included, before the asking node polled for it.
             try:
-                await self._release(keys=[owner_key(key)], args=[self.id])
+                await self._take(keys=[owner_key(key)], args=[to, self.id, self.lease_ms])
             except (RedisError, OSError) as exc:
                 self._failed("release", exc)
 
