@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
+from faster_whisper.transcribe import Segment, Word
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.transcription.engine import looping
+from pipelines.transcription.engine import collect, looping
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
     FORCE_AGE,
@@ -306,6 +308,34 @@ def test_looping_catches_repeated_phrases_only() -> None:
     assert looping(["so", "so", "so", "so"])
     assert not looping(["no", "no", "no"])
     assert not looping(["had", "he", "married", "a", "more", "amiable", "woman", "he", "might"])
+
+
+def test_a_loop_of_marks_that_are_no_words_is_a_repetition() -> None:
+    # What tiny.en made of "He was not an ill disposed young man" in a compact window:
+    # the dashes are no words, so without the check the loop went unnoticed and "young
+    # man" was lost (the engine retries such a decode in the standard window).
+    said = [("He", 0.0, 0.4), ("was", 0.4, 0.64), ("not", 0.64, 1.18), ("an", 1.18, 1.36)]
+    said += [("old", 1.36, 1.68), ("-s", 1.68, 1.86)]
+    said += [("-", 1.86 + i / 10, 1.9 + i / 10) for i in range(15)]
+    looped = Segment(
+        id=0,
+        seek=0,
+        start=0.0,
+        end=3.04,
+        text=" He was not an old-s" + "-" * 15,
+        tokens=[0] * 23,
+        avg_logprob=-0.61,
+        compression_ratio=1.17,
+        no_speech_prob=0.06,
+        words=[Word(a, b, w if w.startswith("-") else f" {w}", 0.5) for w, a, b in said],
+        temperature=0.0,
+    )
+    words, rejected = collect([looped], 7.57)
+    assert (words, rejected) == ([], ["repetition"])
+    fine = dataclasses.replace(looped, words=looped.words[:6])
+    words, rejected = collect([fine], 7.57)
+    assert [w.text for w in words] == ["He", "was", "not", "an", "old", "-s"]
+    assert words[0].start == 7.57 and rejected == []
 
 
 def test_queue_holds_partials_when_asked_for_finals_only() -> None:

@@ -158,8 +158,14 @@ def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list
         if reason is not None:
             rejected.append(reason)
             continue
-        for w in segment.words or ():
-            text = w.word.strip()
+        raw = [w.word.strip() for w in segment.words or ()]
+        if looping(raw):
+            # Whisper can loop on marks that are no words ("old-s---------------"): they
+            # would be dropped below and the loop would go unnoticed, with the words it
+            # displaced ("young man") lost.
+            rejected.append("repetition")
+            continue
+        for w, text in zip(segment.words or (), raw, strict=True):
             if normalize(text):
                 words.append(HypWord(text, offset + w.start, offset + w.end, w.probability))
     return words, rejected
