@@ -366,9 +366,10 @@ async def test_a_hand_over_passes_the_lease_without_a_moment_unowned(
     one.hand_over = hand_over
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     seen: list[str | None] = []
+    watching = True
 
     async def watch() -> None:
-        while True:
+        while watching:
             seen.append(await client.get(owner_key("handed")))
 
     await one.start()
@@ -378,7 +379,8 @@ async def test_a_hand_over_passes_the_lease_without_a_moment_unowned(
         watcher = asyncio.create_task(watch())
         assert await two.claim("handed") == "handed"
         await asyncio.sleep(0.1)
-        watcher.cancel()
+        watching = False
+        await watcher
         assert suspended == ["handed"]
         assert len(seen) > 50 and set(seen) == {"one", "two"}, set(seen)
         assert await client.get(owner_key("handed")) == "two"

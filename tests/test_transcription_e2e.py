@@ -126,7 +126,7 @@ async def test_streaming_wer_close_to_offline(
     said = [w for x in final_words(messages) for w in norm_words(x["punctuated_word"])]
     streaming = wer(reference, said)
     # Words final while the person still speaks are heard with less right context than
-    # the whole file offline: 5 to 9 errors in these 71 words against 4 offline (the
+    # the whole file offline: 6 to 10 errors in these 71 words against 4 offline (the
     # issue's 1.05x is not met; benchmarks/RESULTS.md). A lost or doubled phrase costs
     # more than this margin.
     assert streaming <= offline_wer + 0.1, (streaming, offline_wer, " ".join(said))
