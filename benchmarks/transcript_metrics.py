@@ -21,7 +21,9 @@ and speakers, times per turn only.
 * Lost: unmatched reference words that a partial carried within :data:`SLACK` s of
   where they were said (the gateway heard them, then no final had them), or with no
   final word at all that close (a final never sent). Recognition errors are the other
-  unmatched words: ``words_expected - words_matched`` counts both.
+  unmatched words: ``words_expected - words_matched`` counts both. The first kind also
+  counts a partial the model later heard differently, so only the second, *without a
+  final* (a stretch of speech no final covers), is what a load point may not have.
 * Duplicates: the same word with overlapping times in two finals. Repeats: a phrase of 3
   or more words said twice back to back in the finals but not in the reference.
 """
@@ -149,9 +151,9 @@ def _lost(
     matched: set[int],
     hyp: Sequence[FinalWord],
     received: Received,
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Reference words no final carried although a partial did, or with no final word
-    at all, within :data:`SLACK` s of where they were said."""
+    at all, within :data:`SLACK` s of where they were said: (both kinds, the second)."""
     heard: dict[str, list[tuple[float, float]]] = {}
     for _, m in received:
         if m.get("type") == "Results" and not m["is_final"]:
@@ -159,7 +161,7 @@ def _lost(
                 for token in norm_words(w["word"]):
                     heard.setdefault(token, []).append((w["start"], w["end"]))
     ends, starts = sorted(h.end for h in hyp), sorted(h.start for h in hyp)
-    lost = []
+    lost, without = [], []
     for r in ref:
         if id(r) in matched:
             continue
@@ -173,7 +175,9 @@ def _lost(
         )
         if partial or near <= 0:
             lost.append(f"{r.word}@{r.time:.1f}")
-    return lost
+        if near <= 0:
+            without.append(f"{r.word}@{r.time:.1f}")
+    return lost, without
 
 
 def score(turns: Sequence[Any], received: Received, sent_at: Callable[[float], float]) -> Any:
@@ -192,7 +196,7 @@ def score(turns: Sequence[Any], received: Received, sent_at: Callable[[float], f
         if h_word.speaker != r_word.speaker:
             confusions[f"{r_word.speaker}->{h_word.speaker}"] += 1
             at_edges += r_word.edge
-    lost = _lost(ref, {id(r) for r, _ in matched}, hyp, received)
+    lost, without = _lost(ref, {id(r) for r, _ in matched}, hyp, received)
     speech_final = []
     for when, m in received:
         if m.get("type") == "Results" and m["is_final"] and m["speech_final"]:
@@ -230,6 +234,7 @@ def score(turns: Sequence[Any], received: Received, sent_at: Callable[[float], f
         "words_expected": len(ref),
         "words_matched": len(matched),
         "lost": lost,
+        "without_final": without,
         "attributed": sum(h.speaker == r.speaker for r, h in matched),
         "unattributed": sum(h.speaker == 0 for _, h in matched),
         "errors_at_turn_edges": at_edges,
@@ -271,6 +276,7 @@ def summarize(scores: Iterable[Any]) -> dict[str, Any]:
         "words_matched": matched,
         "words_lost": len(s.get("lost", [])),
         "lost_examples": s.get("lost", [])[:EXAMPLES],
+        "words_without_final": len(s.get("without_final", [])),
         "speech_final_p50": pct(s.get("speech_final", []), 50),
         "speech_final_p95": pct(s.get("speech_final", []), 95),
         "speech_finals": len(s.get("speech_final", [])),
@@ -352,14 +358,19 @@ def _le(value: float | None, limit: float) -> bool:
 
 
 def load_ok(row: dict[str, Any]) -> bool:
-    """A load point within the latency targets, with no reference word lost and no final
-    skipped by the scheduler."""
+    """A load point within the latency targets with no final lost: none skipped by the
+    scheduler, no subscriber dropped, and no stretch of speech without a final.
+
+    Words a partial showed and no final has (``words_lost``) do not count here: the
+    model revises partials, and recognition misses a few percent of words even with the
+    machine to itself; the single-meeting runs and the tests hold those."""
     return bool(
         _le(row["word_final_p50"], LIMITS["word_final_p50"])
         and _le(row["word_final_p95"], LIMITS["word_final_p95"])
         and _le(row["speech_final_p50"], LIMITS["speech_final_p50"])
-        and row["words_lost"] == 0
+        and row["words_without_final"] == 0
         and row.get("finals_skipped", 0) == 0
+        and row.get("subscribers_dropped", 0) == 0
     )
 
 
@@ -430,21 +441,21 @@ def render(r: dict[str, Any], duration: float) -> list[str]:
             f"Concurrent meetings ({duration:g} s each, recipes looped, staggered):",
             "",
             "| meetings | word final p50 | p95 | speech_final p50 | p95 | first partial p95"
-            " | matched/expected | lost | finals skipped | partials run/skipped"
-            " | loop lag p99 ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            " | matched/expected | lost | without a final | finals skipped"
+            " | partials run/skipped | loop lag p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {x['sessions']} | {x['word_final_p50']} | {x['word_final_p95']} |"
             f" {x['speech_final_p50']} | {x['speech_final_p95']} | {x['first_partial_p95']} |"
             f" {x['words_matched']}/{x['words_expected']} | {x['words_lost']} |"
-            f" {x['finals_skipped']} | {x['partials_run']}/{x['partials_skipped']} |"
+            f" {x['words_without_final']} | {x['finals_skipped']} | {x['partials_run']}/{x['partials_skipped']} |"
             f" {x['loop_lag_p99_ms']} |"
             for x in r["load"]
         ]
         lines += [
             "",
-            f"Largest load within the latency targets with no word lost: {r['max_sessions']}",
+            f"Largest load within the latency targets with no final lost: {r['max_sessions']}",
             "",
         ]
     if r["targets"]:

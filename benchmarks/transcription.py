@@ -15,7 +15,8 @@ with the roster the bot would send):
       attribution of the matched final words, duplicated words and repeated phrases;
 (iii) for each number of concurrent meetings (the recipes looped, each meeting starting
       at a different turn after a different lead-in): the latencies of (i), reference
-      words lost, partials skipped and the event loop's lag p99.
+      words lost and words no final covers, finals and partials skipped, subscribers
+      dropped and the event loop's lag p99.
 
 ``read`` (the LibriVox test utterances back to back, one reader):
 
@@ -314,14 +315,15 @@ def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
 # -- the gateway side (this process) ----------------------------------------------------
 
 
-def _counter(registry: CollectorRegistry, name: str, kind: str) -> int:
+def _counter(registry: CollectorRegistry, name: str, kind: str | None = None) -> int:
+    """A counter's total over its labels (only those of ``kind`` when given)."""
     return int(
         sum(
             s.value
             for metric in registry.collect()
             if metric.name == name
             for s in metric.samples
-            if s.name.endswith("_total") and s.labels.get("kind") == kind
+            if s.name.endswith("_total") and kind in (None, s.labels.get("kind"))
         )
     )
 
@@ -360,6 +362,7 @@ async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str
         "partials_run": _counter(registry, "gateway_asr_jobs", "partial"),
         "partials_skipped": _counter(registry, "gateway_asr_skipped", "partial"),
         "finals_skipped": _counter(registry, "gateway_asr_skipped", "final"),
+        "subscribers_dropped": _counter(registry, "gateway_transcript_subscriber_drops"),
         "loop_lag_p99_ms": None if not lags else round(1000 * float(np.percentile(lags, 99)), 2),
         "loop_lag_max_ms": None if not lags else round(1000 * max(lags), 2),
     }

@@ -194,6 +194,8 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     assert point["words_expected"] > one["words_expected"]
     assert point["word_final_p95"] is not None and point["loop_lag_p99_ms"] is not None
     assert point["partials_run"] > 0 and point["finals_skipped"] >= 0
+    assert 0 <= point["words_without_final"] <= point["words_lost"]
+    assert point["subscribers_dropped"] == 0  # two subscribers keep up with two meetings
     assert isinstance(point["ok"], bool)
     assert conv["max_sessions"] in (0, 2)
     assert set(conv["targets"]) == {
