@@ -57,6 +57,22 @@ def test_nothing_is_learnt_from_coincidences() -> None:
     assert not lag.settled
 
 
+def test_a_coincidence_does_not_win_against_as_many_true_votes() -> None:
+    lag = RosterLag()
+    # Each roster start (early by 0.6 s) pairs with its turn's first word and with a
+    # sentence start of the previous speaker 2.1 s before it: two votes each.
+    for roster, sentence, turn in ((10.0, 7.9, 10.6), (20.0, 17.9, 20.55)):
+        lag.voice_started(sentence)
+        lag.voice_started(turn)
+        lag.roster_started(roster)
+    # The coincidences agree more tightly than the true votes, but no more often:
+    # nothing is settled yet.
+    assert not lag.settled and lag.seconds == 0.0
+    lag.voice_started(30.6)
+    lag.roster_started(30.0)
+    assert lag.settled and lag.seconds == pytest.approx(-0.6, abs=0.06)
+
+
 def test_the_estimate_follows_a_change_of_platform_delay() -> None:
     lag = RosterLag(votes=60)
     feed(lag, conversation(0.3, turns=12, seed=2))

@@ -44,8 +44,7 @@ from .language import LanguageChoice
 from .policy import Draft, Request, StreamingPolicy
 from .provider import segment_result
 from .recognizer import Recognizer
-from .sequences import SENTENCE_END
-from .turns import RosterLag
+from .turns import Turns
 from .window import Window
 from .words import ASR_RATE, HypWord
 
@@ -59,15 +58,6 @@ Samples = npt.NDArray[np.int16]
 
 #: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
 LEAD_IN = 1.0
-#: Rosters trail the audio: a word is looked up in the roster as it was the session's
-#: measured roster lag later (:class:`~.turns.RosterLag`); a word nobody was marked
-#: speaking for then is looked up with no lag, then this much later, then twice.
-ROSTER_LAG = 0.75
-TURN_GAP = 0.15  # a word after a gap this long (or a sentence end) may start a turn
-#: A final waits until the roster has had the measured lag, and this much more, to mark
-#: who said its last word; with a late roster, publishing earlier would name the speaker
-#: before the roster knew.
-ROSTER_SLACK = 0.1
 
 
 @dataclasses.dataclass(eq=False)
@@ -110,8 +100,7 @@ class TranscriptionPipeline(Pipeline):
         self._idle.set()
         self._first_partial: set[int] = set()
         self._words_in_utterance: dict[int, float] = {}
-        self._roster_lag = RosterLag()
-        self._last_word: HypWord | None = None  # the last word handed to a final
+        self._turns = Turns()  # the roster lag, and who said each word
         self._final_words = FinalWords()
         self._hold: asyncio.TimerHandle | None = None
 
@@ -137,10 +126,10 @@ class TranscriptionPipeline(Pipeline):
             self._out.publish(results.SpeechStarted(round(t, 3)))
             wall = self._ctx.clock.wall(event.sample)
             if wall is not None:
-                self._roster_lag.voice_started(wall)
+                self._turns.lag.voice_started(wall)
         elif isinstance(event, SpeakerChange):
             if event.speaking and not event.speaker.is_bot:
-                self._roster_lag.roster_started(event.time)
+                self._turns.lag.roster_started(event.time)
                 self._language.speaker(event.speaker.key)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
@@ -292,18 +281,16 @@ class TranscriptionPipeline(Pipeline):
 
     def _roster_wait(self, draft: Draft) -> float:
         """Seconds until the roster can have marked who said ``draft``'s last word."""
-        lag = self._roster_lag.seconds
-        if lag <= 0 or not draft.words:
-            return 0.0
-        wall = self._ctx.clock.wall(round(draft.words[-1].end * self._rate))
-        if wall is None:
-            return 0.0
-        return wall + lag + ROSTER_SLACK - time.time()
+        end = self._wall(draft.words[-1].end) if draft.words else None
+        return self._turns.hold(end, time.time())
+
+    def _wall(self, seconds: float) -> float | None:
+        return self._ctx.clock.wall(round(seconds * self._rate))
 
     def _publish(self, draft: Draft) -> None:
         request = draft.request
         if draft.is_final:
-            self._turn_starts(draft.words)
+            self._turns.finalized(((w.text, w.start, w.end) for w in draft.words), self._wall)
         words = self._attribute(draft.words)
         if draft.is_final:
             words = self._final_words.admit(words)
@@ -340,17 +327,6 @@ class TranscriptionPipeline(Pipeline):
                 self._out.publish(results.UtteranceEnd(round(last_end, 3)))
             self._first_partial.discard(utterance)
 
-    def _turn_starts(self, words: tuple[HypWord, ...]) -> None:
-        """Words that may start a turn (after a sentence end or a gap) are voice starts
-        for the roster lag: in a conversation they are most of what there is."""
-        for w in words:
-            prev = self._last_word
-            self._last_word = w
-            if prev is None or prev.text.endswith(SENTENCE_END) or (w.start - prev.end >= TURN_GAP):
-                wall = self._ctx.clock.wall(round(w.start * self._rate))
-                if wall is not None:
-                    self._roster_lag.voice_started(wall)
-
     def _observe(self, histogram: Histogram, seconds: float) -> None:
         wall = self._ctx.clock.wall(round(seconds * self._rate))
         if wall is not None:
@@ -378,7 +354,7 @@ class TranscriptionPipeline(Pipeline):
 
     def _speaker(self, w: HypWord) -> Speaker | None:
         a, b = round(w.start * self._rate), round(w.end * self._rate)
-        for lag in dict.fromkeys((self._roster_lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG)):
+        for lag in self._turns.lags():
             speaker = self._ctx.speakers.attribute(a, b, lag=lag)
             if speaker is not None:
                 return speaker

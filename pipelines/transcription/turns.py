@@ -12,7 +12,10 @@ conversation), the first word of a sentence or the word after a gap. Each roster
 is paired with every voice start within ``[-early, late]`` of it, and each pair votes
 for its offset. Most pairs are coincidences spread over that range; the true lag is
 the offset on which the votes of many turns agree. The estimate is the peak of the
-recent votes' density, accepted once ``support`` votes lie within :data:`AGREE` of it.
+recent votes' density, accepted once ``support`` votes lie within :data:`AGREE` of it
+and more than near any other offset (in a conversation two coincidences agree by chance
+within seconds; the replay benchmark, ``benchmarks/replay.py --lags``, showed a meeting
+with a roster 0.5 s early attributed by a lag of 2.1 s for 11 s that way).
 
 All times are wall seconds (epoch).
 """
@@ -20,14 +23,25 @@ All times are wall seconds (epoch).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
+
+from .sequences import SENTENCE_END
 
 #: Votes within this many seconds of the peak support it (word times are this good).
 AGREE = 0.15
 #: Resolution of the search for the peak, seconds.
 STEP = 0.05
+#: A word after a gap this long (or after a sentence end) may start a turn, seconds.
+TURN_GAP = 0.15
+#: A word is looked up in the roster as it was the measured lag later; one nobody was
+#: marked speaking for then is looked up with no lag, then this much later, then twice.
+ROSTER_LAG = 0.75
+#: A final waits until the roster has had the measured lag, and this much more, to mark
+#: who said its last word; with a late roster, publishing earlier would name the speaker
+#: before the roster knew.
+ROSTER_SLACK = 0.1
 
 
 class RosterLag:
@@ -85,6 +99,50 @@ class RosterLag:
         density = np.exp(-(((votes[None, :] - grid[:, None]) / (AGREE / 2)) ** 2) / 2).sum(axis=1)
         peak = grid[int(np.argmax(density))]
         near = votes[np.abs(votes - peak) <= AGREE]
-        if len(near) >= self.support:
+        # The best offset elsewhere: coincidences agree by chance too, a few at a time,
+        # so a peak counts only once it has more votes than any other.
+        away = np.abs(grid - peak) > 2 * AGREE
+        rival = 0
+        if away.any():
+            other = grid[away][int(np.argmax(density[away]))]
+            rival = int(np.count_nonzero(np.abs(votes - other) <= AGREE))
+        if len(near) >= self.support and len(near) > rival:
             self.seconds = float(np.median(near))
             self.settled = True
+
+
+class Turns:
+    """What a session's transcripts tell of its turns, and how words meet the roster.
+
+    The pipeline (and the replay benchmark) drive it: the VAD's speech starts and the
+    roster's starts go to :attr:`lag`; every final's words go to :meth:`finalized`,
+    whose turn-starting words are voice starts too. Sans-I/O: times in, seconds out.
+    """
+
+    def __init__(self) -> None:
+        self.lag = RosterLag()
+        self._last: tuple[str, float] | None = None  # text and end of the last final word
+
+    def finalized(
+        self, words: Iterable[tuple[str, float, float]], wall: Callable[[float], float | None]
+    ) -> None:
+        """A final's words as ``(text, start, end)`` on the session clock, in order;
+        ``wall`` converts session seconds to wall time."""
+        for text, start, end in words:
+            last, self._last = self._last, (text, end)
+            if last is None or last[0].endswith(SENTENCE_END) or start - last[1] >= TURN_GAP:
+                when = wall(start)
+                if when is not None:
+                    self.lag.voice_started(when)
+
+    def lags(self) -> Iterable[float]:
+        """The lags to look a word up in the roster at, in order, until one finds a
+        speaker."""
+        return dict.fromkeys((self.lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG))
+
+    def hold(self, last_word_end: float | None, now: float) -> float:
+        """Seconds a final whose last word ended at wall ``last_word_end`` waits for
+        the roster to have marked who said it."""
+        if last_word_end is None or self.lag.seconds <= 0:
+            return 0.0
+        return last_word_end + self.lag.seconds + ROSTER_SLACK - now
