@@ -14,12 +14,17 @@ some timings show (a repeated phrase, a lost word).
 
 What it scores (:mod:`benchmarks.transcript_metrics`, as for live runs): per-word final
 latency p50/p95 on the virtual clock, speech_final latency, WER streaming vs the same
-model offline, lost and duplicated words and repeated phrases. Attribution needs the
-roster and the wall clock and stays with the live benchmark.
+model offline, lost and duplicated words and repeated phrases. With ``--lags``, each
+run is replayed again with the roster the bot would send that many seconds late
+(negative: early), and words are attributed as the pipeline does it (the same
+:class:`~pipelines.transcription.turns.Turns` learning the roster lag from the VAD's
+starts and the finals' words, the same roster timeline, finals held for the roster):
+attribution per roster timing, with the virtual clock standing in for the wall clock.
 
     .venv/bin/python benchmarks/replay.py --cache ~/.cache/meeting-gateway/conversations
     .venv/bin/python benchmarks/replay.py --conversations dialogue --loads 1,2,4 \\
         --policy FORCE_AGE=1.5
+    .venv/bin/python benchmarks/replay.py --conversations meeting --lags 0,1,2,-0.5
 
 Prints one JSON document on stdout, a line per run on stderr.
 """
@@ -42,11 +47,15 @@ from benchmarks import transcript_metrics as tm
 from benchmarks.conversations import build, recognize
 from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
 from gateway.config import Settings
+from gateway.ingest.clock import AudioClock
+from gateway.ingest.protocol import Roster, parse_roster
+from gateway.ingest.speakers import SpeakerTimeline
 from pipelines.transcription import formats, policy, results
 from pipelines.transcription.engine import Engine, shared_engine
 from pipelines.transcription.finals import FinalWords
 from pipelines.transcription.policy import Draft, Request, StreamingPolicy
 from pipelines.transcription.scoring import wer
+from pipelines.transcription.turns import Turns
 from pipelines.transcription.words import ASR_RATE, HypWord
 
 BLOCK = 0.1  # the pipeline's audio block
@@ -65,6 +74,9 @@ class Replay:
     load: float = 1.0
     phase: float = 0.0
     heard: dict[tuple[int, int], tuple[HypWord, ...]] = field(default_factory=dict)
+    roster: list[dict[str, Any]] | None = None
+    """A roster script (:meth:`~benchmarks.conversations.Conversation.roster_script`):
+    attribute words as the pipeline does; without one, words have no speaker."""
 
     def __post_init__(self) -> None:
         self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
@@ -78,6 +90,16 @@ class Replay:
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.now = 0.0
         self.fed = 0  # samples the VAD has heard
+        self.turns = Turns()
+        clock = AudioClock(ASR_RATE)
+        clock.start(0.0, 0)  # the virtual clock is the wall clock: sample 0 at 0 s
+        self.timeline = SpeakerTimeline(clock)
+        self.rosters: deque[tuple[float, Roster]] = deque()
+        for event in sorted(self.roster or [], key=lambda e: float(e["at"])):
+            roster = parse_roster(event["roster"])
+            assert isinstance(roster, Roster), roster
+            self.rosters.append((float(event["at"]), roster))
+        self.held: float | None = None  # when the first final stops waiting for the roster
 
     # -- the lane -----------------------------------------------------------------------
 
@@ -137,13 +159,39 @@ class Replay:
             self._submit(request)
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, hold: bool = True) -> None:
         while self.finals and self.finals[0][1] is not None:
+            draft = self.finals[0][1]
+            if hold and self.roster is not None and draft.words:
+                wait = self.turns.hold(draft.words[-1].end, self.now)
+                if wait > 0:
+                    if self.held is None:
+                        self.held = self.now + wait
+                    return
             self._publish(self.finals.popleft()[1])
 
+    def _speaker(self, w: HypWord) -> Any:
+        if self.roster is None:
+            return None
+        a, b = round(w.start * ASR_RATE), round(w.end * ASR_RATE)
+        for lag in self.turns.lags():
+            speaker = self.timeline.attribute(a, b, lag=lag)
+            if speaker is not None:
+                return speaker
+        return None
+
     def _publish(self, draft: Draft) -> None:
+        if draft.is_final:
+            self.turns.finalized(((w.text, w.start, w.end) for w in draft.words), float)
         words = tuple(
-            results.Word(w.norm, w.text, round(w.start, 3), round(w.end, 3), w.probability, None)
+            results.Word(
+                w.norm,
+                w.text,
+                round(w.start, 3),
+                round(w.end, 3),
+                w.probability,
+                self._speaker(w),
+            )
             for w in draft.words
         )
         if draft.is_final:
@@ -156,21 +204,46 @@ class Replay:
 
     # -- the clock ------------------------------------------------------------------------
 
+    def _until(self, t: float) -> None:
+        """Everything due by ``t`` in time order: recognitions done, rosters, held finals."""
+        while True:
+            due = [
+                (when, kind)
+                for when, kind in (
+                    (self.running[0][0] if self.running else None, 0),
+                    (self.rosters[0][0] if self.rosters else None, 1),
+                    (self.held, 2),
+                )
+                if when is not None and when <= t
+            ]
+            if not due:
+                return
+            when, kind = min(due)
+            self.now = max(self.now, when)
+            if kind == 0:
+                self._done(heapq.heappop(self.running)[2])
+            elif kind == 1:
+                at, roster = self.rosters.popleft()
+                for change in self.timeline.update(roster, at):
+                    if change.speaking and not change.speaker.is_bot:
+                        self.turns.lag.roster_started(change.time)
+            else:
+                self.held = None
+                self._flush()
+
     def run(self) -> list[tuple[float, dict[str, Any]]]:
         block = round(BLOCK * ASR_RATE)
         first = round(self.phase * ASR_RATE) or block
         edges = itertools.chain(range(first, len(self.samples), block), [len(self.samples)])
         for edge in edges:
             arrival = edge / ASR_RATE
-            while self.running and self.running[0][0] <= arrival:
-                done_at, _, request = heapq.heappop(self.running)
-                self.now = done_at
-                self._done(request)
+            self._until(arrival)
             self.now = arrival
             fed, self.fed = self.samples[self.fed : edge], edge
             for event in self.vad.feed(fed):
                 if isinstance(event, SpeechStarted):
                     self.policy.speech_started(event.sample / ASR_RATE)
+                    self.turns.lag.voice_started(event.sample / ASR_RATE)
                 elif isinstance(event, SpeechEnded):
                     self._pump(self.policy.speech_ended(event.sample / ASR_RATE))
             self._pump(self.policy.advance(arrival))
@@ -180,16 +253,16 @@ class Replay:
             self._submit(request)
         self.waiting = []
         while self.running:
-            done_at, _, request = heapq.heappop(self.running)
-            self.now = done_at
-            self._done(request)
+            self._until(self.running[0][0])
+        self._flush(hold=False)  # the session ends: no roster comes any more
         return self.received
 
 
-def _row(scores: list[Any], offline: float) -> dict[str, Any]:
+def _row(scores: list[Any], offline: float, attributed: bool) -> dict[str, Any]:
     row = tm.summarize(scores)
-    for key in ("attribution", "unattributed", "confusions", "errors_at_turn_edges"):
-        row.pop(key, None)
+    if not attributed:
+        for key in ("attribution", "unattributed", "confusions", "errors_at_turn_edges"):
+            row.pop(key, None)
     row["offline_wer"] = round(offline, 4)
     streaming = row["streaming_wer"]
     row["wer_ratio"] = None if not offline or streaming is None else round(streaming / offline, 3)
@@ -203,31 +276,39 @@ def _floats(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = shared_engine(Settings(model=args.model))
     out: dict[str, Any] = {"policy": args.policy, "runs": [], "pooled": []}
+    lags: list[float | None] = list(args.lags) or [None]
     for name in args.conversations.split(","):
         conv = build(name, args.cache, ASR_RATE)
         reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
         offline = wer(reference, recognize(conv, engine))
         heard: dict[tuple[int, int], tuple[HypWord, ...]] = {}
-        scores = []
-        for load, phase in itertools.product(args.loads, args.phases):
-            replay = Replay(
-                engine,
-                conv.at_rate(ASR_RATE),
-                args.partial_interval,
-                args.max_utterance,
-                load,
-                phase,
-                heard,
-            )
-            scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
-            row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
-            row |= _row(scores[-1:], offline)
-            out["runs"].append(row)
-            print(json.dumps(row), file=sys.stderr)
-        # Every timing's words together: the figure to compare policies by.
-        pooled = {"conversation": name, "runs": len(scores), **_row(scores, offline)}
-        out["pooled"].append(pooled)
-        print("pooled", json.dumps(pooled), file=sys.stderr)
+        for lag in lags:
+            scores = []
+            for load, phase in itertools.product(args.loads, args.phases):
+                replay = Replay(
+                    engine,
+                    conv.at_rate(ASR_RATE),
+                    args.partial_interval,
+                    args.max_utterance,
+                    load,
+                    phase,
+                    heard,
+                    None if lag is None else conv.roster_script(lag),
+                )
+                scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
+                row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
+                if lag is not None:
+                    row |= {"lag": lag, "lag_learnt": round(replay.turns.lag.seconds, 3)}
+                row |= _row(scores[-1:], offline, lag is not None)
+                out["runs"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+            # Every timing's words together: the figure to compare policies by.
+            pooled: dict[str, Any] = {"conversation": name, "runs": len(scores)}
+            if lag is not None:
+                pooled["lag"] = lag
+            pooled |= _row(scores, offline, lag is not None)
+            out["pooled"].append(pooled)
+            print("pooled", json.dumps(pooled), file=sys.stderr)
     return out
 
 
@@ -236,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", default="dialogue,monologue,meeting,read")
     parser.add_argument("--loads", type=_floats, default=[1.0])
     parser.add_argument("--phases", type=_floats, default=[0.0, 0.02, 0.04, 0.06, 0.08])
+    parser.add_argument(
+        "--lags",
+        type=_floats,
+        default=[],
+        help="roster timings to attribute words at, seconds late (negative: early)",
+    )
     defaults = Settings()
     parser.add_argument("--partial-interval", type=float, default=defaults.partial_interval)
     parser.add_argument("--max-utterance", type=float, default=defaults.max_utterance)

@@ -277,6 +277,7 @@ def summarize(scores: Iterable[Any]) -> dict[str, Any]:
         "words_lost": len(s.get("lost", [])),
         "lost_examples": s.get("lost", [])[:EXAMPLES],
         "words_without_final": len(s.get("without_final", [])),
+        "without_final_examples": s.get("without_final", [])[:EXAMPLES],
         "speech_final_p50": pct(s.get("speech_final", []), 50),
         "speech_final_p95": pct(s.get("speech_final", []), 95),
         "speech_finals": len(s.get("speech_final", [])),
@@ -449,8 +450,8 @@ def render(r: dict[str, Any], duration: float) -> list[str]:
             f"| {x['sessions']} | {x['word_final_p50']} | {x['word_final_p95']} |"
             f" {x['speech_final_p50']} | {x['speech_final_p95']} | {x['first_partial_p95']} |"
             f" {x['words_matched']}/{x['words_expected']} | {x['words_lost']} |"
-            f" {x['words_without_final']} | {x['finals_skipped']} | {x['partials_run']}/{x['partials_skipped']} |"
-            f" {x['loop_lag_p99_ms']} |"
+            f" {x['words_without_final']} | {x['finals_skipped']} |"
+            f" {x['partials_run']}/{x['partials_skipped']} | {x['loop_lag_p99_ms']} |"
             for x in r["load"]
         ]
         lines += [
