@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from websockets.asyncio.client import connect
 
@@ -174,16 +175,51 @@ async def test_two_speakers_attributed(
     assert {w.get("speaker_name") for w in words} == {"Alice", "Bob"}
 
 
-@pytest.mark.parametrize("kind", ["silence", "noise"])
-async def test_no_text_for_silence_or_noise(
+def music(seconds: float, rate: int, seed: int = 3) -> npt.NDArray[np.int16]:
+    """A band at 120 bpm: a plucked melody over held chords, a bass line, kick and
+    hi-hat. Voiced and rhythmic, so the VAD hears speech in all of it."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(int(seconds * rate))
+
+    def pluck(freq: float, length: float, decay: float) -> npt.NDArray[np.float64]:
+        t = np.arange(int(length * rate)) / rate
+        tone = sum(np.sin(2 * np.pi * freq * k * t) / k**1.5 for k in range(1, 7))
+        return np.asarray(tone * np.exp(-t / decay))
+
+    def add(x: npt.NDArray[np.float64], at: float, gain: float) -> None:
+        i = int(at * rate)
+        j = min(len(out), i + len(x))
+        out[i:j] += gain * x[: max(0, j - i)]
+
+    beat, scale = 0.5, (0, 2, 4, 7, 9, 12, 14, 16)
+    t = np.arange(int(0.15 * rate)) / rate
+    kick = np.sin(2 * np.pi * (50 + 100 * np.exp(-t / 0.03)) * t) * np.exp(-t / 0.05)
+    for bar in range(int(seconds / (4 * beat)) + 1):
+        root, start = (220.0, 174.61, 261.63, 196.0)[bar % 4], bar * 4 * beat
+        for third in (1.0, 1.26, 1.5):
+            add(pluck(root * third, 4 * beat, 1.2), start, 0.12)
+        add(pluck(root / 2, 4 * beat, 0.6), start, 0.3)
+        for k in range(8):
+            note = root * 2 ** (scale[rng.integers(len(scale))] / 12 + 1)
+            add(pluck(note, beat, 0.25), start + k * beat / 2, 0.25)
+        for k in range(4):
+            add(kick, start + k * beat, 0.6)
+            add(np.diff(rng.normal(0, 1, 800), prepend=0.0), start + (k + 0.5) * beat, 0.1)
+    return (out / np.abs(out).max() * 0.5 * 32767).astype(np.int16)
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise", "music"])
+async def test_no_text_for_silence_noise_or_music(
     kind: str, start_gateway: GatewayFactory, whisper_model: Engine, tmp_path: Path
 ) -> None:
     rate, seconds = 16000, 60
     if kind == "silence":
         samples = np.zeros(rate * seconds, np.int16)
-    else:
+    elif kind == "noise":
         noise = np.random.default_rng(7).normal(0.0, 3000.0, rate * seconds)
         samples = np.clip(noise, -32768, 32767).astype(np.int16)
+    else:
+        samples = music(seconds, rate)
     gw = await start_gateway(pipelines="recording,transcription")
     messages = await stream(gw, kind, samples, rate, speed=4.0)
     assert final_words(messages) == []
