@@ -302,12 +302,19 @@ def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
         )
         return list(got)
 
+    streamed = asyncio.run(main())
+    for n, (s, (received, sent)) in enumerate(zip(specs, streamed, strict=True)):
+        if s.get("keep"):
+            keep = Path(s["keep"])
+            keep.mkdir(parents=True, exist_ok=True)
+            name = f"{s['name']}-lag{s['lag']:g}-of{len(specs)}-{n}.json"
+            (keep / name).write_text(json.dumps({"spec": s, "received": received, "sent": sent}))
     out.put(
         [
             read_scores(ref, rate, *got)
             if isinstance(ref, list)
             else conversation_scores(ref, *got)
-            for (_, rate, _, ref), got in zip(meetings, asyncio.run(main()), strict=True)
+            for (_, rate, _, ref), got in zip(meetings, streamed, strict=True)
         ]
     )
 
@@ -517,6 +524,8 @@ async def read_workload(args: Any, settings: dict[str, Any]) -> dict[str, Any]:
 
 def conversation_spec(args: Any, name: str, **kw: Any) -> dict[str, Any]:
     spec = {"kind": "conversation", "name": name, "cache": str(args.cache), "rate": args.rate}
+    if getattr(args, "keep", None):
+        spec["keep"] = str(args.keep)
     return {**spec, "lag": 0.0, "seconds": 0.0, "offset": 0.0, "lead": 0.0, "excerpt": 0.0, **kw}
 
 
@@ -587,6 +596,12 @@ async def main() -> None:
         parser.add_argument(flag, type=type(default), default=default, help=help)
     parser.add_argument("--load-only", action="store_true", help="only the load sweeps")
     parser.add_argument("--summary", type=Path, help="write the human summary here too")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="write what each conversation meeting's subscriber received (and when each"
+        " frame was sent) here, one JSON file per meeting, to see where a figure came from",
+    )
     args = parser.parse_args()
     args.sessions = [int(x) for x in _floats(args.sessions)]
     args.lags = _floats(args.lags)

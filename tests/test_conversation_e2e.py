@@ -175,7 +175,7 @@ def test_the_replay_is_deterministic_and_load_only_delays_finals(
 
     conv = conversations["monologue"]
     samples = conv.at_rate(replay.ASR_RATE)
-    heard: dict[tuple[int, int], Any] = {}
+    heard: dict[tuple[int, int, bool], Any] = {}
     one = replay.Replay(whisper_model, samples, heard=heard).run()
     # The same timing gives the same transcript, message for message.
     assert replay.Replay(whisper_model, samples).run() == one
@@ -206,7 +206,7 @@ def test_the_replay_attributes_words_as_the_pipeline_does(
 
     conv = conversations["dialogue"]
     samples = conv.at_rate(replay.ASR_RATE)
-    heard: dict[tuple[int, int], Any] = {}
+    heard: dict[tuple[int, int, bool], Any] = {}
     plain = replay.Replay(whisper_model, samples, heard=heard).run()
     assert {
         w["speaker"] for _, m in finals(plain) for w in m["channel"]["alternatives"][0]["words"]
@@ -220,3 +220,33 @@ def test_the_replay_attributes_words_as_the_pipeline_does(
         assert run.turns.lag.settled and run.turns.lag.seconds == pytest.approx(lag - 0.1, abs=0.25)
         # ... and words carry their speakers as the live benchmark measures them.
         assert s["attributed"] >= 0.95 * s["words_matched"], (lag, s["confusions"])
+
+
+def test_a_final_over_overlapping_voices_keeps_its_words(
+    conversation_cache: Path, whisper_model: Any
+) -> None:
+    # The end of the fourth meeting as the benchmark plays 4 at once: "That is such a
+    # polite way to call someone selfish." overlapped by "Which is exactly why I love
+    # this book." Over the overlap the compact window stops after one segment, and a
+    # final of that audio lost the last words ("love this book" without any final).
+    from benchmarks.transcription import GOLDEN, meeting_audio
+    from pipelines.transcription.words import ASR_RATE
+
+    recipe = build("meeting", conversation_cache)
+    conv = meeting_audio(recipe, 60, GOLDEN % 1.0, 3 * GOLDEN % 1.0 * 5)
+    assert conv.turns[-1].text == "Which is exactly why I love this book."
+    audio = conv.at_rate(ASR_RATE).astype(np.float32) / 32768
+    short = 0
+    # Finals of this audio from a little after the overlapped turn's start (where the
+    # policy's re-heard context would begin); the compact window's answer changes with
+    # every 50 ms of start.
+    for start in np.arange(56.3, 56.91, 0.05):
+        tail = audio[round(start * ASR_RATE) :]
+        final = whisper_model.transcribe(tail, start, whole=True)
+        said = norm_words(" ".join(w.text for w in final.words))
+        # A final hears to the end of the voice: the standard window takes over.
+        assert said[-2:] == ["this", "book"], (start, said, final.rejected)
+        partial = whisper_model.transcribe(tail, start)
+        short += partial.words[-1].end < conv.turns[-1].end - 1.0
+    # A partial may stop short (the next one hears more): it is not decoded twice.
+    assert short > 0

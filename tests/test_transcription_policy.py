@@ -10,7 +10,6 @@ from faster_whisper.transcribe import Segment, Word
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.transcription.engine import collect, looping
 from pipelines.transcription.policy import (
     CONFIRM_CONTEXT,
     FORCE_AGE,
@@ -23,6 +22,7 @@ from pipelines.transcription.policy import (
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
 from pipelines.transcription.sequences import agreement, split_sentences, tail_after
+from pipelines.transcription.verdicts import collect, looping
 from pipelines.transcription.window import Window
 from pipelines.transcription.words import HypWord, normalize
 

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ from gateway.config import Settings
 from gateway.errors import ModelError
 
 from .models import resolve_model
+from .verdicts import RETRY, collect, looping, stopped_short
 
 # Re-exported from where they live, for code that imported them from here.
 from .words import ASR_RATE as ASR_RATE
@@ -38,16 +39,6 @@ logger = logging.getLogger("pipelines.transcription.engine")
 
 T = TypeVar("T")
 
-# Whisper's own thresholds for rejecting a segment (openai/whisper transcribe defaults).
-NO_SPEECH_PROB = 0.6
-LOGPROB_FLOOR = -1.0
-COMPRESSION_RATIO_MAX = 2.4
-# Music: tiny.en answers a few seconds of it with "Thank you." or "So" at a log-probability
-# just above Whisper's floor (-0.75 to -1.0), but sure there is no speech (0.87-0.98 in 157
-# hallucinated segments of six synthetic bands); speech of the conversation recipes never
-# scored above 0.76 in 333 segments. Such a segment is no speech, whatever its words.
-NO_SPEECH_SURE = 0.8
-NO_SPEECH_SURE_LOGPROB = -0.5
 # Speech runs at about 3 words (4-5 tokens) a second. A decode that needs far more is
 # looping, and a loop left to run to Whisper's 448-token limit costs seconds.
 TOKENS_PER_SECOND = 10
@@ -127,56 +118,6 @@ class Hypothesis:
     """The language decoded in: the one asked for, or the one detected."""
     language_probability: float = 1.0
     """How sure the detection was (1.0 when the language was given)."""
-
-
-def judge(segment: Any) -> str | None:
-    """Why a faster-whisper segment is not speech worth keeping, or ``None``."""
-    if segment.compression_ratio > COMPRESSION_RATIO_MAX:
-        return "repetition"
-    if segment.no_speech_prob > NO_SPEECH_PROB and segment.avg_logprob < LOGPROB_FLOOR:
-        return "no_speech"
-    if segment.no_speech_prob > NO_SPEECH_SURE and segment.avg_logprob < NO_SPEECH_SURE_LOGPROB:
-        return "no_speech"
-    if segment.avg_logprob < 1.5 * LOGPROB_FLOOR:
-        return "low_logprob"
-    return None
-
-
-def looping(words: list[str]) -> bool:
-    """Whether a phrase repeats back to back: 3 times (4 for a single word).
-
-    Too short for the compression-ratio check to notice, and what Whisper produces
-    when it loops on a fragment ("he was... he was... he was...").
-    """
-    for n in (1, 2, 3, 4):
-        need = 4 if n == 1 else 3
-        for i in range(len(words) - n * need + 1):
-            phrase = words[i : i + n]
-            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, need)):
-                return True
-    return False
-
-
-def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list[str]]:
-    """Words of the segments that pass :func:`judge`, shifted by ``offset`` seconds."""
-    words: list[HypWord] = []
-    rejected: list[str] = []
-    for segment in segments:
-        reason = judge(segment)
-        if reason is not None:
-            rejected.append(reason)
-            continue
-        raw = [w.word.strip() for w in segment.words or ()]
-        if looping(raw):
-            # Whisper can loop on marks that are no words ("old-s---------------"): they
-            # would be dropped below and the loop would go unnoticed, with the words it
-            # displaced ("young man") lost.
-            rejected.append("repetition")
-            continue
-        for w, text in zip(segment.words or (), raw, strict=True):
-            if normalize(text):
-                words.append(HypWord(text, offset + w.start, offset + w.end, w.probability))
-    return words, rejected
 
 
 # faster-whisper pads every window to Whisper's 30 s, so the encoder costs ~0.4 s on
@@ -294,13 +235,16 @@ class Engine:
         compact: bool = True,
         lane: int = 0,
         language: str | None = "en",
+        whole: bool = False,
     ) -> Hypothesis:
         """Recognize 16 kHz mono ``audio`` that starts ``offset`` seconds into the session.
 
         Blocking; one call at a time per ``lane``. Each call decodes independently:
         nothing is conditioned on earlier calls except an optional short ``prompt``,
         which is what keeps repetition loops from feeding themselves. ``compact=False``
-        runs faster-whisper's standard 30 s window (the offline reference).
+        runs faster-whisper's standard 30 s window (the offline reference). ``whole``:
+        words not heard now are lost (a final), so a compact decode that stops while the
+        voice goes on is done again in the standard window.
         """
         began = time.perf_counter()
         model = self.models[lane]
@@ -309,8 +253,12 @@ class Engine:
             words, rejected, info = self._decode(
                 model, audio, offset, prompt, use_compact, language
             )
-            if use_compact and "repetition" in rejected:
-                # A short window occasionally loops where the standard one does not.
+            if use_compact and (
+                RETRY.intersection(rejected) or (whole and stopped_short(audio, offset, words))
+            ):
+                # The compact window occasionally loops, or stops before the speech
+                # does (over overlapping voices, mostly), where the standard one hears
+                # it all: see :mod:`.verdicts`.
                 words, rejected, info = self._decode(model, audio, offset, prompt, False, language)
         return Hypothesis(
             tuple(words),

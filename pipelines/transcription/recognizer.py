@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .engine import Engine, Hypothesis
-from .scheduler import Scheduler
+from .scheduler import FINAL, Scheduler
 
 Audio = npt.NDArray[np.float32]
 
@@ -61,7 +61,9 @@ class LocalRecognizer:
         engine = self.engine
 
         def run(lane: int) -> Hypothesis:
-            return engine.transcribe(audio, offset, lane=lane, language=language)
+            return engine.transcribe(
+                audio, offset, lane=lane, language=language, whole=kind == FINAL
+            )
 
         return self.scheduler.submit(session, kind, run, urgent=urgent)
 

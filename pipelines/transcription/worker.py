@@ -195,7 +195,9 @@ class Worker:
             audio, offset, language = job.audio, job.offset, job.language
 
             def run(lane: int) -> Any:
-                return engine.transcribe(audio, offset, lane=lane, language=language)
+                return engine.transcribe(
+                    audio, offset, lane=lane, language=language, whole=job.kind == "final"
+                )
 
             # The same lanes as a node's own: finals first, then first-text partials.
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)

@@ -1,0 +1,118 @@
+"""What to keep of a decode, and when a decode is not to be trusted. Pure functions.
+
+Whisper's segments come with their own doubts (no-speech probability, log-probability,
+compression ratio); :func:`judge` turns them into a reason to drop a segment, and
+:func:`collect` keeps the words of the rest. Two failures of the compact window
+(:mod:`.engine`) are seen here and answered by decoding again in the standard 30 s
+window, which does not share them:
+
+* **Loops** (:func:`looping`): "he was... he was... he was...", or marks that are no
+  words ("old-s---------------") displacing the words after them.
+* **Stopping short** (:func:`stopped_short`): the decode ends while the voice goes on.
+  Over overlapping voices the compact window sometimes emits one segment and the end of
+  text ("such a polite way to call someone's en", then nothing of "Which is exactly why
+  I love this book"), or rejects its first segment and with it the rest; a final of such
+  a decode lost those words. In the replay of the dialogue and meeting recipes 17 of
+  about 390 decodes ended 1.2 s or more before their audio did; the standard window heard
+  the rest in 7 of them, and the other 10 ended on real silence, which the voice check
+  below tells apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .words import ASR_RATE, HypWord, normalize
+
+# Whisper's own thresholds for rejecting a segment (openai/whisper transcribe defaults).
+NO_SPEECH_PROB = 0.6
+LOGPROB_FLOOR = -1.0
+COMPRESSION_RATIO_MAX = 2.4
+# Music: tiny.en answers a few seconds of it with "Thank you." or "So" at a log-probability
+# just above Whisper's floor (-0.75 to -1.0), but sure there is no speech (0.87-0.98 in 157
+# hallucinated segments of six synthetic bands); speech of the conversation recipes never
+# scored above 0.76 in 333 segments. Such a segment is no speech, whatever its words.
+NO_SPEECH_SURE = 0.8
+NO_SPEECH_SURE_LOGPROB = -0.5
+#: Why a decode in the compact window is tried again in the standard one, besides
+#: stopping short.
+RETRY = frozenset({"repetition", "low_logprob"})
+#: A decode stopped short when this many seconds of voice follow its last word (after
+#: :data:`AFTER_WORD` of slack for the word's own tail and a word Whisper holds back).
+SHORT_VOICE = 0.8
+AFTER_WORD = 0.3
+#: Voice: a 20 ms frame within this many dB of the audio's speech level (its loudest
+#: frames, 95th percentile).
+VOICED_BELOW_DB = 20.0
+#: ... and above this, dBFS: silence has no voice to miss.
+VOICE_FLOOR_DB = -55.0
+FRAME = 0.02
+
+
+def judge(segment: Any) -> str | None:
+    """Why a faster-whisper segment is not speech worth keeping, or ``None``."""
+    if segment.compression_ratio > COMPRESSION_RATIO_MAX:
+        return "repetition"
+    if segment.no_speech_prob > NO_SPEECH_PROB and segment.avg_logprob < LOGPROB_FLOOR:
+        return "no_speech"
+    if segment.no_speech_prob > NO_SPEECH_SURE and segment.avg_logprob < NO_SPEECH_SURE_LOGPROB:
+        return "no_speech"
+    if segment.avg_logprob < 1.5 * LOGPROB_FLOOR:
+        return "low_logprob"
+    return None
+
+
+def looping(words: list[str]) -> bool:
+    """Whether a phrase repeats back to back: 3 times (4 for a single word).
+
+    Too short for the compression-ratio check to notice, and what Whisper produces
+    when it loops on a fragment ("he was... he was... he was...").
+    """
+    for n in (1, 2, 3, 4):
+        need = 4 if n == 1 else 3
+        for i in range(len(words) - n * need + 1):
+            phrase = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, need)):
+                return True
+    return False
+
+
+def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list[str]]:
+    """Words of the segments that pass :func:`judge`, shifted by ``offset`` seconds."""
+    words: list[HypWord] = []
+    rejected: list[str] = []
+    for segment in segments:
+        reason = judge(segment)
+        if reason is not None:
+            rejected.append(reason)
+            continue
+        raw = [w.word.strip() for w in segment.words or ()]
+        if looping(raw):
+            # Whisper can loop on marks that are no words ("old-s---------------"): they
+            # would be dropped below and the loop would go unnoticed, with the words it
+            # displaced ("young man") lost.
+            rejected.append("repetition")
+            continue
+        for w, text in zip(segment.words or (), raw, strict=True):
+            if normalize(text):
+                words.append(HypWord(text, offset + w.start, offset + w.end, w.probability))
+    return words, rejected
+
+
+def stopped_short(audio: npt.NDArray[np.float32], offset: float, words: Sequence[HypWord]) -> bool:
+    """Whether voice goes on for :data:`SHORT_VOICE` seconds after the last of ``words``
+    in ``audio`` (16 kHz, starting at ``offset`` seconds)."""
+    frame = round(FRAME * ASR_RATE)
+    n = len(audio) // frame
+    if n == 0:
+        return False
+    rms = np.sqrt(np.mean(np.square(audio[: n * frame].reshape(n, frame)), axis=1)) + 1e-9
+    db = 20 * np.log10(rms)
+    voiced = (db > np.percentile(db, 95) - VOICED_BELOW_DB) & (db > VOICE_FLOOR_DB)
+    last = (words[-1].end - offset) if words else 0.0
+    first = max(0, int((last + AFTER_WORD) / FRAME))
+    return bool(np.count_nonzero(voiced[first:]) * FRAME >= SHORT_VOICE)
