@@ -28,7 +28,16 @@ from gateway.config import Settings
 from gateway.errors import ModelError
 
 from .models import resolve_model
-from .verdicts import RETRY, collect, looping, stopped_short
+from .verdicts import (
+    CONTINUATIONS,
+    CONTINUE_BACK,
+    RETRY,
+    SHORT_VOICE,
+    STUCK_VOICE,
+    collect,
+    looping,
+    stopped_short,
+)
 
 # Re-exported from where they live, for code that imported them from here.
 from .words import ASR_RATE as ASR_RATE
@@ -242,24 +251,37 @@ class Engine:
         Blocking; one call at a time per ``lane``. Each call decodes independently:
         nothing is conditioned on earlier calls except an optional short ``prompt``,
         which is what keeps repetition loops from feeding themselves. ``compact=False``
-        runs faster-whisper's standard 30 s window (the offline reference). ``whole``:
-        words not heard now are lost (a final), so a compact decode that stops while the
-        voice goes on is done again in the standard window.
+        runs faster-whisper's standard 30 s window (the offline reference).
+
+        A compact decode that stops while the voice goes on (:mod:`.verdicts`) is
+        continued from its last word, as Whisper's own long-form loop seeks past what it
+        has written; one that heard no word of it is done again in the standard window.
+        ``whole`` (a final: words not heard now are lost) looks for that after
+        :data:`~.verdicts.SHORT_VOICE` s of voice, a partial after
+        :data:`~.verdicts.STUCK_VOICE` s.
         """
         began = time.perf_counter()
         model = self.models[lane]
+        voice = SHORT_VOICE if whole else STUCK_VOICE
         with self._locks[lane]:
             use_compact = compact and self.compact
             words, rejected, info = self._decode(
                 model, audio, offset, prompt, use_compact, language
             )
             if use_compact and (
-                RETRY.intersection(rejected) or (whole and stopped_short(audio, offset, words))
+                RETRY.intersection(rejected)
+                or (not words and stopped_short(audio, offset, words, voice))
             ):
-                # The compact window occasionally loops, or stops before the speech
-                # does (over overlapping voices, mostly), where the standard one hears
-                # it all: see :mod:`.verdicts`.
+                # The compact window occasionally loops, or rejects the first segment
+                # and with it the rest, where the standard one does not.
                 words, rejected, info = self._decode(model, audio, offset, prompt, False, language)
+            for _ in range(CONTINUATIONS if use_compact else 0):
+                if not words or not stopped_short(audio, offset, words, voice):
+                    break
+                more = self._continue(model, audio, offset, words[-1].end, language)
+                if not more:
+                    break
+                words.extend(more)
         return Hypothesis(
             tuple(words),
             tuple(rejected),
@@ -276,6 +298,22 @@ class Engine:
 
     def supported_languages(self) -> list[str]:
         return list(getattr(self.models[0], "supported_languages", ["en"]))
+
+    def _continue(
+        self,
+        model: Any,
+        audio: npt.NDArray[np.float32],
+        offset: float,
+        after: float,
+        language: str | None,
+    ) -> list[HypWord]:
+        """The words after ``after`` (seconds, session clock): ``audio`` decoded again
+        from a little before it, so the first word heard is not cut."""
+        start = max(0.0, after - offset - CONTINUE_BACK)
+        words, _, _ = self._decode(
+            model, audio[round(start * ASR_RATE) :], offset + start, None, True, language
+        )
+        return [w for w in words if w.start >= after - 0.02]
 
     def _decode(
         self,

@@ -3,19 +3,20 @@
 Whisper's segments come with their own doubts (no-speech probability, log-probability,
 compression ratio); :func:`judge` turns them into a reason to drop a segment, and
 :func:`collect` keeps the words of the rest. Two failures of the compact window
-(:mod:`.engine`) are seen here and answered by decoding again in the standard 30 s
-window, which does not share them:
+(:mod:`.engine`) are seen here, and the engine answers them:
 
 * **Loops** (:func:`looping`): "he was... he was... he was...", or marks that are no
-  words ("old-s---------------") displacing the words after them.
+  words ("old-s---------------") displacing the words after them. Decoded again in the
+  standard 30 s window, which does not share them.
 * **Stopping short** (:func:`stopped_short`): the decode ends while the voice goes on.
-  Over overlapping voices the compact window sometimes emits one segment and the end of
-  text ("such a polite way to call someone's en", then nothing of "Which is exactly why
-  I love this book"), or rejects its first segment and with it the rest; a final of such
-  a decode lost those words. In the replay of the dialogue and meeting recipes 17 of
-  about 390 decodes ended 1.2 s or more before their audio did; the standard window heard
-  the rest in 7 of them, and the other 10 ended on real silence, which the voice check
-  below tells apart.
+  Over overlapping voices tiny.en sometimes writes one sentence and the end of text
+  ("such a polite way to call someone's en", then nothing of "Which is exactly why I
+  love this book"); a final of such a decode lost those words. Worse, a partial that
+  starts on the tail of a sentence ("me a short report.") can stop there however long
+  its window, in both windows: each next partial starts at the same confirmed word and
+  stops at the same place, and at 12 meetings six seconds of a dialogue never reached a
+  final. Decoding on from the last word hears the rest ("Perfect. Then let's plan a
+  quick check in on Friday morning").
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ RETRY = frozenset({"repetition", "low_logprob"})
 #: :data:`AFTER_WORD` of slack for the word's own tail and a word Whisper holds back).
 SHORT_VOICE = 0.8
 AFTER_WORD = 0.3
+#: ... and a partial when this many seconds follow: partials are not final, but the
+#: window of the next starts where this one's words were confirmed, and a decode that
+#: keeps stopping at the same sentence keeps the words after it from ever being heard.
+STUCK_VOICE = 2.0
+#: A decode that stopped short is continued from its last word this many times at most,
+#: each time from this many seconds before that word's end.
+CONTINUATIONS = 2
+CONTINUE_BACK = 0.2
 #: Voice: a 20 ms frame within this many dB of the audio's speech level (its loudest
 #: frames, 95th percentile).
 VOICED_BELOW_DB = 20.0
@@ -103,9 +112,14 @@ def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list
     return words, rejected
 
 
-def stopped_short(audio: npt.NDArray[np.float32], offset: float, words: Sequence[HypWord]) -> bool:
-    """Whether voice goes on for :data:`SHORT_VOICE` seconds after the last of ``words``
-    in ``audio`` (16 kHz, starting at ``offset`` seconds)."""
+def stopped_short(
+    audio: npt.NDArray[np.float32],
+    offset: float,
+    words: Sequence[HypWord],
+    voice: float = SHORT_VOICE,
+) -> bool:
+    """Whether voice goes on for ``voice`` seconds after the last of ``words`` in
+    ``audio`` (16 kHz, starting at ``offset`` seconds)."""
     frame = round(FRAME * ASR_RATE)
     n = len(audio) // frame
     if n == 0:
@@ -115,4 +129,4 @@ def stopped_short(audio: npt.NDArray[np.float32], offset: float, words: Sequence
     voiced = (db > np.percentile(db, 95) - VOICED_BELOW_DB) & (db > VOICE_FLOOR_DB)
     last = (words[-1].end - offset) if words else 0.0
     first = max(0, int((last + AFTER_WORD) / FRAME))
-    return bool(np.count_nonzero(voiced[first:]) * FRAME >= SHORT_VOICE)
+    return bool(np.count_nonzero(voiced[first:]) * FRAME >= voice)
