@@ -175,11 +175,7 @@ class Replay:
         if self.roster is None:
             return None
         a, b = round(w.start * ASR_RATE), round(w.end * ASR_RATE)
-        for lag in self.turns.lags():
-            speaker = self.timeline.attribute(a, b, lag=lag)
-            if speaker is not None:
-                return speaker
-        return None
+        return self.turns.speaker(lambda lag: self.timeline.attribute(a, b, lag=lag))
 
     def _publish(self, draft: Draft) -> None:
         if draft.is_final:

@@ -37,6 +37,7 @@ from .verdicts import (
     collect,
     looping,
     stopped_short,
+    voiced,
 )
 
 # Re-exported from where they live, for code that imported them from here.
@@ -268,20 +269,23 @@ class Engine:
             words, rejected, info = self._decode(
                 model, audio, offset, prompt, use_compact, language
             )
-            if use_compact and (
-                RETRY.intersection(rejected)
-                or (not words and stopped_short(audio, offset, words, voice))
-            ):
-                # The compact window occasionally loops, or rejects the first segment
-                # and with it the rest, where the standard one does not.
-                words, rejected, info = self._decode(model, audio, offset, prompt, False, language)
-            for _ in range(CONTINUATIONS if use_compact else 0):
-                if not words or not stopped_short(audio, offset, words, voice):
-                    break
-                more = self._continue(model, audio, offset, words[-1].end, language)
-                if not more:
-                    break
-                words.extend(more)
+            if use_compact:
+                frames = voiced(audio)
+                if RETRY.intersection(rejected) or (
+                    not words and stopped_short(frames, offset, words, voice)
+                ):
+                    # The compact window occasionally loops, or rejects the first
+                    # segment and with it the rest, where the standard one does not.
+                    words, rejected, info = self._decode(
+                        model, audio, offset, prompt, False, language
+                    )
+                for _ in range(CONTINUATIONS):
+                    if not words or not stopped_short(frames, offset, words, voice):
+                        break
+                    more = self._continue(model, audio, offset, words[-1].end, language)
+                    if not more:
+                        break
+                    words.extend(more)
         return Hypothesis(
             tuple(words),
             tuple(rejected),

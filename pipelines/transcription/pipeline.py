@@ -354,8 +354,4 @@ class TranscriptionPipeline(Pipeline):
 
     def _speaker(self, w: HypWord) -> Speaker | None:
         a, b = round(w.start * self._rate), round(w.end * self._rate)
-        for lag in self._turns.lags():
-            speaker = self._ctx.speakers.attribute(a, b, lag=lag)
-            if speaker is not None:
-                return speaker
-        return None
+        return self._turns.speaker(lambda lag: self._ctx.speakers.attribute(a, b, lag=lag))

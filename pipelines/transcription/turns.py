@@ -24,10 +24,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 
 from .sequences import SENTENCE_END
+
+T = TypeVar("T")
 
 #: Votes within this many seconds of the peak support it (word times are this good).
 AGREE = 0.15
@@ -135,10 +138,14 @@ class Turns:
                 if when is not None:
                     self.lag.voice_started(when)
 
-    def lags(self) -> Iterable[float]:
-        """The lags to look a word up in the roster at, in order, until one finds a
-        speaker."""
-        return dict.fromkeys((self.lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG))
+    def speaker(self, lookup: Callable[[float], T | None]) -> T | None:
+        """Who said a word: ``lookup(lag)`` asks the roster as it was ``lag`` seconds
+        after the word, at the measured lag, then no lag, then later, until one answers."""
+        for lag in dict.fromkeys((self.lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG)):
+            found = lookup(lag)
+            if found is not None:
+                return found
+        return None
 
     def hold(self, last_word_end: float | None, now: float) -> float:
         """Seconds a final whose last word ended at wall ``last_word_end`` waits for

@@ -112,21 +112,26 @@ def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list
     return words, rejected
 
 
+def voiced(audio: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """Which :data:`FRAME` s frames of 16 kHz ``audio`` hold voice."""
+    frame = round(FRAME * ASR_RATE)
+    n = len(audio) // frame
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    rms = np.sqrt(np.mean(np.square(audio[: n * frame].reshape(n, frame)), axis=1)) + 1e-9
+    db = 20 * np.log10(rms)
+    level = float(np.percentile(db, 95))
+    return np.asarray((db > level - VOICED_BELOW_DB) & (db > VOICE_FLOOR_DB), dtype=bool)
+
+
 def stopped_short(
-    audio: npt.NDArray[np.float32],
+    frames: npt.NDArray[np.bool_],
     offset: float,
     words: Sequence[HypWord],
     voice: float = SHORT_VOICE,
 ) -> bool:
-    """Whether voice goes on for ``voice`` seconds after the last of ``words`` in
-    ``audio`` (16 kHz, starting at ``offset`` seconds)."""
-    frame = round(FRAME * ASR_RATE)
-    n = len(audio) // frame
-    if n == 0:
-        return False
-    rms = np.sqrt(np.mean(np.square(audio[: n * frame].reshape(n, frame)), axis=1)) + 1e-9
-    db = 20 * np.log10(rms)
-    voiced = (db > np.percentile(db, 95) - VOICED_BELOW_DB) & (db > VOICE_FLOOR_DB)
+    """Whether voice goes on for ``voice`` seconds after the last of ``words``, in audio
+    whose :func:`voiced` frames are ``frames`` and which starts at ``offset`` seconds."""
     last = (words[-1].end - offset) if words else 0.0
     first = max(0, int((last + AFTER_WORD) / FRAME))
-    return bool(np.count_nonzero(voiced[first:]) * FRAME >= voice)
+    return bool(np.count_nonzero(frames[first:]) * FRAME >= voice)

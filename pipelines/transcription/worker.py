@@ -35,7 +35,7 @@ from gateway.config import Settings
 from . import jobs
 from .engine import shared_engine
 from .metrics import TranscriptionMetrics
-from .scheduler import Scheduler
+from .scheduler import FINAL, Scheduler
 
 logger = logging.getLogger("pipelines.transcription.worker")
 
@@ -189,14 +189,14 @@ class Worker:
             logger.error("dropping malformed job %s", entry_id)
             await self._ack(stream, entry_id, None)
             return
-        if job.kind != "final" and time.time() - job.submitted > self.stale_after:
+        if job.kind != FINAL and time.time() - job.submitted > self.stale_after:
             hypothesis = None
         else:
             audio, offset, language = job.audio, job.offset, job.language
 
             def run(lane: int) -> Any:
                 return engine.transcribe(
-                    audio, offset, lane=lane, language=language, whole=job.kind == "final"
+                    audio, offset, lane=lane, language=language, whole=job.kind == FINAL
                 )
 
             # The same lanes as a node's own: finals first, then first-text partials.
