@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.simulator import SimulatedBot, read_wav
+from pipelines.transcription.language import LanguageChoice
 from pipelines.transcription.scoring import wer, words
 
 from .conftest import GatewayFactory, session_dir, wait_for
@@ -118,3 +119,32 @@ def test_an_english_only_model_with_another_language_is_a_start_up_error() -> No
     with pytest.raises(ConfigError, match="ISO 639-1"):
         Settings(language="spanish", model="base").validate()
     Settings(language="auto", model="base").validate()
+
+
+def test_auto_settles_on_two_agreeing_detections_not_on_a_guess() -> None:
+    # Detections seen on growing prefixes of espeak-ng German (base model, compact window).
+    choice = LanguageChoice("auto")
+    seen = [("en", 0.60, 0.5), ("th", 0.12, 2.0), ("en", 0.72, 2.5), ("de", 0.53, 3.0)]
+    for language, probability, seconds in seen:
+        choice.heard(language, probability, seconds)
+        assert choice.for_request() is None, (language, seconds)
+    assert choice.current == "de"
+    choice.heard("de", 0.64, 3.5)
+    assert choice.for_request() is None  # one sure detection is not yet a language
+    choice.heard("de", 0.74, 4.0)
+    assert choice.for_request() == "de"
+    # A new speaker is detected anew; one already heard is not.
+    choice.speaker("anna")
+    assert choice.for_request() is None
+    choice.heard("es", 0.9, 3.0)
+    choice.heard("en", 0.9, 3.0)  # disagreement starts the count again
+    choice.heard("es", 0.9, 3.0)
+    assert choice.for_request() is None
+    choice.heard("es", 0.95, 4.0)
+    assert choice.for_request() == "es"
+    choice.speaker("anna")
+    assert choice.for_request() == "es"
+    # A language given is never detected.
+    given = LanguageChoice("de")
+    given.heard("en", 0.99, 10.0)
+    assert given.for_request() == "de"

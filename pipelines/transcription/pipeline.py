@@ -58,6 +58,10 @@ Samples = npt.NDArray[np.int16]
 
 #: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
 LEAD_IN = 1.0
+#: With ``language=auto``, a final waits up to this many seconds of audio for the
+#: language to settle (:mod:`.language`): a first "Guten Morgen." alone is heard as
+#: Thai or English as often as German, the sentences after it settle it.
+LANGUAGE_WAIT = 8.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,7 +92,7 @@ class TranscriptionPipeline(Pipeline):
         self._metrics = metrics
         self._bot_speech = bot_speech
         self._policy = StreamingPolicy(partial_interval, max_utterance)
-        self._window = Window(max_utterance + partial_interval + LEAD_IN + 2.0)
+        self._window = Window(max_utterance + partial_interval + LEAD_IN + 2.0 + LANGUAGE_WAIT)
         self._waiting: list[Request] = []
         self._finals: deque[_Pending] = deque()
         # Recognitions not yet handled by :meth:`_recognized`. ``stop`` waits on ``_idle``,
@@ -108,7 +112,8 @@ class TranscriptionPipeline(Pipeline):
         self._ctx = ctx
         asked = ctx.params.get("language") or self._default_language
         self._language = LanguageChoice.checked(asked, self._engine)
-        ctx.annotate("language", self._language.current)
+        self._annotated = self._language.current
+        ctx.annotate("language", self._annotated)
         self._rate = ctx.sample_rate
         self._resampler = Resampler(ctx.sample_rate, ASR_RATE)
         self._out: SessionOutputs = self._hub.open(ctx)
@@ -180,8 +185,11 @@ class TranscriptionPipeline(Pipeline):
                 self._waiting.append(action)
         ready = self._window.end / ASR_RATE
         still = []
+        unsure = not self._language.settled
         for request in self._waiting:
-            if request.end <= ready:
+            if request.end <= ready and not (
+                unsure and request.kind == "final" and ready - request.end < LANGUAGE_WAIT
+            ):
                 self._submit(request)
             else:
                 still.append(request)
@@ -229,6 +237,7 @@ class TranscriptionPipeline(Pipeline):
         if hypothesis is None:
             self._policy.skipped(request)
             words: tuple[HypWord, ...] = ()
+            sure = True
         else:
             m = self._metrics
             m.audio_seconds.inc(hypothesis.audio_seconds)
@@ -238,11 +247,11 @@ class TranscriptionPipeline(Pipeline):
                     hypothesis.compute_seconds / hypothesis.audio_seconds
                 )
             h = hypothesis
-            if self._language.heard(h.language, h.language_probability, h.audio_seconds):
-                self._ctx.annotate("language", h.language)
+            self._language.heard(h.language, h.language_probability, h.audio_seconds)
             for reason in hypothesis.rejected:
                 m.rejected.labels(reason).inc()
-            words = hypothesis.words
+            words = tuple(dataclasses.replace(w, language=h.language) for w in h.words)
+            sure = self._language.trusts(h.language)
         if request.kind == "final":
             if hypothesis is None:
                 # Never lose what was confirmed, even if recognition could not run.
@@ -252,7 +261,7 @@ class TranscriptionPipeline(Pipeline):
                 pending.draft = self._policy.recognized(request, words)[0]
             self._flush()
         elif hypothesis is not None:
-            for draft in self._policy.recognized(request, words):
+            for draft in self._policy.recognized(request, words, sure=sure):
                 if draft.is_final:
                     # Words final now go after any final still being recognized.
                     self._finals.append(_Pending(None, draft))
@@ -295,11 +304,12 @@ class TranscriptionPipeline(Pipeline):
         if draft.is_final:
             words = self._final_words.admit(words)
         utterance = request.utterance if request is not None else self._policy.utterance
-        lang = self._language.current
         if not draft.is_final:
             if words:
                 self._out.publish(
-                    results.Result(words[0].start, words[-1].end, words, False, False, lang)
+                    results.Result(
+                        words[0].start, words[-1].end, words, False, False, words[0].language
+                    )
                 )
                 self._metrics.results.labels("partial").inc()
                 if request is not None and utterance not in self._first_partial:
@@ -310,15 +320,21 @@ class TranscriptionPipeline(Pipeline):
         if not groups and draft.speech_final and utterance in self._words_in_utterance:
             # Every word was final already: the endpoint still gets its speech_final.
             end = self._words_in_utterance[utterance]
+            lang = self._annotated
             self._out.publish(results.Result(end, end, (), True, True, lang))
         for i, group in enumerate(groups):
             speech_final = draft.speech_final and i == len(groups) - 1
             self._out.publish(
-                results.Result(group[0].start, group[-1].end, group, True, speech_final, lang)
+                results.Result(
+                    group[0].start, group[-1].end, group, True, speech_final, group[0].language
+                )
             )
             self._metrics.results.labels("final").inc()
         if words:
             self._words_in_utterance[utterance] = words[-1].end
+            if words[-1].language != self._annotated:  # /sessions: the language heard
+                self._annotated = words[-1].language
+                self._ctx.annotate("language", self._annotated)
         if draft.speech_final and request is not None:
             if request.speech_end is not None:
                 self._observe(self._metrics.final_latency, request.speech_end)
@@ -347,7 +363,7 @@ class TranscriptionPipeline(Pipeline):
                     round(w.end, 3),
                     round(w.probability, 4),
                     speaker,
-                    self._language.current,
+                    w.language or self._language.current,
                 )
             )
         return tuple(out)

@@ -308,8 +308,13 @@ class StreamingPolicy:
             and request.segment == self.segment
         )
 
-    def recognized(self, request: Request, words: Sequence[HypWord]) -> list[Draft]:
-        """The words recognized for ``request``; returns what to publish, finals first."""
+    def recognized(
+        self, request: Request, words: Sequence[HypWord], *, sure: bool = True
+    ) -> list[Draft]:
+        """The words recognized for ``request``; returns what to publish, finals first.
+
+        ``sure`` False: a partial decoded in a language only guessed; it is shown but
+        confirms nothing, as a hypothesis of too little audio."""
         if request.kind == "final":
             tail = tail_after(request.confirmed, words)
             final = (*request.confirmed[request.released :], *tail)
@@ -319,7 +324,7 @@ class StreamingPolicy:
             return []  # the segment it belonged to was finalized meanwhile
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
-        if request.end - self._seg_start < CONFIRM_CONTEXT:
+        if request.end - self._seg_start < CONFIRM_CONTEXT or not sure:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
             return [Draft(shown, False, False, request)] if shown else []

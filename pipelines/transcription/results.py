@@ -82,14 +82,15 @@ TranscriptEvent = Result | SpeechStarted | UtteranceEnd
 
 
 def by_speaker(words: tuple[Word, ...]) -> list[tuple[Word, ...]]:
-    """Split a final where the speaker changes."""
+    """Split a final where the speaker, or the language, changes."""
     groups: list[list[Word]] = []
     for w in words:
-        key = w.speaker.key if w.speaker is not None else None
-        if groups:
-            prev = groups[-1][-1].speaker
-            if (prev.key if prev is not None else None) == key:
-                groups[-1].append(w)
-                continue
-        groups.append([w])
+        if groups and _voice(groups[-1][-1]) == _voice(w):
+            groups[-1].append(w)
+        else:
+            groups.append([w])
     return [tuple(g) for g in groups]
+
+
+def _voice(w: Word) -> tuple[str | None, str]:
+    return (w.speaker.key if w.speaker is not None else None, w.language)

@@ -23,6 +23,8 @@ class HypWord:
     start: float
     end: float
     probability: float
+    language: str = ""
+    """The language it was decoded in ("" when not known)."""
 
     @property
     def norm(self) -> str:
