@@ -7,6 +7,7 @@ consistent, not how fast anything is (speed lives in the benchmark's own output)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -213,10 +214,13 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not LIBRIVOX.exists(), reason="LibriVox test speech not installed")
-def test_cluster_benchmark_reports_one_and_two_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pin", [False, True], ids=["free", "pinned"])
+def test_cluster_benchmark_reports_one_and_two_processes(tmp_path: Path, pin: bool) -> None:
+    if pin and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin needs two cores")
     out = tmp_path / "cluster.json"
     argv = [sys.executable, str(ROOT / "benchmarks" / "cluster.py"), "--quick"]
-    argv += ["--procs", "1,2", "--out", str(out)]
+    argv += ["--procs", "1,2", "--out", str(out), *(["--pin"] if pin else [])]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(120), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -227,3 +231,8 @@ def test_cluster_benchmark_reports_one_and_two_processes(tmp_path: Path) -> None
         assert point["redis_bytes_per_meeting_s"] > 0
         assert len(point["gateway_core_pct"]) == point["procs"]
     assert set(summary["targets"]) == {"two_procs_1_8x_bots_at_p99_50ms_zero_loss"}
+    if pin:
+        # One core per gateway process: P=1 on core 0, P=2 on cores 0 and 1.
+        runs = [json.loads(line) for line in done.stdout.splitlines() if '"procs"' in line]
+        placed = [[p["cores"] for p in r["gateway"]["processes"]] for r in runs if "gateway" in r]
+        assert placed == [[[0]], [[0], [1]]], placed
