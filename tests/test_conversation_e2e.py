@@ -253,6 +253,26 @@ def test_a_final_over_overlapping_voices_keeps_its_words(
     assert short > 0
 
 
+def test_a_final_that_starts_late_hears_the_voice_before_its_first_word(
+    conversation_cache: Path, whisper_model: Any
+) -> None:
+    # A final of 39.3-54.4 s of the dialogue (the replay at load 6): the compact window
+    # wrote nothing before 45.2 s ("I'll put it in the shared..."), and "morning works
+    # for me. And could you share the updated plan with the whole group before then?"
+    # was lost.
+    from pipelines.transcription.words import ASR_RATE
+
+    conv = build("dialogue", conversation_cache, ASR_RATE)
+    audio = conv.at_rate(ASR_RATE).astype(np.float32) / 32768
+    start, end = 39.34, 54.42
+    span = audio[round(start * ASR_RATE) : round(end * ASR_RATE)]
+    heard = whisper_model.transcribe(span, start, whole=True).words
+    said = norm_words(" ".join(w.text for w in heard))
+    assert {"morning", "works", "share", "group"} <= set(said), said
+    assert {"put", "notes"} <= set(said), said  # and what it heard before
+    assert [w.start for w in heard] == sorted(w.start for w in heard)
+
+
 def test_a_partial_that_stops_at_a_sentence_is_decoded_on(
     conversation_cache: Path, whisper_model: Any
 ) -> None:

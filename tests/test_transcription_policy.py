@@ -22,7 +22,7 @@ from pipelines.transcription.policy import (
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
 from pipelines.transcription.sequences import agreement, split_sentences, tail_after
-from pipelines.transcription.verdicts import collect, looping
+from pipelines.transcription.verdicts import FRAME, collect, looping, started_late
 from pipelines.transcription.window import Window
 from pipelines.transcription.words import HypWord, normalize
 
@@ -199,6 +199,47 @@ def test_the_segment_after_a_split_starts_on_confirmed_words() -> None:
     assert len(emitted) >= 10
 
 
+def test_a_split_with_only_carried_words_finalizes_what_partials_did_not_hear() -> None:
+    # Under load a partial can start late: it heard nothing of the seconds after the
+    # words carried into the segment, then a few words. The split after it must not
+    # start the next segment where those words begin: the seconds before them were
+    # never heard, and nothing would ever make them final.
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=6.0)
+    policy.speech_started(0.0)
+    script = words(" ".join(f"w{i}" for i in range(40)), 0.1)
+    t, emitted, late = 0.0, [], []
+
+    def run(actions: list[Request | Draft]) -> None:
+        for action in actions:
+            drafts = [action]
+            if isinstance(action, Request):
+                heard = [w for w in script if action.start <= w.start and w.end <= action.end]
+                if action.kind == "partial" and policy.segment == 2:
+                    if not late:  # words from here on are heard late
+                        late.append(policy.confirmed[-1].end + 2.5)
+                    late_from = late[0]
+                    split_at = policy.segment_start + 6.0
+                    # The last partial before the split hears only late words; the
+                    # others hear nothing at all.
+                    last = action.end > split_at - 1.0
+                    heard = [w for w in heard if last and w.start >= late_from]
+                drafts = policy.recognized(action, heard)
+            emitted.extend(w.text for d in drafts if d.is_final for w in d.words)
+
+    while policy.segment == 1:
+        t += 0.5
+        run(policy.advance(t))
+    assert policy.confirmed, "the first split carries confirmed words"
+    while policy.segment == 2:
+        t += 0.5
+        run(policy.advance(t))
+    run(policy.speech_ended(t))
+    spoken = [w.text for w in script if w.end <= t]
+    assert late and emitted == spoken[: len(emitted)]
+    # Every word spoken before the late ones reached a final, the unheard ones too.
+    assert len(emitted) >= len([w for w in script if w.end <= late[0] + 0.5]), emitted
+
+
 def test_speech_shorter_than_a_word_requests_nothing() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
     policy.speech_started(3.0)
@@ -336,6 +377,17 @@ def test_a_loop_of_marks_that_are_no_words_is_a_repetition() -> None:
     words, rejected = collect([fine], 7.57)
     assert [w.text for w in words] == ["He", "was", "not", "an", "old", "-s"]
     assert words[0].start == 7.57 and rejected == []
+
+
+def test_a_decode_starts_late_when_voice_it_did_not_write_comes_before_its_words() -> None:
+    voice = np.ones(round(10.0 / FRAME), dtype=bool)  # 10 s of voice from 20.0 s on
+    first = words("later words", 26.0)
+    assert started_late(voice, 20.0, first)
+    assert not started_late(voice, 20.0, words("early words", 20.4))
+    silence_first = voice.copy()
+    silence_first[: round(5.5 / FRAME)] = False  # what came before was no voice
+    assert not started_late(silence_first, 20.0, first)
+    assert not started_late(voice, 20.0, [])
 
 
 def test_queue_holds_partials_when_asked_for_finals_only() -> None:

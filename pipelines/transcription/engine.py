@@ -36,6 +36,7 @@ from .verdicts import (
     STUCK_VOICE,
     collect,
     looping,
+    started_late,
     stopped_short,
     voiced,
 )
@@ -256,7 +257,9 @@ class Engine:
 
         A compact decode that stops while the voice goes on (:mod:`.verdicts`) is
         continued from its last word, as Whisper's own long-form loop seeks past what it
-        has written; one that heard no word of it is done again in the standard window.
+        has written; one that heard no word of it is done again in the standard window;
+        one whose first word comes after voice it did not write has the audio before that
+        word decoded on its own.
         ``whole`` (a final: words not heard now are lost) looks for that after
         :data:`~.verdicts.SHORT_VOICE` s of voice, a partial after
         :data:`~.verdicts.STUCK_VOICE` s.
@@ -286,6 +289,8 @@ class Engine:
                     if not more:
                         break
                     words.extend(more)
+                if started_late(frames, offset, words, voice):
+                    words[:0] = self._head(model, audio, offset, words[0].start, language)
         return Hypothesis(
             tuple(words),
             tuple(rejected),
@@ -318,6 +323,20 @@ class Engine:
             model, audio[round(start * ASR_RATE) :], offset + start, None, True, language
         )
         return [w for w in words if w.start >= after - 0.02]
+
+    def _head(
+        self,
+        model: Any,
+        audio: npt.NDArray[np.float32],
+        offset: float,
+        before: float,
+        language: str | None,
+    ) -> list[HypWord]:
+        """The words before ``before`` (seconds, session clock): the audio up to a
+        little after it decoded on its own, so the last word heard is not cut."""
+        end = round((before - offset + CONTINUE_BACK) * ASR_RATE)
+        words, _, _ = self._decode(model, audio[:end], offset, None, True, language)
+        return [w for w in words if w.end <= before + 0.02]
 
     def _decode(
         self,

@@ -8,6 +8,11 @@ compression ratio); :func:`judge` turns them into a reason to drop a segment, an
 * **Loops** (:func:`looping`): "he was... he was... he was...", or marks that are no
   words ("old-s---------------") displacing the words after them. Decoded again in the
   standard 30 s window, which does not share them.
+* **Starting late** (:func:`started_late`): the decode's first word comes after seconds
+  of voice it did not write. Under load a final of 39.3-54.4 s of a dialogue began at
+  45.2 s ("I'll put it in the shared...") and lost "quick check in on Friday morning
+  works for me, and could you share the updated plan with the whole group before
+  then?". Decoding the audio before the first word on its own hears it.
 * **Stopping short** (:func:`stopped_short`): the decode ends while the voice goes on.
   Over overlapping voices tiny.en sometimes writes one sentence and the end of text
   ("such a polite way to call someone's en", then nothing of "Which is exactly why I
@@ -135,3 +140,17 @@ def stopped_short(
     last = (words[-1].end - offset) if words else 0.0
     first = max(0, int((last + AFTER_WORD) / FRAME))
     return bool(np.count_nonzero(frames[first:]) * FRAME >= voice)
+
+
+def started_late(
+    frames: npt.NDArray[np.bool_],
+    offset: float,
+    words: Sequence[HypWord],
+    voice: float = SHORT_VOICE,
+) -> bool:
+    """Whether ``voice`` seconds of voice come before the first of ``words`` (less
+    :data:`AFTER_WORD` of slack for that word's own onset)."""
+    if not words:
+        return False
+    first = int((words[0].start - offset - AFTER_WORD) / FRAME)
+    return first > 0 and bool(np.count_nonzero(frames[:first]) * FRAME >= voice)
