@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -290,7 +290,7 @@ class Engine:
                         break
                     words.extend(more)
                 if started_late(frames, offset, words, voice):
-                    words[:0] = self._head(model, audio, offset, words[0].start, language)
+                    words[:0] = self._head(model, audio, offset, words, language)
         return Hypothesis(
             tuple(words),
             tuple(rejected),
@@ -329,14 +329,19 @@ class Engine:
         model: Any,
         audio: npt.NDArray[np.float32],
         offset: float,
-        before: float,
+        after: Sequence[HypWord],
         language: str | None,
     ) -> list[HypWord]:
-        """The words before ``before`` (seconds, session clock): the audio up to a
-        little after it decoded on its own, so the last word heard is not cut."""
+        """The words before ``after`` (a decode's words, session clock): the audio up to
+        a little after the first of them decoded on its own, so the last word heard is
+        not cut."""
+        before = after[0].start
         end = round((before - offset + CONTINUE_BACK) * ASR_RATE)
         words, _, _ = self._decode(model, audio[:end], offset, None, True, language)
-        return [w for w in words if w.end <= before + 0.02]
+        head = [w for w in words if w.end <= before + 0.02]
+        if head and after and head[-1].norm == after[0].norm:
+            head.pop()  # the first word of the decode, heard twice at the join
+        return head
 
     def _decode(
         self,

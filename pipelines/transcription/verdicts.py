@@ -2,7 +2,7 @@
 
 Whisper's segments come with their own doubts (no-speech probability, log-probability,
 compression ratio); :func:`judge` turns them into a reason to drop a segment, and
-:func:`collect` keeps the words of the rest. Two failures of the compact window
+:func:`collect` keeps the words of the rest. Three failures of the compact window
 (:mod:`.engine`) are seen here, and the engine answers them:
 
 * **Loops** (:func:`looping`): "he was... he was... he was...", or marks that are no
