@@ -339,7 +339,7 @@ class Engine:
         end = round((before - offset + CONTINUE_BACK) * ASR_RATE)
         words, _, _ = self._decode(model, audio[:end], offset, None, True, language)
         head = [w for w in words if w.end <= before + 0.02]
-        if head and after and head[-1].norm == after[0].norm:
+        if head and head[-1].norm == after[0].norm:
             head.pop()  # the first word of the decode, heard twice at the join
         return head
 
