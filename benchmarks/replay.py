@@ -54,6 +54,7 @@ from pipelines.transcription import formats, policy, results
 from pipelines.transcription.engine import Engine, shared_engine
 from pipelines.transcription.finals import FinalWords
 from pipelines.transcription.policy import Draft, Request, StreamingPolicy
+from pipelines.transcription.scheduler import LaneUse
 from pipelines.transcription.scoring import wer
 from pipelines.transcription.turns import Turns
 from pipelines.transcription.words import ASR_RATE, HypWord
@@ -77,6 +78,9 @@ class Replay:
     roster: list[dict[str, Any]] | None = None
     """A roster script (:meth:`~benchmarks.conversations.Conversation.roster_script`):
     attribute words as the pipeline does; without one, words have no speaker."""
+    overhead: float = OVERHEAD
+    rtf: float = RTF
+    """A recognition's modelled cost: ``(overhead + rtf * seconds of audio) * load``."""
 
     def __post_init__(self) -> None:
         self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
@@ -100,6 +104,7 @@ class Replay:
             assert isinstance(roster, Roster), roster
             self.rosters.append((float(event["at"]), roster))
         self.held: float | None = None  # when the first final stops waiting for the roster
+        self.use = LaneUse(1)  # the lane's recent share busy sets the partials' span
 
     # -- the lane -----------------------------------------------------------------------
 
@@ -121,8 +126,9 @@ class Replay:
             if r is not request and r.kind == "partial":
                 self.policy.skipped(r)
         self.queue = [r for r in self.queue if r.kind == "final" and r is not request]
-        seconds = (OVERHEAD + RTF * (request.end - request.start)) * self.load
+        seconds = (self.overhead + self.rtf * (request.end - request.start)) * self.load
         heapq.heappush(self.running, (self.now + seconds, request.id, request))
+        self.use.began(request.id, self.now)
 
     def _submit(self, request: Request) -> None:
         if request.kind == "final":
@@ -131,6 +137,7 @@ class Replay:
         self._start_next()
 
     def _done(self, request: Request) -> None:
+        self.use.ended(request.id, self.now)
         words = self._recognize(request)
         drafts = self.policy.recognized(request, words)
         if request.kind == "final":
@@ -243,6 +250,7 @@ class Replay:
                     self.turns.lag.voice_started(event.sample / ASR_RATE)
                 elif isinstance(event, SpeechEnded):
                     self._pump(self.policy.speech_ended(event.sample / ASR_RATE))
+            self.policy.lanes_busy(self.use.share(arrival))
             self._pump(self.policy.advance(arrival))
         # The bot hangs up: what was heard is final (the pipeline's cut).
         self._pump(self.policy.speech_ended(self.now))
@@ -291,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     phase,
                     heard,
                     None if lag is None else conv.roster_script(lag),
+                    args.overhead,
+                    args.rtf,
                 )
                 scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
                 row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
@@ -327,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
         "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
     )
     parser.add_argument("--model", default=Settings().model)
+    parser.add_argument(
+        "--overhead", type=float, default=OVERHEAD, help="seconds per recognition call"
+    )
+    parser.add_argument(
+        "--rtf", type=float, default=RTF, help="seconds per second of audio recognized"
+    )
     parser.add_argument(
         "--policy",
         default="",

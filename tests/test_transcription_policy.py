@@ -11,16 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.transcription.policy import (
+    BUSY,
     CONFIRM_CONTEXT,
     FORCE_AGE,
+    LONG_SPAN,
+    PARTIAL_SPAN,
     QUICK_MARGIN,
     QUICK_PROBABILITY,
     RECHECK_CONTEXT,
+    SPARE,
     Draft,
     Request,
     StreamingPolicy,
 )
-from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue
+from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue, LaneUse
 from pipelines.transcription.sequences import agreement, split_sentences, tail_after
 from pipelines.transcription.verdicts import FRAME, collect, looping, started_late
 from pipelines.transcription.window import Window
@@ -530,3 +534,40 @@ def test_a_phrase_doubled_within_a_final_is_sent_once() -> None:
     # A re-heard repeat of the last final, its times drifted past that final's end.
     sent = guard.admit(ws("no no okay then", sent[-1].end + 0.2))
     assert [w.word for w in sent] == ["then"]
+
+
+def test_partials_hear_more_audio_while_the_lanes_have_time_to_spare() -> None:
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    policy.speech_started(0.0)
+    spans = {}
+    # A monologue, every word sure and heard alike by every partial, so what is
+    # confirmed keeps close to the end of the audio and the span sets where each
+    # partial starts. The lanes are idle, then busy, then half busy, then idle.
+    said = words(" ".join(f"w{i}" for i in range(60)), 0.2)
+    lanes = [0.0] * 20 + [0.9] * 6 + [0.5] * 5 + [0.1] * 5
+    for end, busy in zip(np.arange(0.5, 18.01, 0.5), lanes, strict=True):
+        policy.lanes_busy(busy)
+        for req in requests(policy.advance(float(end))):
+            policy.recognized(req, [w for w in said if req.start <= w.start and w.end <= end])
+            spans[float(end)] = round(req.end - req.start, 2)
+    assert policy.confirmed[-1].end > 16.0
+    assert spans[6.0] == 6.0 and spans[9.0] == spans[10.0] == LONG_SPAN  # idle
+    assert spans[11.0] == spans[13.0] == PARTIAL_SPAN  # busy: as cheap as before
+    assert spans[14.0] == spans[15.5] == PARTIAL_SPAN  # half busy: no change back yet
+    assert spans[16.0] == spans[18.0] == LONG_SPAN  # spare again
+    assert SPARE < 0.5 < BUSY
+
+
+def test_lane_use_is_the_busy_share_of_the_lanes_over_the_window() -> None:
+    use = LaneUse(lanes=2, window=5.0)
+    assert use.share(100.0) == 0.0
+    use.began(1, 100.0)
+    use.ended(1, 101.0)  # one lane busy for 1 s
+    use.began(2, 102.0)  # the other still running
+    assert use.share(103.0) == (1.0 + 1.0) / 10
+    use.ended(2, 104.0)
+    # Only the part of a job inside the window counts; a job that left it is forgotten.
+    assert use.share(105.5) == (0.5 + 2.0) / 10
+    assert use.share(200.0) == 0.0
+    use.ended(3, 201.0)  # a job never begun changes nothing
+    assert use.share(201.0) == 0.0

@@ -99,3 +99,20 @@ async def test_lanes_run_below_the_event_loop() -> None:
     assert threading.current_thread() is threading.main_thread()
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     assert os.getpriority(os.PRIO_PROCESS, 0) == 0
+
+
+async def test_the_lanes_report_how_busy_they_were() -> None:
+    scheduler = Scheduler(TranscriptionMetrics(CollectorRegistry()), lanes=2)
+    await scheduler.start()
+    try:
+        assert scheduler.busy() == 0.0
+        gate = threading.Event()
+        held = scheduler.submit("a", PARTIAL, lambda lane: gate.wait(scaled(5)))
+        await asyncio.sleep(scaled(0.2))
+        running = scheduler.busy()  # one lane of two, busy for 0.2 s of the window
+        gate.set()
+        await asyncio.wait_for(held, scaled(5))
+        done = scheduler.busy()
+    finally:
+        await scheduler.stop()
+    assert 0.0 < running <= done < 0.5

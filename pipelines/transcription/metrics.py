@@ -18,6 +18,12 @@ class TranscriptionMetrics:
         self.queue_depth = Gauge(
             "gateway_asr_queue_depth", "Recognition jobs waiting, by kind", ["kind"], registry=r
         )
+        self.lanes_busy = Gauge(
+            "gateway_asr_lanes_busy",
+            "Share of the recognition lanes' time busy over the last 5 s (partials hear "
+            "8 s of audio while it stays under 0.7, 4 s above)",
+            registry=r,
+        )
         self.jobs = Counter(
             "gateway_asr_jobs", "Recognition jobs run, by kind", ["kind"], registry=r
         )

@@ -122,6 +122,7 @@ class TranscriptionPipeline(Pipeline):
 
     async def audio(self, start: int, samples: Samples) -> None:
         self._window.append(self._resampler.process(samples))
+        self._policy.lanes_busy(self._recognizer.busy())
         self._pump(self._policy.advance(self._window.end / ASR_RATE))
 
     async def event(self, event: PipelineEvent) -> None:

@@ -123,6 +123,11 @@ class PoolRecognizer:
         self._queue.forget(session)
         self.local.forget(session)
 
+    def busy(self) -> float:
+        """The local lanes' share when no worker is live; the pool's workers do not
+        report theirs, so partials keep to the short span there."""
+        return 1.0 if self.workers else self.local.busy()
+
     # -- tasks ------------------------------------------------------------------------------
 
     def _dropped(self, dropped: list[tuple[Job[_Remote], str]]) -> None:

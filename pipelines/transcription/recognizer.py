@@ -42,6 +42,11 @@ class Recognizer(Protocol):
         """The session ended."""
         ...
 
+    def busy(self) -> float:
+        """The share of recognition capacity in use lately: 0 idle, 1 saturated (or not
+        known)."""
+        ...
+
 
 class LocalRecognizer:
     def __init__(self, engine: Engine, scheduler: Scheduler) -> None:
@@ -69,3 +74,6 @@ class LocalRecognizer:
 
     def forget(self, session: str) -> None:
         self.scheduler.forget(session)
+
+    def busy(self) -> float:
+        return self.scheduler.busy()

@@ -133,6 +133,38 @@ class JobQueue(Generic[T]):
         self._served.pop(session, None)
 
 
+class LaneUse:
+    """How busy the recognition lanes were over the last ``window`` seconds (sans-I/O).
+
+    Report each job's start and end; :meth:`share` is the part of the lanes' time
+    spent recognizing in the window before ``now``, running jobs included: 0 idle, 1
+    every lane busy throughout. The policy lets partials hear more audio while there
+    is recognition to spare (:meth:`~.policy.StreamingPolicy.lanes_busy`).
+    """
+
+    def __init__(self, lanes: int, window: float = 5.0) -> None:
+        self.lanes = max(1, lanes)
+        self.window = window
+        self._done: deque[tuple[float, float]] = deque()
+        self._running: dict[int, float] = {}
+
+    def began(self, job: int, now: float) -> None:
+        self._running[job] = now
+
+    def ended(self, job: int, now: float) -> None:
+        began = self._running.pop(job, None)
+        if began is not None:
+            self._done.append((began, now))
+
+    def share(self, now: float) -> float:
+        since = now - self.window
+        while self._done and self._done[0][1] <= since:
+            self._done.popleft()
+        busy = sum(end - max(began, since) for began, end in self._done)
+        busy += sum(now - max(began, since) for began in self._running.values())
+        return min(1.0, busy / (self.window * self.lanes))
+
+
 @dataclass(eq=False)
 class _Work:
     fn: Callable[[int], Any]
@@ -162,6 +194,19 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executors: list[ThreadPoolExecutor] = []
+        self.use = LaneUse(lanes)
+        self._share = (0.0, float("-inf"))  # (share, when): every session asks, every block
+
+    def busy(self) -> float:
+        """The share of the lanes' time spent recognizing over the last few seconds
+        (worked out at most every 0.1 s)."""
+        share, when = self._share
+        now = time.monotonic()
+        if now - when >= 0.1:
+            share = self.use.share(now)
+            self._share = (share, now)
+            self.metrics.lanes_busy.set(share)
+        return share
 
     async def start(self) -> None:
         self._executors = [
@@ -234,6 +279,7 @@ class Scheduler:
             self._busy.add(job.session)
             began = time.monotonic()
             self.metrics.wait.labels(job.kind).observe(began - job.submitted)
+            self.use.began(lane, began)
             try:
                 result = await loop.run_in_executor(executor, work.fn, lane)
             except Exception as exc:
@@ -246,6 +292,7 @@ class Scheduler:
                 if not work.future.done():
                     work.future.set_result(result)
             finally:
+                self.use.ended(lane, time.monotonic())
                 self._busy.discard(job.session)
                 # Another worker may have gone to sleep while this session was busy.
                 self._wake.set()
