@@ -364,8 +364,14 @@ async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str
         stop.set()
         await sampler
         await gateway.stop()
+    jobs = _counter(registry, "gateway_asr_jobs")
     return {
         "meetings": meetings,
+        "recognitions": jobs,
+        # Seconds of audio per recognition: the partials' span, which the lanes' load sets.
+        "audio_per_recognition": round(_counter(registry, "gateway_asr_audio_seconds") / jobs, 2)
+        if jobs
+        else None,
         "partials_run": _counter(registry, "gateway_asr_jobs", "partial"),
         "partials_skipped": _counter(registry, "gateway_asr_skipped", "partial"),
         "finals_skipped": _counter(registry, "gateway_asr_skipped", "final"),
