@@ -21,7 +21,7 @@ class TranscriptionMetrics:
         self.lanes_busy = Gauge(
             "gateway_asr_lanes_busy",
             "Share of the recognition lanes' time busy over the last 5 s (partials hear "
-            "8 s of audio while it stays under 0.7, 4 s above)",
+            "8 s of audio until it passes 0.7, 4 s until it is back under 0.4)",
             registry=r,
         )
         self.jobs = Counter(

@@ -11,7 +11,8 @@ The rules:
 - While a person speaks, a partial is requested every ``partial_interval`` seconds of
   audio (the first once ``first_partial`` seconds are in). Each partial re-recognizes the
   open segment from its start, or, once words are confirmed, at least ``PARTIAL_SPAN``
-  seconds back from its end.
+  seconds back from its end (``LONG_SPAN`` while the recognition lanes have time to
+  spare: :meth:`StreamingPolicy.lanes_busy`).
 - Words are *confirmed* by agreement: the longest common prefix of the latest
   hypothesis and the newest one of audio ending ``AGREE_SPAN`` or more earlier (after
   the words already confirmed) is confirmed, and a confirmed word is never changed or
@@ -213,7 +214,7 @@ class StreamingPolicy:
         return max(self._seg_start, (words[i - 1].end + words[i].start) / 2)
 
     def _partial_start(self, end: float) -> float:
-        """Where a partial ending at ``end`` starts (see ``PARTIAL_SPAN``)."""
+        """Where a partial ending at ``end`` starts (see ``PARTIAL_SPAN`` and ``span``)."""
         return max(self._seg_start, min(self._resume_at(), end - self.span))
 
     def lanes_busy(self, share: float) -> None:
