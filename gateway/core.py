@@ -71,11 +71,18 @@ class Counts:
 
 
 class SessionCore:
-    def __init__(self, settings: Settings, metrics: Metrics, sink: Sink, log: Any) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, sink: Sink, log: Any, phase: float = 0.0
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.sink = sink
         self.log = log
+        #: Where in each second of audio this session's once-a-second work falls, in
+        #: [0, 1) (:func:`gateway.keys.phase`): sessions whose audio started together
+        #: then do it, and observe their ingest lag, at moments spread over the second,
+        #: not all in the same loop iteration.
+        self.phase = phase
         self.rate = 0
         self.clock = AudioClock(settings.default_rate)
         self.speakers = SpeakerTimeline(
@@ -92,6 +99,7 @@ class SessionCore:
         self._away_since: float | None = None
         self._converter: Resampler | None = None  # this connection's rate to the session's
         self._positioned = 0.0  # wall time of the last position record
+        self._tick_at = 0  # ring position of the next once-a-second work
         self._connection_start = -1  # where a reconnect's audio began (-1: not one)
 
     @property
@@ -116,6 +124,7 @@ class SessionCore:
         self.ring = RingBuffer(max(1, int(self.settings.ring_seconds * rate)))
         self.ring.advance(position)
         self._vad_pos = position
+        self._tick_at = position + int(self.phase * rate)
         self.vad = VoiceActivity.configured(rate, self.settings)
         self._block = rate * BLOCK_MS // 1000
 
@@ -202,7 +211,10 @@ class SessionCore:
         c.frames += 1
         if ring.written - self._vad_pos >= self._block:
             self._process_block()
-            if c.samples >= self.rate:
+            if ring.written >= self._tick_at:
+                self._tick_at += self.rate
+                if self._tick_at <= ring.written:  # the clock jumped (a gap filled)
+                    self._tick_at = ring.written + self.rate
                 # About once a second: metrics cost a lock each. The lag is how far
                 # behind real time the newest sample landed in the ring (the bot sends
                 # in real time, so this is transport and scheduling delay).

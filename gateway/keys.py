@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import zlib
 
 #: Keys as they appear in URLs and directory names: a safe alphabet, 128 at most.
 _KEY_OK = re.compile(r"^[A-Za-z0-9~][A-Za-z0-9._~-]{0,127}$")
@@ -38,6 +39,13 @@ def key_from_bot_id(bot_id: str) -> str:
     if len(encoded) < 128:
         return "~" + encoded
     return "~~" + hashlib.sha256(raw).hexdigest()[:40]
+
+
+def phase(key: str) -> float:
+    """Where in a period this session's periodic work falls, in [0, 1): the same for a
+    key in every process, and spread evenly over keys, so meetings that started together
+    do not all do that work in the same instant."""
+    return zlib.crc32(key.encode()) / 2**32
 
 
 def clip(text: str, limit: int = 80) -> str:

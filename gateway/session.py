@@ -32,7 +32,7 @@ from .config import Settings
 from .core import Counts, SessionCore
 from .ingest.protocol import Handshake, ProviderEvent, Roster
 from .ingest.runner import PipelineRunner
-from .keys import MAX_BOT_ID, clip
+from .keys import MAX_BOT_ID, clip, phase
 from .logs import SessionLog
 from .metrics import Metrics
 from .pipeline import PipelineFactory, ProviderSegment
@@ -48,7 +48,9 @@ logger = logging.getLogger("gateway.session")
 
 #: Notes pipelines may put on a session (``annotate``).
 MAX_ANNOTATIONS = 16
-#: ``session.json`` is rewritten (off the loop) at most this often while audio arrives.
+#: ``session.json`` is rewritten (off the loop) this often while audio arrives, seconds:
+#: the first time at once, the second after one to two intervals (the session's own
+#: phase in it, from its key), then every interval.
 METADATA_INTERVAL = 5.0
 
 
@@ -68,7 +70,7 @@ class Session(SpeechOut):
 
     def __post_init__(self) -> None:
         self.log: logging.LoggerAdapter[logging.Logger] = SessionLog(logger, {"session": self.key})
-        self.core = SessionCore(self.settings, self.metrics, self, self.log)
+        self.core = SessionCore(self.settings, self.metrics, self, self.log, phase(self.key))
         self.clock = self.core.clock
         self.speakers = self.core.speakers
         self.runners: list[PipelineRunner] = []
@@ -83,7 +85,7 @@ class Session(SpeechOut):
         failed = disk_watch(self.metrics.registry).metrics.errors.labels("journal").inc
         self.journal = journal.Journal(self.directory / journal.NAME, failed)
         self.metadata_file = MetadataFile(self)
-        self._metadata_at = 0.0
+        self._metadata_due = 0.0  # wall time of the next periodic session.json
         self.annotations: dict[str, str] = {}  # pipelines' notes (annotate)
         self.parts: list[dict[str, Any]] = []  # cluster mode: the nodes that served it
         self._unwritten_parts: list[dict[str, Any]] = []
@@ -307,8 +309,12 @@ class Session(SpeechOut):
             runner.poke()
 
     def tick(self, now: float) -> None:
-        if now - self._metadata_at >= METADATA_INTERVAL:
-            self._metadata_at = now
+        if now >= self._metadata_due:
+            # Meetings that start together (a fleet's on the hour) would otherwise rewrite
+            # their files in one burst every interval, and hold up every meeting's audio
+            # on the loop while they are encoded: 200 at once took 40 ms or more.
+            later = 1.0 + phase(self.key) if self._metadata_due == 0.0 else 1.0
+            self._metadata_due = now + later * METADATA_INTERVAL
             self.metadata_file.update()
 
     def persist(self, kind: str, fields: dict[str, Any]) -> None:

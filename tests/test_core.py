@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,29 @@ def test_a_speaker_still_speaking_ends_with_the_audio_not_at_the_end_call() -> N
     [stop] = [e for e in sink.events if isinstance(e, SpeakerChange) and not e.speaking]
     assert stop.time == T0 + 5
     assert stop.sample == RATE * 5
+
+
+def test_sessions_that_start_together_tick_apart() -> None:
+    """The once-a-second work (counters, the ingest lag, the position record, the shell's
+    periodic writes) falls where each session's phase puts it in the second, so meetings
+    whose audio started in the same instant do not all do it in one loop iteration."""
+    cores = []
+    for phase in (0.0, 0.25, 0.5, 0.75):
+        sink = Recorder()
+        core = SessionCore(
+            Settings(), Metrics(CollectorRegistry()), sink, logging.getLogger("test"), phase
+        )
+        core.start(RATE)
+        core.attached(replacing=False)
+        cores.append((core, sink))
+    frame = RATE // 100
+    for i in range(1, 501):  # 5 s of 10 ms frames, every session's at the same moment
+        for core, _ in cores:
+            core.receive_audio(np.zeros(frame, dtype=np.int16), T0 + i / 100)
+    for phase, (_, sink) in zip((0.0, 0.25, 0.5, 0.75), cores, strict=True):
+        # Once a second, at the first 100 ms block that reaches the session's phase.
+        offsets = [round(t - T0, 2) for t in sink.ticks]
+        blocks = [max(0.1, math.ceil(10 * (phase + k)) / 10) for k in range(6)]
+        blocks = [b for b in blocks if b <= 5.0]  # the audio ends at 5 s
+        assert offsets == [round(b, 2) for b in blocks], offsets
+    assert len({sink.ticks[1] for _, sink in cores}) == 4

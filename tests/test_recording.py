@@ -1,16 +1,23 @@
-"""Crash safety of the WAV recording."""
+"""Crash safety of the WAV recording, and how often the session files are rewritten."""
 
 from __future__ import annotations
 
 import json
 import wave
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.session import Session
 from pipelines.wav import WavWriter, repair, wav_header
 
 from .conftest import GatewayFactory
+
+T0 = 1_800_000_000.0
 
 
 def test_header_is_valid_while_recording(tmp_path: Path) -> None:
@@ -56,3 +63,33 @@ async def test_gateway_repairs_at_start_up(start_gateway: GatewayFactory, tmp_pa
         assert w.readframes(w.getnframes()) == samples.tobytes()
     # A bot coming back with the same key gets a new directory; the old one is kept.
     assert gw.gateway.sessions.open("crashed", {}).directory.name == "crashed.2"
+
+
+async def test_meetings_that_start_together_rewrite_session_json_apart(tmp_path: Path) -> None:
+    """Each live session rewrites its ``session.json`` every few seconds; sessions that
+    started in the same instant spread those writes over the interval instead of
+    encoding them all in one burst on the event loop."""
+    settings = Settings(data_dir=tmp_path)
+    metrics = Metrics(CollectorRegistry())
+    writes: dict[str, list[float]] = {}
+    sessions = []
+    for i in range(40):
+        session = Session(f"meeting-{i}", tmp_path / f"meeting-{i}", settings, metrics, {})
+        times = writes[session.key] = []
+        clock = [0.0]
+        # The shell's file writer is the I/O edge: record when the session asks for it.
+        session.metadata_file.update = lambda times=times, clock=clock: times.append(clock[0])  # type: ignore[method-assign]
+        sessions.append((session, clock))
+    # The core ticks every session once per second of audio, all at the same moments.
+    for second in range(1, 61):
+        for session, clock in sessions:
+            clock[0] = T0 + second
+            session.tick(T0 + second)
+
+    for times in writes.values():
+        assert times[0] == T0 + 1  # the first right away
+        gaps = np.diff(times)
+        assert 5 <= gaps[0] <= 10 and all(g == 5 for g in gaps[1:]), gaps
+    per_second = Counter(t for times in writes.values() for t in times[1:])
+    # 40 sessions over a 5 s interval: 8 a second if evenly spread, 40 if in step.
+    assert max(per_second.values()) <= 16, per_second
