@@ -80,6 +80,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ from benchmarks.ingest import (
     speech,
 )
 from benchmarks.loadgen import LoadGenerator, audio_frames
+from benchmarks.shards import GeneratorShards
 from gateway.cluster.supervisor import free_port
 
 REDIS_BIN = "/usr/bin/redis-server"
@@ -213,23 +215,26 @@ def redis_cost(
 
 
 class CpuWindow:
-    """CPU of several named processes, of this one (the generator) and of the machine:
+    """CPU of several named processes, of the generator's processes and of the machine:
     :class:`benchmarks.common.CpuWindow` for more than one server."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
+    def __init__(self, pids: dict[str, int], generators: list[int]) -> None:
+        self.pids, self.generators = pids, generators
         self.t = time.monotonic()
         self.cpu = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
         self.wait = {name: common.runqueue_wait_seconds(pid) for name, pid in pids.items()}
-        self.own = common.cpu_seconds(os.getpid())
-        self.own_wait = common.runqueue_wait_seconds(os.getpid())
+        self.own = self._generators(common.cpu_seconds)
+        self.own_wait = self._generators(common.runqueue_wait_seconds)
         self.jiffies = common.system_jiffies()
+
+    def _generators(self, measure: Callable[[int], float]) -> float:
+        return sum(measure(pid) for pid in self.generators)
 
     def finish(self) -> dict[str, Any]:
         seconds = time.monotonic() - self.t
         busy = common.busy_fraction(self.jiffies, common.system_jiffies()) * (os.cpu_count() or 1)
-        own = common.cpu_seconds(os.getpid()) - self.own
-        own_wait = common.runqueue_wait_seconds(os.getpid()) - self.own_wait
+        own = self._generators(common.cpu_seconds) - self.own
+        own_wait = self._generators(common.runqueue_wait_seconds) - self.own_wait
         processes: dict[str, dict[str, float]] = {}
         for name, pid in self.pids.items():
             cpu = common.cpu_seconds(pid) - self.cpu[name]
@@ -297,6 +302,7 @@ async def run_cluster(
 ) -> dict[str, Any]:
     store = RedisServer(work, opts, set(range(p)) if opts.pin else None)
     servers: list[ServerProcess] = []
+    shards: GeneratorShards | None = None
     try:
         await store.wait_ready()
         servers = await start_gateways(p, n, opts, store.url, work)
@@ -304,25 +310,28 @@ async def run_cluster(
         result: dict[str, Any] = {}
         notes: list[str] = []
         frame = opts.rate * opts.frame_ms // 1000
-        gen = LoadGenerator(
-            HOST,
-            ports[0],
-            frames,
-            frame,
-            opts.rate,
-            phases=opts.phases,
-            roster_every=opts.roster_every,
-        )
-        # One generator (one pacing loop and one lateness histogram) for every process:
-        # each connect() opens its bots to gen.port, so point it at each process in turn.
-        # Keys are numbered across calls; the send slots interleave the processes' bots.
+        pace = {"phases": opts.phases, "roster_every": opts.roster_every}
+        gen: LoadGenerator | GeneratorShards
+        if opts.split_generator:
+            gen = shards = GeneratorShards(HOST, frames, frame, opts.rate, **pace)
+        else:
+            gen = LoadGenerator(HOST, ports[0], frames, frame, opts.rate, **pace)
         share = shares(n, p)
         owner: list[int] = []
         for i, (port, k) in enumerate(zip(ports, share, strict=True)):
-            if k:
+            if not k:
+                continue
+            if isinstance(gen, GeneratorShards):
+                # A generator process per gateway process, on the same core when pinned.
+                await gen.connect(port, k, {i} if opts.pin else None)
+            else:
+                # One generator (one pacing loop, one lateness histogram) for every
+                # process: connect() opens its bots to gen.port, so point it at each
+                # process in turn. Keys are numbered across calls; the send slots
+                # interleave the processes' bots.
                 gen.port = port
                 await gen.connect(k)
-                owner += [i] * k
+            owner += [i] * k
 
         async def sessions(state: str) -> bool:
             got = await asyncio.gather(*(scrape(port) for port in ports))
@@ -342,15 +351,20 @@ async def run_cluster(
         r0 = await store.stats()
         gen.reset_lateness()
         pids = {f"w{i}": s.pid for i, s in enumerate(servers)} | {"redis": store.pid}
-        window = CpuWindow(pids)
+        window = CpuWindow(pids, shards.pids if shards else [os.getpid()])
         await asyncio.sleep(opts.window)
         cpu = window.finish()
         s1 = list(await asyncio.gather(*(scrape(port) for port in ports)))
         r1 = await store.stats()
         rss = [common.rss_bytes(s.pid) for s in servers]
         cores = [os.sched_getaffinity(s.pid) for s in servers]
-        gen_report = generator_report(gen, opts)
         await gen.stop_audio()
+        gen_report = generator_report(gen, opts)
+        if shards:
+            gen_report["processes"] = [
+                {"cores": sorted(os.sched_getaffinity(pid)), "bots": k}
+                for pid, k in zip(shards.pids, [k for k in share if k], strict=True)
+            ]
         seconds = cpu["seconds"]
 
         lag = merged_ms(s0, s1, "gateway_ingest_lag_seconds")
@@ -397,18 +411,19 @@ async def run_cluster(
         short = await short_sessions(gen, data)
 
         processes = []
+        sent_by_bot = [b.frames_sent for b in gen.bots]
         for i, server in enumerate(servers):
-            bots = [b for b, o in zip(gen.bots, owner, strict=True) if o == i]
             mine = cpu["processes"][f"w{i}"]
-            sent_i = sum(b.frames_sent for b in bots)
+            sent_i = sum(k for k, o in zip(sent_by_bot, owner, strict=True) if o == i)
+            bots = owner.count(i)
             processes.append(
                 {
                     "node": f"{opts.node_id}-w{i}",
                     "port": server.port,
-                    "bots": len(bots),
+                    "bots": bots,
                     "cpu_core_pct": mine["cpu_core_pct"],
                     "cpu_ms_per_stream_s": (
-                        round(1000 * mine["cpu_s"] / (len(bots) * seconds), 3) if bots else None
+                        round(1000 * mine["cpu_s"] / (bots * seconds), 3) if bots else None
                     ),
                     "runqueue_wait_pct": mine["runqueue_wait_pct"],
                     "ingest_lag_ms": common.histogram_ms(
@@ -452,6 +467,8 @@ async def run_cluster(
         )
         return result
     finally:
+        if shards is not None:
+            shards.terminate()
         codes = await asyncio.gather(*(s.stop() for s in servers))
         for i, code in enumerate(codes):
             if code not in (0, None):
@@ -659,6 +676,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pin",
         action="store_true",
         help="P processes on cores 0..P-1, one each, with Redis and the generator on them too",
+    )
+    p.add_argument(
+        "--split-generator",
+        action="store_true",
+        help="a generator process per gateway process, sending to it alone (on its core"
+        " with --pin), instead of one generator for all",
     )
     p.add_argument(
         "--quick",

@@ -43,6 +43,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.common import MIB, Scrape, ServerProcess
 from benchmarks.loadgen import LoadGenerator, audio_frames
+from benchmarks.shards import GeneratorShards
 from gateway.config import Settings
 from gateway.simulator import read_wav
 
@@ -79,7 +80,9 @@ def niced(argv: list[str], opts: argparse.Namespace) -> list[str]:
     return ["nice", "-n", str(opts.nice), *argv] if opts.nice else argv
 
 
-def generator_report(gen: LoadGenerator, opts: argparse.Namespace) -> dict[str, Any]:
+def generator_report(
+    gen: LoadGenerator | GeneratorShards, opts: argparse.Namespace
+) -> dict[str, Any]:
     late = gen.lateness_ms()
     p99 = late["p99"]
     return {
@@ -372,7 +375,7 @@ def attribute_lag(
     )
 
 
-async def short_sessions(gen: LoadGenerator, data: Path) -> int:
+async def short_sessions(gen: LoadGenerator | GeneratorShards, data: Path) -> int:
     """Bots whose ``session.json`` does not count every frame they sent, once the files
     agree or 30 s have passed."""
 

@@ -320,17 +320,22 @@ class LoadGenerator:
 
     def lateness_ms(self) -> dict[str, float | int | None]:
         """p50, p99 and max of send lateness (ms, 0.1 ms resolution) since the reset."""
-        total = sum(self.late)
-        if not total:
-            return {"p50": None, "p99": None, "max": None, "frames": 0}
-        out: dict[str, float | int | None] = {"frames": total}
-        for name, q in (("p50", 0.5), ("p99", 0.99)):
-            rank, seen = q * total, 0
-            for i, count in enumerate(self.late):
-                seen += count
-                if seen >= rank:
-                    out[name] = round((i + 1) * 1000 / LATE_BINS_PER_S, 1)
-                    break
-        top = max(i for i, count in enumerate(self.late) if count)
-        out["max"] = round((top + 1) * 1000 / LATE_BINS_PER_S, 1)
-        return out
+        return lateness_ms(self.late)
+
+
+def lateness_ms(late: list[int]) -> dict[str, float | int | None]:
+    """p50, p99 and max of a lateness histogram (ms, 0.1 ms resolution)."""
+    total = sum(late)
+    if not total:
+        return {"p50": None, "p99": None, "max": None, "frames": 0}
+    out: dict[str, float | int | None] = {"frames": total}
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        rank, seen = q * total, 0
+        for i, count in enumerate(late):
+            seen += count
+            if seen >= rank:
+                out[name] = round((i + 1) * 1000 / LATE_BINS_PER_S, 1)
+                break
+    top = max(i for i, count in enumerate(late) if count)
+    out["max"] = round((top + 1) * 1000 / LATE_BINS_PER_S, 1)
+    return out

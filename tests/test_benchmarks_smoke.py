@@ -214,13 +214,18 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not LIBRIVOX.exists(), reason="LibriVox test speech not installed")
-@pytest.mark.parametrize("pin", [False, True], ids=["free", "pinned"])
-def test_cluster_benchmark_reports_one_and_two_processes(tmp_path: Path, pin: bool) -> None:
+@pytest.mark.parametrize(
+    ("pin", "split"), [(False, False), (True, False), (True, True)], ids=["free", "pinned", "split"]
+)
+def test_cluster_benchmark_reports_one_and_two_processes(
+    tmp_path: Path, pin: bool, split: bool
+) -> None:
     if pin and len(os.sched_getaffinity(0)) < 2:
         pytest.skip("--pin needs two cores")
     out = tmp_path / "cluster.json"
     argv = [sys.executable, str(ROOT / "benchmarks" / "cluster.py"), "--quick"]
     argv += ["--procs", "1,2", "--out", str(out), *(["--pin"] if pin else [])]
+    argv += ["--split-generator"] if split else []
     done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(120), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -236,3 +241,11 @@ def test_cluster_benchmark_reports_one_and_two_processes(tmp_path: Path, pin: bo
         runs = [json.loads(line) for line in done.stdout.splitlines() if '"procs"' in line]
         placed = [[p["cores"] for p in r["gateway"]["processes"]] for r in runs if "gateway" in r]
         assert placed == [[[0]], [[0], [1]]], placed
+        if split:
+            # A generator process beside each gateway process, on its core, for its bots.
+            shards = [r["gateway"]["generator"]["processes"] for r in runs if "gateway" in r]
+            assert [[(g["cores"], g["bots"]) for g in gs] for gs in shards] == [
+                [([0], 4)],
+                [([0], 2), ([1], 2)],
+            ], shards
+            assert all(p["generator_core_pct"] > 0 for p in summary["points"])
