@@ -59,6 +59,13 @@ comparing the largest N meeting that bound for each P (so the N steps bound the
 resolution: put steps near 1.8x the one-process figure). On a 2-core machine two gateway
 processes, Redis and the generator share two cores: expect the P=2 points to be flagged.
 
+``--split-generator`` runs a generator process per gateway process
+(:mod:`benchmarks.shards`), sending to that process alone and, with ``--pin``, on its
+core: one generator thread for every bot would move between the cores and serve twice
+the bots at P=2, so the P=2 cores would not each carry what the P=1 core carries.
+``--per-process`` reads ``--n`` as bots per gateway process, so each step measures P=1
+with N bots and P=2 with 2N back to back, and drift in the machine touches both alike.
+
 One JSON object per (P, N) goes to stdout as it is measured, then a summary object;
 ``--out FILE`` also writes the summary JSON there and a human summary beside it
 (``FILE.md``). ``--quick`` is a smoke run (4 bots, a 3 s window) that checks the script.
@@ -67,6 +74,8 @@ Run from the repository with the project's environment::
 
     .venv/bin/python benchmarks/cluster.py --procs 1,2 --n 200,300,400,500,600 \\
         --window 25 --out /tmp/cluster.json
+    .venv/bin/python benchmarks/cluster.py --pin --split-generator --per-process \\
+        --procs 1,2 --n 260,280,300,320,340 --window 20 --out /tmp/cluster.json
     .venv/bin/python benchmarks/cluster.py --quick
 """
 
@@ -684,6 +693,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " with --pin), instead of one generator for all",
     )
     p.add_argument(
+        "--per-process",
+        action="store_true",
+        help="--n counts bots per gateway process: P processes get P times as many, back to"
+        " back with P=1 at each step",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: "
@@ -719,7 +734,7 @@ async def amain(opts: argparse.Namespace) -> dict[str, Any]:
     # what else the machine does touches them alike.
     for n in opts.counts:
         for p in opts.proc_counts:
-            point = await run_point(p, n, opts, frames)
+            point = await run_point(p, n * p if opts.per_process else n, opts, frames)
             print(json.dumps(point), flush=True)
             points.append(point)
     return summarize(points, opts)
