@@ -93,6 +93,16 @@ async def pool(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, list[Any]]]:
     await server.stop()
 
 
+def test_the_pool_is_as_busy_as_its_workers_lanes_say() -> None:
+    assert jobs.pool_busy([{"lanes": 2, "busy": 0.1}]) == pytest.approx(0.1)
+    # Shares weigh by lanes: one idle lane and three busy ones are three quarters busy.
+    assert jobs.pool_busy([{"lanes": 1, "busy": 0}, {"lanes": 3, "busy": 1}]) == 0.75
+    # A worker that does not say (an older one) counts as busy, as does no worker at all.
+    assert jobs.pool_busy([{"lanes": 1, "busy": 0.0}, {"lanes": 1}]) == 0.5
+    assert jobs.pool_busy([]) == 1.0
+    assert jobs.pool_busy([{"lanes": 2, "busy": 7}, {"lanes": 2, "busy": "x"}]) == 1.0
+
+
 async def pool_node(tmp_path: Path, redis: RedisServer, started: list[Any]) -> Serve:
     node = await Serve.start(
         tmp_path,
@@ -140,7 +150,24 @@ async def test_a_worker_transcribes_a_nodes_meeting(
     node = await pool_node(tmp_path, redis, started)
     audio = meeting_audio(librivox[:3], 60.0)
     reference = words(" ".join(u.text for u in librivox[:3]))
-    heard = await meeting(node, audio)
+    client = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    busiest = {"worker": 0.0, "node": 0.0}
+
+    async def watch_the_pool() -> None:
+        # The worker says how busy its lane was; the node's partials follow the pool's share.
+        deadline = time.monotonic() + scaled(40)
+        while min(busiest.values()) == 0 and time.monotonic() < deadline:
+            beat = json.loads(await client.hget(jobs.WORKERS, "w1") or "{}")
+            busiest["worker"] = max(busiest["worker"], float(beat.get("busy", 0.0)))
+            gauge = await asyncio.to_thread(metric, node, "gateway_asr_lanes_busy")
+            busiest["node"] = max(busiest["node"], gauge)
+            await asyncio.sleep(0.25)
+
+    try:
+        heard = await meeting(node, audio, during=watch_the_pool)
+    finally:
+        await client.aclose()
+    assert 0 < busiest["worker"] <= 1 and 0 < busiest["node"] <= 1, busiest
     assert wer(reference, said(heard)) <= 0.3, said(heard)
     assert metric(node, "gateway_asr_skipped_total", '{kind="final",reason="overflow"}') == 0
     assert await worker.stop() == 0

@@ -42,6 +42,20 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}worker:{name}"
 
 
+def pool_busy(workers: list[dict[str, Any]]) -> float:
+    """How busy the pool's lanes were over the last few seconds, from the live workers'
+    heartbeats: each worker's share (:class:`~.scheduler.LaneUse`) weighted by its lanes.
+    A worker that does not say counts as busy throughout; no worker at all, as busy."""
+    lanes = [max(1, int(w.get("lanes") or 1)) for w in workers]
+    if not lanes:
+        return 1.0
+    shares = [
+        min(1.0, max(0.0, float(b))) if isinstance(b := w.get("busy"), int | float) else 1.0
+        for w in workers
+    ]
+    return sum(n * s for n, s in zip(lanes, shares, strict=True)) / sum(lanes)
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     id: str

@@ -76,6 +76,8 @@ class PoolRecognizer:
         self.workers = 0
         self.partial_lanes = 0
         """Lanes of the live workers that take partials, all nodes' to share."""
+        self.pool_busy = 1.0
+        """How busy the live workers' lanes were, as their heartbeats last said."""
 
     async def start(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -124,9 +126,9 @@ class PoolRecognizer:
         self.local.forget(session)
 
     def busy(self) -> float:
-        """The local lanes' share when no worker is live; the pool's workers do not
-        report theirs, so partials keep to the short span there."""
-        return 1.0 if self.workers else self.local.busy()
+        """The live workers' share of busy lane time (each reports its own with its
+        heartbeat, every second), or the local lanes' when no worker is live."""
+        return self.pool_busy if self.workers else self.local.busy()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -256,6 +258,9 @@ class PoolRecognizer:
         self.workers = len(alive)
         # Every lane of a worker takes partials (see .worker), finals first.
         self.partial_lanes = sum(max(1, int(info.get("lanes") or 1)) for info in alive)
+        if alive:
+            self.pool_busy = jobs.pool_busy(alive)
+            self.metrics.lanes_busy.set(self.pool_busy)
 
 
 def _text(value: bytes | str) -> str:

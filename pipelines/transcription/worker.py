@@ -59,13 +59,14 @@ class Worker:
         self._stopping = asyncio.Event()
         self.done = 0
         self.lanes = 0
+        self.scheduler: Scheduler | None = None
 
     async def run(self) -> None:
         from prometheus_client import CollectorRegistry
 
         engine = await asyncio.to_thread(shared_engine, self.settings)
         self.lanes = engine.lanes
-        scheduler = Scheduler(
+        scheduler = self.scheduler = Scheduler(
             TranscriptionMetrics(CollectorRegistry()),
             lanes=engine.lanes,
             stale_after=self.stale_after,
@@ -111,14 +112,16 @@ class Worker:
         self._stopping.set()
 
     async def _beat(self) -> None:
-        info = json.dumps(
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "lanes": self.lanes,
-                "at": time.time(),
-            }
-        )
+        beat: dict[str, Any] = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "lanes": self.lanes,
+            "at": time.time(),
+        }
+        if self.scheduler is not None:
+            # The nodes give partials the long span while the pool has time to spare.
+            beat["busy"] = round(self.scheduler.busy(), 3)
+        info = json.dumps(beat)
         with contextlib.suppress(RedisError, OSError):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(jobs.worker_key(self.name), info, px=int(HEARTBEAT_TTL * 1000))
