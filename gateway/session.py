@@ -313,7 +313,7 @@ class Session(SpeechOut):
             # Meetings that start together (a fleet's on the hour) would otherwise rewrite
             # their files in one burst every interval, and hold up every meeting's audio
             # on the loop while they are encoded: 200 at once took about 40 ms.
-            later = 1.0 + phase(self.key) if self._metadata_due == 0.0 else 1.0
+            later = 1.0 + self.core.phase if self._metadata_due == 0.0 else 1.0
             self._metadata_due = now + later * METADATA_INTERVAL
             self.metadata_file.update()
 

@@ -42,11 +42,16 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}worker:{name}"
 
 
+def worker_lanes(worker: dict[str, Any]) -> int:
+    """The lanes a worker's heartbeat says it runs (one if it does not say)."""
+    return max(1, int(worker.get("lanes") or 1))
+
+
 def pool_busy(workers: list[dict[str, Any]]) -> float:
     """How busy the pool's lanes were over the last few seconds, from the live workers'
     heartbeats: each worker's share (:class:`~.scheduler.LaneUse`) weighted by its lanes.
     A worker that does not say counts as busy throughout; no worker at all, as busy."""
-    lanes = [max(1, int(w.get("lanes") or 1)) for w in workers]
+    lanes = [worker_lanes(w) for w in workers]
     if not lanes:
         return 1.0
     shares = [

@@ -257,7 +257,7 @@ class PoolRecognizer:
             logger.info("recognition pool: %d workers alive", len(alive))
         self.workers = len(alive)
         # Every lane of a worker takes partials (see .worker), finals first.
-        self.partial_lanes = sum(max(1, int(info.get("lanes") or 1)) for info in alive)
+        self.partial_lanes = sum(jobs.worker_lanes(info) for info in alive)
         if alive:
             self.pool_busy = jobs.pool_busy(alive)
             self.metrics.lanes_busy.set(self.pool_busy)
