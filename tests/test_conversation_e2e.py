@@ -293,3 +293,30 @@ def test_a_partial_that_stops_at_a_sentence_is_decoded_on(
         span = audio[round(start * ASR_RATE) : round(end * ASR_RATE)]
         said = norm_words(" ".join(w.text for w in whisper_model.transcribe(span, start).words))
         assert {"plan", "quick", "check"} <= set(said), (end, said)
+
+
+def test_a_looping_partial_is_heard_again_in_a_wider_window_first(
+    conversation_cache: Path, whisper_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A partial of 9-13 s of the meeting: the compact window loops on "how much there
+    # might be prudently in his power to do for them". The standard 30 s window hears it,
+    # at four times the cost of the partial; a window of the audio and 10 s hears it too.
+    from pipelines.transcription import engine
+    from pipelines.transcription.words import ASR_RATE
+
+    conv = build("meeting", conversation_cache, ASR_RATE)
+    audio = conv.at_rate(ASR_RATE).astype(np.float32) / 32768
+    decode = whisper_model._decode
+    windows: list[tuple[int | None, list[str]]] = []
+
+    def watched(*args: Any) -> Any:
+        out = decode(*args)
+        windows.append((args[4], out[1]))
+        return out
+
+    monkeypatch.setattr(whisper_model, "_decode", watched)
+    heard = whisper_model.transcribe(audio[9 * ASR_RATE : 13 * ASR_RATE], 9.0)
+    said = norm_words(" ".join(w.text for w in heard.words))
+    assert {"prudently", "power"} <= set(said), said
+    assert windows[0] == (engine.WINDOW_MARGIN, ["repetition"]), windows
+    assert [margin for margin, _ in windows[1:]] == [engine.RETRY_MARGIN], windows
