@@ -264,7 +264,8 @@ class Engine:
 
         A compact decode that stops while the voice goes on (:mod:`.verdicts`) is
         continued from its last word, as Whisper's own long-form loop seeks past what it
-        has written; one that heard no word of it is done again in the standard window;
+        has written; one that loops, or heard no word of it, is done again in a wider
+        window (``RETRY_MARGIN``), then if need be in the standard one;
         one whose first word comes after voice it did not write has the audio before that
         word decoded on its own.
         ``whole`` (a final: words not heard now are lost) looks for that after

@@ -6,8 +6,9 @@ compression ratio); :func:`judge` turns them into a reason to drop a segment, an
 (:mod:`.engine`) are seen here, and the engine answers them:
 
 * **Loops** (:func:`looping`): "he was... he was... he was...", or marks that are no
-  words ("old-s---------------") displacing the words after them. Decoded again in the
-  standard 30 s window, which does not share them.
+  words ("old-s---------------") displacing the words after them. Decoded again in a
+  window 10 s wider, and if that loops too in the standard 30 s one, which do not
+  share them.
 * **Starting late** (:func:`started_late`): the decode's first word comes after seconds
   of voice it did not write. Under load a final of 39.3-54.4 s of a dialogue began at
   45.2 s ("I'll put it in the shared...") and lost "quick check in on Friday morning
