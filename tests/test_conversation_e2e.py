@@ -301,7 +301,7 @@ def test_a_looping_partial_is_heard_again_in_a_wider_window_first(
     # A partial of 9-13 s of the meeting: the compact window loops on "how much there
     # might be prudently in his power to do for them". The standard 30 s window hears it,
     # at four times the cost of the partial; a window of the audio and 10 s hears it too.
-    from pipelines.transcription import engine
+    from pipelines.transcription import compact
     from pipelines.transcription.words import ASR_RATE
 
     conv = build("meeting", conversation_cache, ASR_RATE)
@@ -318,5 +318,5 @@ def test_a_looping_partial_is_heard_again_in_a_wider_window_first(
     heard = whisper_model.transcribe(audio[9 * ASR_RATE : 13 * ASR_RATE], 9.0)
     said = norm_words(" ".join(w.text for w in heard.words))
     assert {"prudently", "power"} <= set(said), said
-    assert windows[0] == (engine.WINDOW_MARGIN, ["repetition"]), windows
-    assert [margin for margin, _ in windows[1:]] == [engine.RETRY_MARGIN], windows
+    assert windows[0] == (compact.WINDOW_MARGIN, ["repetition"]), windows
+    assert [margin for margin, _ in windows[1:]] == [compact.RETRY_MARGIN], windows

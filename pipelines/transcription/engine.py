@@ -27,6 +27,13 @@ import numpy.typing as npt
 from gateway.config import Settings
 from gateway.errors import ModelError
 
+from .compact import (
+    RETRY_MARGIN,
+    WINDOW_MARGIN,
+    install_compact_window,
+    padding,
+    retry_is_wider,
+)
 from .models import resolve_model
 from .verdicts import (
     CONTINUATIONS,
@@ -131,45 +138,6 @@ class Hypothesis:
     """How sure the detection was (1.0 when the language was given)."""
 
 
-# faster-whisper pads every window to Whisper's 30 s, so the encoder costs ~0.4 s on
-# one core even for a one-second partial. CTranslate2's encoder takes shorter inputs:
-# padding only to the audio plus ``WINDOW_MARGIN`` frames (then whole seconds) ran
-# ~5x faster on the LibriVox utterances with no loss of accuracy and the same silence
-# and noise rejection (margins under ~3 s let "you" through on noise). The window is
-# chosen per call, in the calling thread, so other users of faster-whisper in the
-# process keep the standard 30 s window.
-WINDOW_MARGIN = 300
-#: A compact decode that loops or is rejected is tried again first with this margin
-#: (about 10 s): on the conversations it hears what the standard window hears in 4 of
-#: 4 such partials, for about 100 ms against 400 ms. Only if that fails too does the
-#: standard window run. These retries were 2 % of the recognitions at 12 meetings but
-#: 15 % of the lanes' time.
-RETRY_MARGIN = 1000
-_FULL_WINDOW = 3000
-_compact = threading.local()
-
-
-def _install_compact_window() -> bool:
-    try:
-        import faster_whisper.transcribe as fw
-    except ImportError:
-        return False
-    original = getattr(fw, "pad_or_trim", None)
-    if original is None or getattr(original, "compact_window", False):
-        return original is not None
-
-    def pad_or_trim(array: Any, length: int = _FULL_WINDOW, *, axis: int = -1) -> Any:
-        margin = getattr(_compact, "margin", None)
-        if margin is not None and length == _FULL_WINDOW:
-            frames = array.shape[axis]
-            length = min(_FULL_WINDOW, -(-(frames + margin) // 100) * 100)
-        return original(array, length, axis=axis)
-
-    pad_or_trim.compact_window = True  # type: ignore[attr-defined]
-    fw.pad_or_trim = pad_or_trim
-    return True
-
-
 class Engine:
     """One model, loaded once per lane and shared by every session of the process.
 
@@ -181,7 +149,7 @@ class Engine:
         self.directory = directory
         self._locks = [threading.Lock() for _ in models]
         self._warm: set[int] = set()
-        self.compact = _install_compact_window()
+        self.compact = install_compact_window()
 
     @property
     def lanes(self) -> int:
@@ -284,7 +252,7 @@ class Engine:
                 frames = voiced(audio)
                 # The compact window occasionally loops, or rejects the first segment
                 # and with it the rest, where a wider one, or the standard one, does not.
-                wide = len(audio) * 100 // ASR_RATE + RETRY_MARGIN < _FULL_WINDOW
+                wide = retry_is_wider(len(audio), ASR_RATE)
                 for margin in (RETRY_MARGIN, None) if wide else (None,):
                     if not RETRY.intersection(rejected) and (
                         words or not stopped_short(frames, offset, words, voice)
@@ -365,9 +333,8 @@ class Engine:
     ) -> tuple[list[HypWord], list[str], Any]:
         """One faster-whisper decode, in a window of the audio plus ``margin`` frames
         (``None``: the standard 30 s window)."""
-        _compact.margin = margin
         limit = int(TOKENS_PER_SECOND * len(audio) / ASR_RATE) + TOKEN_SLACK
-        try:
+        with padding(margin):
             segments, info = model.transcribe(
                 audio,
                 language=language,
@@ -382,8 +349,6 @@ class Engine:
             )
             # The generator decodes as it is consumed: drain it here, in this thread.
             decoded = list(segments)
-        finally:
-            _compact.margin = None
         if sum(len(segment.tokens) for segment in decoded) >= limit - 1:
             return [], ["repetition"], info  # ran out of room: a loop, not speech
         words, rejected = collect(decoded, offset)
