@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 #: Frames (10 ms) of padding after the audio in the compact window. On the replay a
-#: margin of 100 made 469 errors against 432 with 300; 600 and 1000 no fewer than 300.
+#: margin of 100 made 469 errors against 432 with 300; 600 and 1000 about as many (429, 427).
 WINDOW_MARGIN = 300
 #: A compact decode that loops or is rejected is tried again first with this margin
 #: (about 10 s): on the conversations it hears what the standard window hears in 4 of
@@ -64,6 +64,10 @@ def padding(frames: int | None) -> Iterator[None]:
         _local.margin = None
 
 
-def retry_is_wider(samples: int, rate: int) -> bool:
-    """Whether the retry window is still shorter than the standard one for this audio."""
-    return samples * 100 // rate + RETRY_MARGIN < FULL_WINDOW
+def retries(samples: int, rate: int) -> tuple[int | None, ...]:
+    """The windows a failed compact decode of this audio is tried again in, in order:
+    ``RETRY_MARGIN`` while that is still shorter than the standard window, then the
+    standard one (``None``)."""
+    if samples * 100 // rate + RETRY_MARGIN < FULL_WINDOW:
+        return (RETRY_MARGIN, None)
+    return (None,)

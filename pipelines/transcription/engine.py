@@ -27,13 +27,7 @@ import numpy.typing as npt
 from gateway.config import Settings
 from gateway.errors import ModelError
 
-from .compact import (
-    RETRY_MARGIN,
-    WINDOW_MARGIN,
-    install_compact_window,
-    padding,
-    retry_is_wider,
-)
+from .compact import WINDOW_MARGIN, install_compact_window, padding, retries
 from .models import resolve_model
 from .verdicts import (
     CONTINUATIONS,
@@ -252,8 +246,7 @@ class Engine:
                 frames = voiced(audio)
                 # The compact window occasionally loops, or rejects the first segment
                 # and with it the rest, where a wider one, or the standard one, does not.
-                wide = retry_is_wider(len(audio), ASR_RATE)
-                for margin in (RETRY_MARGIN, None) if wide else (None,):
+                for margin in retries(len(audio), ASR_RATE):
                     if not RETRY.intersection(rejected) and (
                         words or not stopped_short(frames, offset, words, voice)
                     ):
