@@ -43,7 +43,8 @@ T = TypeVar("T")
 #: A roster start shifted this close to a voice start lands on it, seconds: Whisper's
 #: word times are about this good (a turn's first word is 0.1-0.3 s off, either way).
 AGREE = 0.2
-#: Two voice starts this close are one (the VAD and the words saw the same start).
+#: Two voice starts this close are one (the VAD and the words saw the same start), and
+#: so are two roster starts (two people marked speaking at once).
 SAME_START = 0.05
 #: Resolution of the search for the peak, seconds.
 STEP = 0.05
@@ -88,8 +89,6 @@ class RosterLag:
         """The estimate (negative: the roster is early); 0 until it settles."""
         self.settled = False
         """Whether the estimate rests on the meeting's evidence (not the default)."""
-        self.hits = 0
-        """How many roster starts land on a voice start at the best offset."""
 
     def voice_started(self, wall: float) -> None:
         """A voice started at ``wall``: a VAD speech start, or a word that starts a turn."""
@@ -102,6 +101,8 @@ class RosterLag:
     def roster_started(self, wall: float) -> None:
         """Somebody was marked speaking at ``wall``."""
         _prune(self._rosters, wall - self.horizon)
+        if self._rosters and abs(self._rosters[-1] - wall) < SAME_START:
+            return  # two people marked at once: one start, the same voices near it
         self._rosters.append(wall)
         self._estimate()
 
@@ -119,8 +120,7 @@ class RosterLag:
         best = int(np.argmax(count))
         away = np.abs(self._grid - self._grid[best]) > 2 * AGREE
         rival = int(count[away].max()) if away.any() else 0
-        self.hits = int(count[best])
-        if self.hits >= self.support and self.hits > rival:
+        if count[best] >= self.support and count[best] > rival:
             hits = hit[:, best]
             self.seconds = float(np.median(rosters[hits] - nearest[hits, best]))
             self.settled = True
