@@ -19,10 +19,11 @@ starts, and those agree more tightly than true pairs, whose word times are 0.1-0
 off. Live runs of the conversation benchmark settled on +2.1 s with the roster on time,
 and on 1.3 s with it 2 s late (turns that overlap the last one pair with a voice start
 the words show only once the other voice stops), for 4-20 s at a time; those runs
-attributed 92.9 and 94.1 % of the words (97-99 % otherwise). :class:`RosterLag` counts roster starts instead: one
-vote per roster start for each offset at which it lands within :data:`AGREE` of a
-voice start, so a roster start that pairs with several sentence starts cannot carry an
-offset alone, and the width matches how far word times are off.
+attributed 92.9 and 94.1 % of the words (97-99 % otherwise). :class:`RosterLag` counts
+roster starts instead: one vote per roster start for each offset at which it lands
+within :data:`AGREE` of a voice start, so a roster start that pairs with several
+sentence starts cannot carry an offset alone, and the width matches how far word times
+are off.
 
 All times are wall seconds (epoch).
 """
