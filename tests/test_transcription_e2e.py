@@ -228,6 +228,21 @@ async def test_no_text_for_silence_noise_or_music(
     assert transcript.read_text() == ""
 
 
+async def test_no_text_for_music_after_speech(
+    librivox: list[Utterance], start_gateway: GatewayFactory, whisper_model: Engine
+) -> None:
+    # Partials are prompted with the words said before them: the music that follows a
+    # conversation (hold music, a shared video) must not read as more of it.
+    rate = 16000
+    speech = np.concatenate([read_wav(u.path, rate)[0] for u in librivox[:3]])
+    gw = await start_gateway(pipelines="transcription")
+    samples = np.concatenate([speech, music(40, rate)])
+    heard = final_words(await stream(gw, "after-speech", samples, rate, speed=4.0))
+    said = len(speech) / rate
+    assert len(heard) >= 20
+    assert [w["punctuated_word"] for w in heard if w["start"] > said + 0.3] == []
+
+
 # -- model resolution and checks ----------------------------------------------------------
 
 
