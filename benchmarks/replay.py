@@ -74,7 +74,7 @@ class Replay:
     max_utterance: float = Settings().max_utterance
     load: float = 1.0
     phase: float = 0.0
-    heard: dict[tuple[int, int, bool, str], tuple[HypWord, ...]] = field(default_factory=dict)
+    heard: dict[tuple[int, int, bool], tuple[HypWord, ...]] = field(default_factory=dict)
     roster: list[dict[str, Any]] | None = None
     """A roster script (:meth:`~benchmarks.conversations.Conversation.roster_script`):
     attribute words as the pipeline does; without one, words have no speaker."""
@@ -111,11 +111,9 @@ class Replay:
     def _recognize(self, request: Request) -> tuple[HypWord, ...]:
         a, b = round(request.start * ASR_RATE), round(request.end * ASR_RATE)
         whole = request.kind == "final"
-        key = (max(0, a), b, whole, request.prompt)
+        key = (max(0, a), b, whole)
         if key not in self.heard:
-            hyp = self.engine.transcribe(
-                self.audio[key[0] : b], key[0] / ASR_RATE, request.prompt or None, whole=whole
-            )
+            hyp = self.engine.transcribe(self.audio[key[0] : b], key[0] / ASR_RATE, whole=whole)
             self.heard[key] = hyp.words
         return self.heard[key]
 
@@ -288,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         conv = build(name, args.cache, ASR_RATE)
         reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
         offline = wer(reference, recognize(conv, engine))
-        heard: dict[tuple[int, int, bool, str], tuple[HypWord, ...]] = {}
+        heard: dict[tuple[int, int, bool], tuple[HypWord, ...]] = {}
         for lag in lags:
             scores = []
             for load, phase in itertools.product(args.loads, args.phases):

@@ -33,12 +33,9 @@ from .timing import scaled
 
 def test_a_job_and_its_answer_survive_the_wire() -> None:
     audio = (np.sin(np.arange(16000) / 7) * 0.5).astype(np.float32)
-    spec = jobs.JobSpec(
-        "j1", "node-a", "s-1", "final", audio, 12.5, None, 1.7e9, prompt="Über die Brücke."
-    )
+    spec = jobs.JobSpec("j1", "node-a", "s-1", "final", audio, 12.5, None, 1.7e9)
     back = jobs.decode_job({k.encode(): v for k, v in jobs.encode_job(spec).items()})
     assert (back.id, back.node, back.session, back.kind) == ("j1", "node-a", "s-1", "final")
-    assert (back.urgent, back.prompt) == (False, "Über die Brücke.")
     assert (back.offset, back.language, back.submitted) == (12.5, None, 1.7e9)
     assert np.abs(back.audio - audio).max() <= 1 / 32768  # 16-bit on the wire
     h = Hypothesis((HypWord("Hello,", 12.5, 12.9, 0.93),), ("no_speech",), 1.0, 0.05, "de", 0.8)

@@ -16,7 +16,6 @@ from pipelines.transcription.policy import (
     FORCE_AGE,
     LONG_SPAN,
     PARTIAL_SPAN,
-    PROMPT_WORDS,
     QUICK_MARGIN,
     QUICK_PROBABILITY,
     RECHECK_CONTEXT,
@@ -384,29 +383,6 @@ def test_a_loop_of_marks_that_are_no_words_is_a_repetition() -> None:
     assert words[0].start == 7.57 and rejected == []
 
 
-def test_music_a_prompted_decode_reads_as_thanks_is_no_speech() -> None:
-    # What tiny.en wrote for music after a sentence, prompted with the sentence: Whisper
-    # is less sure there is no speech with a prompt than without (0.87-0.98).
-    thanks = Segment(
-        id=1,
-        seek=0,
-        start=3.0,
-        end=4.6,
-        text=" Thank you.",
-        tokens=[0] * 3,
-        avg_logprob=-0.965,
-        compression_ratio=0.6,
-        no_speech_prob=0.77,
-        words=[Word(3.0, 4.4, " Thank", 0.04), Word(4.4, 4.6, " you.", 0.98)],
-        temperature=0.0,
-    )
-    assert collect([thanks], 15.0, prompted=True) == ([], ["no_speech"])
-    assert [w.text for w in collect([thanks], 15.0)[0]] == ["Thank", "you."]
-    # Speech stays speech, prompted or not.
-    said = dataclasses.replace(thanks, no_speech_prob=0.05, avg_logprob=-0.3)
-    assert [w.text for w in collect([said], 15.0, prompted=True)[0]] == ["Thank", "you."]
-
-
 def test_a_decode_starts_late_when_voice_it_did_not_write_comes_before_its_words() -> None:
     voice = np.ones(round(10.0 / FRAME), dtype=bool)  # 10 s of voice from 20.0 s on
     first = words("later words", 26.0)
@@ -580,42 +556,6 @@ def test_partials_hear_more_audio_while_the_lanes_have_time_to_spare() -> None:
     assert spans[14.0] == spans[15.5] == PARTIAL_SPAN  # half busy: no change back yet
     assert spans[16.0] == spans[18.0] == LONG_SPAN  # spare again
     assert SPARE < 0.5 < BUSY
-
-
-def test_partials_are_prompted_with_the_utterances_final_words_before_their_audio() -> None:
-    policy = StreamingPolicy(partial_interval=0.5, max_utterance=15.0)
-    said = words(" ".join(f"w{i}" for i in range(200)), 0.2, step=0.25)
-
-    def run(actions: list[Request | Draft]) -> list[Request]:
-        asked = requests(actions)
-        for req in asked:
-            policy.recognized(req, [w for w in said if req.start <= w.start and w.end <= req.end])
-        return asked
-
-    def prompted(asked: list[Request], since: float) -> list[Request]:
-        partials = [r for r in asked if r.kind == "partial"]
-        for req in partials:
-            before = [w.text for w in said if since <= w.start and w.end <= req.start + 0.01]
-            assert req.prompt.split() == before[-PROMPT_WORDS:]
-        return partials
-
-    # A first utterance, closed by the VAD: partials confirm words, the final the rest.
-    policy.speech_started(0.2)
-    first = [r for t in np.arange(0.5, 10.01, 0.5) for r in run(policy.advance(float(t)))]
-    assert first[0].prompt == "" and prompted(first, 0.0)[-1].prompt.startswith("w0 w1")
-    run(policy.speech_ended(10.0))
-    # The next one's partials hear the words of their utterance that came before their
-    # audio as text (across a split at 15 s), never words of their own audio, at most
-    # PROMPT_WORDS of them, and nothing from before the pause: in read speech a sentence
-    # of another passage misled more than it helped.
-    policy.speech_started(11.0)
-    asked = [r for t in np.arange(11.5, 40.01, 0.5) for r in run(policy.advance(float(t)))]
-    assert policy.segment >= 3
-    partials = prompted(asked, 10.8)
-    assert partials[0].prompt == ""
-    assert max(len(r.prompt.split()) for r in partials) == PROMPT_WORDS
-    (final,) = run(policy.speech_ended(40.0))
-    assert final.kind == "final" and final.prompt == ""
 
 
 def test_lane_use_is_the_busy_share_of_the_lanes_over_the_window() -> None:

@@ -221,9 +221,7 @@ class Engine:
 
         Blocking; one call at a time per ``lane``. Each call decodes independently:
         nothing is conditioned on earlier calls except an optional short ``prompt``,
-        which is what keeps repetition loops from feeding themselves. A prompted decode
-        that writes no word is done again without it: a prompt can make Whisper write
-        nothing on speech it hears without one. ``compact=False``
+        which is what keeps repetition loops from feeding themselves. ``compact=False``
         runs faster-whisper's standard 30 s window (the offline reference).
 
         A compact decode that stops while the voice goes on (:mod:`.verdicts`) is
@@ -237,14 +235,34 @@ class Engine:
         :data:`~.verdicts.STUCK_VOICE` s.
         """
         began = time.perf_counter()
+        model = self.models[lane]
+        voice = SHORT_VOICE if whole else STUCK_VOICE
         with self._locks[lane]:
-            words, rejected, info = self._hear(
-                lane, audio, offset, prompt, compact, language, whole
+            use_compact = compact and self.compact
+            words, rejected, info = self._decode(
+                model, audio, offset, prompt, WINDOW_MARGIN if use_compact else None, language
             )
-            if prompt and not words:
-                words, rejected, info = self._hear(
-                    lane, audio, offset, None, compact, language, whole
-                )
+            if use_compact:
+                frames = voiced(audio)
+                # The compact window occasionally loops, or rejects the first segment
+                # and with it the rest, where a wider one, or the standard one, does not.
+                for margin in retries(len(audio), ASR_RATE):
+                    if not RETRY.intersection(rejected) and (
+                        words or not stopped_short(frames, offset, words, voice)
+                    ):
+                        break
+                    words, rejected, info = self._decode(
+                        model, audio, offset, prompt, margin, language
+                    )
+                for _ in range(CONTINUATIONS):
+                    if not words or not stopped_short(frames, offset, words, voice):
+                        break
+                    more = self._continue(model, audio, offset, words[-1].end, language)
+                    if not more:
+                        break
+                    words.extend(more)
+                if started_late(frames, offset, words, voice):
+                    words[:0] = self._head(model, audio, offset, words, language)
         return Hypothesis(
             tuple(words),
             tuple(rejected),
@@ -253,44 +271,6 @@ class Engine:
             getattr(info, "language", None) or language or "en",
             float(getattr(info, "language_probability", 1.0) or 1.0),
         )
-
-    def _hear(
-        self,
-        lane: int,
-        audio: npt.NDArray[np.float32],
-        offset: float,
-        prompt: str | None,
-        compact: bool,
-        language: str | None,
-        whole: bool,
-    ) -> tuple[list[HypWord], list[str], Any]:
-        """One recognition as :meth:`transcribe` describes it, the lane's lock held."""
-        model = self.models[lane]
-        voice = SHORT_VOICE if whole else STUCK_VOICE
-        use_compact = compact and self.compact
-        words, rejected, info = self._decode(
-            model, audio, offset, prompt, WINDOW_MARGIN if use_compact else None, language
-        )
-        if use_compact:
-            frames = voiced(audio)
-            # The compact window occasionally loops, or rejects the first segment
-            # and with it the rest, where a wider one, or the standard one, does not.
-            for margin in retries(len(audio), ASR_RATE):
-                if not RETRY.intersection(rejected) and (
-                    words or not stopped_short(frames, offset, words, voice)
-                ):
-                    break
-                words, rejected, info = self._decode(model, audio, offset, prompt, margin, language)
-            for _ in range(CONTINUATIONS):
-                if not words or not stopped_short(frames, offset, words, voice):
-                    break
-                more = self._continue(model, audio, offset, words[-1].end, language)
-                if not more:
-                    break
-                words.extend(more)
-            if started_late(frames, offset, words, voice):
-                words[:0] = self._head(model, audio, offset, words, language)
-        return words, rejected, info
 
     @property
     def multilingual(self) -> bool:
@@ -364,7 +344,7 @@ class Engine:
             decoded = list(segments)
         if sum(len(segment.tokens) for segment in decoded) >= limit - 1:
             return [], ["repetition"], info  # ran out of room: a loop, not speech
-        words, rejected = collect(decoded, offset, bool(prompt))
+        words, rejected = collect(decoded, offset)
         if looping([w.norm for w in words]):
             return [], [*rejected, "repetition"], info
         return words, rejected, info

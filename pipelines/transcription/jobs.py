@@ -74,8 +74,6 @@ class JobSpec:
     """Wall time the node submitted it (``time.time()``)."""
     urgent: bool = False
     """A partial that would bring an utterance's first text (runs with the finals)."""
-    prompt: str = ""
-    """The session's final words before the audio (none if empty)."""
 
 
 def encode_job(job: JobSpec) -> dict[str, bytes | str]:
@@ -89,7 +87,6 @@ def encode_job(job: JobSpec) -> dict[str, bytes | str]:
         "language": job.language or "",
         "submitted": repr(job.submitted),
         "urgent": "1" if job.urgent else "",
-        "prompt": job.prompt,
         "audio": pcm,
     }
 
@@ -112,7 +109,6 @@ def decode_job(fields: dict[Any, Any]) -> JobSpec:
         _text(f["language"]) or None,
         float(_text(f["submitted"])),
         bool(_text(f.get("urgent", ""))),
-        _text(f.get("prompt", "")),
     )
 
 

@@ -218,7 +218,6 @@ class TranscriptionPipeline(Pipeline):
             at / ASR_RATE,
             self._language.for_request(),
             urgent=request.kind == "partial" and request.first,
-            prompt=request.prompt,
         )
         self._inflight += 1
         self._idle.clear()

@@ -41,9 +41,6 @@ The rules:
   is duplicated, lost or misheard for starting mid-phrase. With no confirmed word to
   split at (none, or only those carried into the segment), the whole segment is
   finalized as it is.
-- A partial is prompted with the last ``PROMPT_WORDS`` final words of its utterance
-  said before its audio: a window that starts mid-conversation hears what came before
-  it as text.
 
 Every word reaches exactly one final: a segment's confirmed words are counted as they
 are released, and each final carries only words after the last one released.
@@ -108,12 +105,6 @@ LONG_SPAN = 8.0
 #: the span from changing at every partial.
 BUSY = 0.7
 SPARE = 0.4
-#: Final words of the utterance before a partial's audio, its prompt. On the replay 48
-#: rather than none took the dialogue's WER from 0.169 to 0.152 and the meeting's from
-#: 0.177 to 0.168; 24 gained half that, 96 no more, prompting finals too nothing. Words
-#: from before the VAD's last pause are left out: in read speech a sentence of another
-#: passage misled more than it helped (0.096 to 0.127).
-PROMPT_WORDS = 48
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +128,6 @@ class Request:
     """The VAD's end of speech, for finals that close an utterance."""
     first: bool
     """No partial of this segment has shown words yet."""
-    prompt: str = ""
-    """The utterance's final words before ``start``, for a partial (``PROMPT_WORDS``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,26 +170,18 @@ class StreamingPolicy:
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = 0.0
-        # The last final words: enough for a prompt before a partial's window of them.
-        self._said: deque[HypWord] = deque(maxlen=3 * PROMPT_WORDS)
         self.emitted_words = 0
 
     def _request(
         self, kind: str, end: float, *, speech_final: bool, speech_end: float | None = None
     ) -> Request:
         self._ids += 1
-        start = self._resume_at() if kind == "final" else self._partial_start(end)
-        said = [
-            w.text
-            for w in self._said
-            if kind == "partial" and self._speech_start - PAD <= w.start and w.end <= start + 0.01
-        ]
         return Request(
             self._ids,
             kind,
             self.utterance,
             self.segment,
-            start,
+            self._resume_at() if kind == "final" else self._partial_start(end),
             end,
             tuple(self._confirmed),
             self._released,
@@ -208,7 +189,6 @@ class StreamingPolicy:
             self._speech_start,
             speech_end,
             not self._shown,
-            " ".join(said[-PROMPT_WORDS:]),
         )
 
     def _new_segment(self, start: float) -> None:
@@ -314,7 +294,6 @@ class StreamingPolicy:
         words = self._confirmed[self._released :]
         self._released = len(self._confirmed)
         self.emitted_words += len(words)
-        self._said.extend(words)
         return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
     def _earlier(self, end: float, span: float) -> list[HypWord]:
@@ -361,7 +340,6 @@ class StreamingPolicy:
             tail = tail_after(request.confirmed, words)
             final = (*request.confirmed[request.released :], *tail)
             self.emitted_words += len(final)
-            self._said.extend(final)
             return [Draft(final, is_final=True, speech_final=request.speech_final, request=request)]
         if not self._current(request):
             return []  # the segment it belonged to was finalized meanwhile

@@ -109,24 +109,12 @@ class PoolRecognizer:
         language: str | None,
         *,
         urgent: bool = False,
-        prompt: str = "",
     ) -> asyncio.Future[Hypothesis | None]:
         if not self.workers:
-            return self.local.recognize(
-                session, kind, audio, offset, language, urgent=urgent, prompt=prompt
-            )
+            return self.local.recognize(session, kind, audio, offset, language, urgent=urgent)
         future: asyncio.Future[Hypothesis | None] = asyncio.get_running_loop().create_future()
         spec = jobs.JobSpec(
-            uuid.uuid4().hex,
-            self.node,
-            session,
-            kind,
-            audio,
-            offset,
-            language,
-            time.time(),
-            urgent,
-            prompt,
+            uuid.uuid4().hex, self.node, session, kind, audio, offset, language, time.time(), urgent
         )
         job = Job(session, kind, time.monotonic(), _Remote(spec, future, urgent), urgent)
         self._dropped(self._queue.push(job))

@@ -34,10 +34,8 @@ class Recognizer(Protocol):
         language: str | None,
         *,
         urgent: bool = False,
-        prompt: str = "",
     ) -> asyncio.Future[Hypothesis | None]:
-        """Recognize 16 kHz ``audio`` that starts ``offset`` s into the session,
-        after the words ``prompt`` (none if empty)."""
+        """Recognize 16 kHz ``audio`` that starts ``offset`` s into the session."""
         ...
 
     def forget(self, session: str) -> None:
@@ -64,13 +62,12 @@ class LocalRecognizer:
         language: str | None,
         *,
         urgent: bool = False,
-        prompt: str = "",
     ) -> asyncio.Future[Hypothesis | None]:
         engine = self.engine
 
         def run(lane: int) -> Hypothesis:
             return engine.transcribe(
-                audio, offset, prompt or None, lane=lane, language=language, whole=kind == FINAL
+                audio, offset, lane=lane, language=language, whole=kind == FINAL
             )
 
         return self.scheduler.submit(session, kind, run, urgent=urgent)

@@ -45,10 +45,6 @@ COMPRESSION_RATIO_MAX = 2.4
 # scored above 0.76 in 333 segments. Such a segment is no speech, whatever its words.
 NO_SPEECH_SURE = 0.8
 NO_SPEECH_SURE_LOGPROB = -0.5
-# A prompt (the words said before) makes Whisper less sure there is no speech: music
-# after a sentence read "Thank you." at 0.67-0.77 and -0.95 in prompted decodes. There
-# the floor of no-speech certainty is Whisper's own.
-NO_SPEECH_SURE_PROMPTED = NO_SPEECH_PROB
 #: Why a decode in the compact window is tried again in the standard one, besides
 #: stopping short.
 RETRY = frozenset({"repetition", "low_logprob"})
@@ -72,15 +68,13 @@ VOICE_FLOOR_DB = -55.0
 FRAME = 0.02
 
 
-def judge(segment: Any, prompted: bool = False) -> str | None:
-    """Why a faster-whisper segment (of a decode with a prompt, ``prompted``) is not
-    speech worth keeping, or ``None``."""
-    sure = NO_SPEECH_SURE_PROMPTED if prompted else NO_SPEECH_SURE
+def judge(segment: Any) -> str | None:
+    """Why a faster-whisper segment is not speech worth keeping, or ``None``."""
     if segment.compression_ratio > COMPRESSION_RATIO_MAX:
         return "repetition"
     if segment.no_speech_prob > NO_SPEECH_PROB and segment.avg_logprob < LOGPROB_FLOOR:
         return "no_speech"
-    if segment.no_speech_prob > sure and segment.avg_logprob < NO_SPEECH_SURE_LOGPROB:
+    if segment.no_speech_prob > NO_SPEECH_SURE and segment.avg_logprob < NO_SPEECH_SURE_LOGPROB:
         return "no_speech"
     if segment.avg_logprob < 1.5 * LOGPROB_FLOOR:
         return "low_logprob"
@@ -102,14 +96,12 @@ def looping(words: list[str]) -> bool:
     return False
 
 
-def collect(
-    segments: Iterable[Any], offset: float, prompted: bool = False
-) -> tuple[list[HypWord], list[str]]:
+def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list[str]]:
     """Words of the segments that pass :func:`judge`, shifted by ``offset`` seconds."""
     words: list[HypWord] = []
     rejected: list[str] = []
     for segment in segments:
-        reason = judge(segment, prompted)
+        reason = judge(segment)
         if reason is not None:
             rejected.append(reason)
             continue

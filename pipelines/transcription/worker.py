@@ -196,11 +196,10 @@ class Worker:
             hypothesis = None
         else:
             audio, offset, language = job.audio, job.offset, job.language
-            prompt = job.prompt or None
 
             def run(lane: int) -> Any:
                 return engine.transcribe(
-                    audio, offset, prompt, lane=lane, language=language, whole=job.kind == FINAL
+                    audio, offset, lane=lane, language=language, whole=job.kind == FINAL
                 )
 
             # The same lanes as a node's own: finals first, then first-text partials.
