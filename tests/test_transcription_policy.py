@@ -25,7 +25,12 @@ from pipelines.transcription.policy import (
     StreamingPolicy,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue, LaneUse
-from pipelines.transcription.sequences import agreement, split_sentences, tail_after
+from pipelines.transcription.sequences import (
+    agreement,
+    skipped_head,
+    split_sentences,
+    tail_after,
+)
 from pipelines.transcription.verdicts import FRAME, collect, looping, started_late
 from pipelines.transcription.window import Window
 from pipelines.transcription.words import HypWord, normalize
@@ -442,6 +447,45 @@ def test_re_heard_words_with_drifted_times_are_not_repeated() -> None:
     # A person really saying two words twice keeps them.
     again = words("jersey now", confirmed[-1].end + 1.5)
     assert [w.text for w in tail_after(confirmed, again)] == ["jersey", "now"]
+
+
+def test_a_decode_that_skipped_the_confirmed_words_is_known() -> None:
+    confirmed = [*words("the price stays the", 51.0), HypWord("same.", 52.52, 52.86, 0.9)]
+    # Heard in a dialogue: the decode wrote nothing of "the price stays the same" and
+    # timed "as" from where those words began.
+    skipped = [HypWord("as", 52.64, 53.0, 0.9), *words("far as I know", 53.0)]
+    assert skipped_head(confirmed, skipped, since=50.4)
+    # One that goes on from the confirmed words by sequence, or starts after them, did not.
+    assert not skipped_head(confirmed, [*confirmed[-2:], *skipped], since=50.4)
+    assert not skipped_head(confirmed, words("as far as I know", 52.9), since=50.4)
+    # The last confirmed word heard again, a little shifted, is no skip.
+    same = HypWord("same", 52.5, 52.9, 0.9)
+    assert not skipped_head(confirmed, [same, *skipped[1:]], since=50.4)
+    # With only the last confirmed word in the audio, its first word is that word heard
+    # anew ("prudently" for "and"), not a skip.
+    assert not skipped_head(confirmed, skipped, since=52.4)
+    assert not skipped_head(confirmed[-1:], skipped, since=50.4)
+    assert not skipped_head(confirmed, [], since=50.4)
+
+
+def test_a_partial_that_skipped_the_confirmed_words_confirms_nothing() -> None:
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    policy.speech_started(0.0)
+    said = words("the price stays the same", 0.1)
+    for end in (0.5, 3.0, 4.0):
+        (req,) = requests(policy.advance(end))
+        policy.recognized(req, said)
+    assert [w.text for w in policy.confirmed] == ["the", "price", "stays", "the", "same"]
+    # "as" timed over "same" (ending 2.02 s): by time it would go, and "far", old
+    # enough to be forced, would be confirmed right after "same".
+    skipped = [HypWord("as", 1.6, 2.42, 0.9), *words("far as I know it", 2.42, step=0.35)]
+    (req,) = requests(policy.advance(4.5))
+    policy.recognized(req, skipped)
+    assert [w.text for w in policy.confirmed] == ["the", "price", "stays", "the", "same"]
+    # The next partial hears the confirmed words and what follows them.
+    (req,) = requests(policy.advance(5.0))
+    policy.recognized(req, [*said[-2:], *words("as far as I know it does", 2.1, step=0.35)])
+    assert [w.text for w in policy.confirmed][4:8] == ["same", "as", "far", "as"]
 
 
 def test_a_final_repeating_the_previous_on_reheard_audio_loses_the_repeat() -> None:

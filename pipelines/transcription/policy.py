@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .sequences import agreement, split_sentences, tail_after
+from .sequences import agreement, skipped_head, split_sentences, tail_after
 from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
@@ -335,7 +335,8 @@ class StreamingPolicy:
         """The words recognized for ``request``; returns what to publish, finals first.
 
         ``sure`` False: a partial decoded in a language only guessed; it is shown but
-        confirms nothing, as a hypothesis of too little audio."""
+        confirms nothing, as a hypothesis of too little audio, and so does one that
+        skipped the confirmed words (:func:`~.sequences.skipped_head`)."""
         if request.kind == "final":
             tail = tail_after(request.confirmed, words)
             final = (*request.confirmed[request.released :], *tail)
@@ -345,6 +346,7 @@ class StreamingPolicy:
             return []  # the segment it belonged to was finalized meanwhile
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
+        sure = sure and not skipped_head(self._confirmed, words, request.start)
         if request.end - self._seg_start < CONFIRM_CONTEXT or not sure:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)

@@ -20,6 +20,8 @@ MATCH_SLACK = 1.0
 #: sentence or where this much silence separates two words.
 SPLIT_PAUSE = 0.3
 SENTENCE_END = (".", "?", "!")
+#: Word times of two decodes of the same audio differ by about this much, seconds.
+SKIP_SLACK = 0.05
 
 
 def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> list[HypWord]:
@@ -31,7 +33,23 @@ def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> l
     """
     if not confirmed:
         return list(hypothesis)
+    anchor = _anchor(confirmed, hypothesis)
+    if anchor is not None:
+        return list(hypothesis[anchor:])
     last = confirmed[-1]
+    c = [w.norm for w in confirmed]
+    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
+    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
+    # past the last one. Confirmed words repeated at the head of the tail are that.
+    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
+        if [w.norm for w in tail[:k]] == c[-k:]:
+            return tail[k:]
+    return tail
+
+
+def _anchor(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> int | None:
+    """Where ``hypothesis`` goes on after the ``confirmed`` words, found by word
+    sequence: the index after its match of the last confirmed word, or ``None``."""
     c = [w.norm for w in confirmed]
     h = [w.norm for w in hypothesis]
     blocks = [
@@ -41,15 +59,29 @@ def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> l
         b = blocks[-1]
         if b.a + b.size == len(c):
             matched = hypothesis[b.b + b.size - 1]
-            if abs(matched.end - last.end) <= MATCH_SLACK:
-                return list(hypothesis[b.b + b.size :])
-    tail = [w for w in hypothesis if (w.start + w.end) / 2 > last.end]
-    # Timestamps of re-heard audio drift: words already confirmed can come back shifted
-    # past the last one. Confirmed words repeated at the head of the tail are that.
-    for k in range(min(len(c), len(tail)), REPEAT_GUARD - 1, -1):
-        if [w.norm for w in tail[:k]] == c[-k:]:
-            return tail[k:]
-    return tail
+            if abs(matched.end - confirmed[-1].end) <= MATCH_SLACK:
+                return b.b + b.size
+    return None
+
+
+def skipped_head(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord], since: float) -> bool:
+    """Whether ``hypothesis``, a decode of audio from ``since`` seconds, skipped the
+    confirmed words in it: it does not go on from them by word sequence, it wrote no
+    word before the last one, and its first word spans that one's end.
+
+    Such a decode times the first word it writes from where the skipped ones began
+    ("as" of "the same. As far as" as 52.64-53.00 s, over "same." at 52.52-52.86 s), so
+    neither that word's time nor what else it skipped tells where it follows the
+    confirmed words: taken by time, "as" was lost; taken as the next word, "what" was
+    confirmed with "Ravi" before it lost. With no other confirmed word in the audio,
+    the first word is the last confirmed one heard anew ("prudently" for "and").
+    """
+    if len(confirmed) < 2 or not hypothesis or confirmed[-2].start < since:
+        return False
+    if _anchor(confirmed, hypothesis) is not None:
+        return False
+    first, last = hypothesis[0], confirmed[-1]
+    return first.start < last.end - SKIP_SLACK < first.end and first.norm != last.norm
 
 
 def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
