@@ -1,6 +1,7 @@
 """Word sequences compared and cut: the pure functions the streaming policy is made of.
 
 :func:`tail_after` finds where a new hypothesis continues the words already confirmed,
+:func:`skipped_head` tells when it cannot be known (the decode skipped them),
 :func:`agreement` how far two hypotheses agree, and :func:`split_sentences` where words
 released together become separate finals.
 """
