@@ -79,10 +79,11 @@ def skipped_head(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord], si
     """
     if len(confirmed) < 2 or not hypothesis or confirmed[-2].start < since:
         return False
-    if _anchor(confirmed, hypothesis) is not None:
-        return False
     first, last = hypothesis[0], confirmed[-1]
-    return first.start < last.end - SKIP_SLACK < first.end and first.norm != last.norm
+    if not first.start < last.end - SKIP_SLACK < first.end or first.norm == last.norm:
+        return False
+    # Checked last: the sequence match is the costly part, and rarely needed.
+    return _anchor(confirmed, hypothesis) is None
 
 
 def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
