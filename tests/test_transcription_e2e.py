@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from gateway.config import Settings
 from gateway.errors import ModelError
 from gateway.simulator import SimulatedBot, read_wav
-from pipelines.transcription.engine import Engine
+from pipelines.transcription.engine import Engine, Request, shared_engine
 from pipelines.transcription.models import (
     BASE_SHA256,
     TINY_EN_SHA256,
@@ -287,6 +287,25 @@ def test_any_ctranslate2_directory_loads(librivox: list[Utterance]) -> None:
     hyp = engine.transcribe(samples.astype(np.float32) / 32768, 2.0)
     assert norm_words(" ".join(w.text for w in hyp.words)) == norm_words(librivox[-1].text)
     assert hyp.words[0].start >= 2.0  # times are on the caller's clock
+
+
+def test_a_batch_hears_each_audio_on_its_own(librivox: list[Utterance]) -> None:
+    """Several sessions' audio in one model call: each gets its own words, on its own
+    clock, as well heard as alone; silence among them stays silent."""
+    engine = shared_engine(Settings(asr_threads=1))
+    clips = [read_wav(u.path, 16000)[0].astype(np.float32) / 32768 for u in librivox[:3]]
+    requests = [Request(clip, 100.0 * i + 2.5) for i, clip in enumerate(clips)]
+    requests.append(Request(np.zeros(3 * 16000, np.float32), 400.0, whole=True))
+    batched = engine.transcribe_many(requests)
+    for u, r, hyp in zip(librivox, requests, batched[:3], strict=False):
+        alone = engine.transcribe(r.audio, r.offset)
+        text = " ".join(w.text for w in hyp.words)
+        assert wer(norm_words(u.text), norm_words(text)) <= max(
+            0.1, wer(norm_words(u.text), norm_words(" ".join(w.text for w in alone.words)))
+        ), text
+        end = r.offset + len(r.audio) / 16000
+        assert all(r.offset <= w.start <= w.end <= end + 0.1 for w in hyp.words)
+    assert batched[3].words == ()
 
 
 @pytest.mark.parametrize("bot_speech", ["label", "drop"])

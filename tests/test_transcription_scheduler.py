@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pipelines.transcription.metrics import TranscriptionMetrics
-from pipelines.transcription.scheduler import FINAL, PARTIAL, Scheduler
+from pipelines.transcription.scheduler import FINAL, PARTIAL, Batchable, Scheduler
 
 from .timing import scaled
 
@@ -116,3 +116,59 @@ async def test_the_lanes_report_how_busy_they_were() -> None:
     finally:
         await scheduler.stop()
     assert 0.0 < running <= done < 0.5
+
+
+async def test_waiting_jobs_of_several_sessions_share_one_call() -> None:
+    metrics = TranscriptionMetrics(CollectorRegistry())
+    scheduler = Scheduler(metrics, lanes=1, max_batch=2)
+    await scheduler.start()
+    calls: list[list[str]] = []
+
+    def run(items: list[str], lane: int) -> list[str]:
+        calls.append(list(items))
+        return [f"{item} heard on lane {lane}" for item in items]
+
+    gate = threading.Event()
+    try:
+        # The only lane is busy; meanwhile four sessions' jobs wait, one not batchable.
+        held = scheduler.submit("x", PARTIAL, lambda lane: gate.wait(scaled(5)))
+        await asyncio.sleep(scaled(0.05))
+        final = scheduler.submit("f", FINAL, Batchable(run, "f"))
+        alone = scheduler.submit("a", PARTIAL, lambda lane: "a alone")
+        b = scheduler.submit("b", PARTIAL, Batchable(run, "b"))
+        c = scheduler.submit("c", PARTIAL, Batchable(run, "c"))
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(held, final, alone, b, c), scaled(5))
+    finally:
+        gate.set()
+        await scheduler.stop()
+    # The final goes first, with the next batchable partial in the same call (at most
+    # two); the plain job runs on its own, and each job gets its own result.
+    assert calls == [["f", "b"], ["c"]]
+    assert results[1:] == ["f heard on lane 0", "a alone", "b heard on lane 0", "c heard on lane 0"]
+    assert metrics.batch._sum.get() == 1 + 2 + 1 + 1  # five jobs in four calls
+
+
+async def test_no_batch_while_a_lane_is_idle() -> None:
+    scheduler = Scheduler(TranscriptionMetrics(CollectorRegistry()), lanes=2, max_batch=4)
+    await scheduler.start()
+    calls: list[tuple[int, list[str]]] = []
+
+    def run(items: list[str], lane: int) -> list[int]:
+        calls.append((lane, list(items)))
+        time.sleep(0.05)
+        return [lane for _ in items]
+
+    try:
+        # Both lanes are free: each takes one job, sooner than one lane taking both.
+        lanes = await asyncio.wait_for(
+            asyncio.gather(
+                scheduler.submit("a", PARTIAL, Batchable(run, "a")),
+                scheduler.submit("b", PARTIAL, Batchable(run, "b")),
+            ),
+            scaled(5),
+        )
+    finally:
+        await scheduler.stop()
+    assert sorted(lanes) == [0, 1]
+    assert sorted(items for _, items in calls) == [["a"], ["b"]]

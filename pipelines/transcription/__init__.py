@@ -54,7 +54,9 @@ class TranscriptionFactory(PipelineFactory):
         )
         await self.scheduler.start()
         await self.scheduler.run_in_lanes(
-            functools.partial(self.engine.warm_up, seconds=s.max_utterance + 1.0)
+            functools.partial(
+                self.engine.warm_up, seconds=s.max_utterance + 1.0, batch=self.scheduler.max_batch
+            )
         )
         self.recognizer = LocalRecognizer(self.engine, self.scheduler)
         if s.recognition == "pool":

@@ -11,15 +11,13 @@ worker, never on the event loop).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +25,8 @@ import numpy.typing as npt
 from gateway.config import Settings
 from gateway.errors import ModelError
 
-from .compact import WINDOW_MARGIN, install_compact_window, padding, retries
+from .compact import FULL_WINDOW, WINDOW_MARGIN, install_compact_window, padding, retries
+from .lanes import asr_threads, in_lane_thread, single_threaded_blas
 from .models import resolve_model
 from .verdicts import (
     CONTINUATIONS,
@@ -35,10 +34,10 @@ from .verdicts import (
     RETRY,
     SHORT_VOICE,
     STUCK_VOICE,
-    collect,
-    looping,
     started_late,
     stopped_short,
+    token_limit,
+    verdict,
     voiced,
 )
 
@@ -49,74 +48,10 @@ from .words import normalize as normalize
 
 logger = logging.getLogger("pipelines.transcription.engine")
 
-T = TypeVar("T")
-
-# Speech runs at about 3 words (4-5 tokens) a second. A decode that needs far more is
-# looping, and a loop left to run to Whisper's 448-token limit costs seconds.
-TOKENS_PER_SECOND = 10
-TOKEN_SLACK = 16
-
-
-def asr_threads(settings: Settings) -> int:
-    """Recognition lanes: as configured, else one per core."""
-    if settings.asr_threads > 0:
-        return settings.asr_threads
-    return max(1, os.cpu_count() or 1)
-
-
-def lane_priority(lane: int, lanes: int) -> None:
-    """Lower the calling thread's CPU priority for recognition ``lane`` (Linux).
-
-    Recognition never competes with the event loop: every lane runs below normal
-    priority, so ingest and the loop take a core the moment they have work and
-    inference uses whatever is left, on every core. With several lanes, lane 0 (the
-    finals lane) runs at nice 19 and the others at ``SCHED_IDLE``, below it: a partial
-    never slows a final down. Threads inherit this from the thread that starts them.
-    Elsewhere, or where it is refused, nothing changes.
-    """
-    with contextlib.suppress(AttributeError, OSError):
-        if lane == 0 and lanes > 1:
-            os.setpriority(os.PRIO_PROCESS, 0, 19)  # on Linux: this thread only
-        else:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
-def single_threaded_blas() -> None:
-    """Keep numpy's BLAS (OpenBLAS) in the calling thread, for the whole process.
-
-    OpenBLAS hands each matrix product to helper threads that run at normal priority
-    and spin between calls; the products here (one mel filterbank per recognition) are
-    far too small to gain from them, and under load the helper took half a core from
-    the event loop and the recognition lanes.
-    """
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
-
-
-def _in_lane_thread(lane: int, lanes: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call ``fn`` in a fresh thread at ``lane``'s priority and wait for it.
-
-    CTranslate2 starts its inference threads while a model loads, and they inherit
-    their creator's priority: loading there lowers exactly those threads, never the
-    thread that asked.
-    """
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        lane_priority(lane, lanes)
-        try:
-            outcome.append((True, fn(*args, **kwargs)))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name=f"asr-load-{lane}")
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+#: Frames (10 ms) a second, in Whisper's windows.
+FRAMES_PER_SECOND = 100
+#: Audio longer than one window is never batched.
+MAX_BATCHED = FULL_WINDOW * ASR_RATE // FRAMES_PER_SECOND
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +100,7 @@ class Engine:
         began = time.perf_counter()
         try:
             models = [
-                _in_lane_thread(
+                in_lane_thread(
                     lane,
                     lanes,
                     WhisperModel,
@@ -180,22 +115,20 @@ class Engine:
             ]
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelError(f"cannot load the model in {directory}: {exc}") from exc
+        took = time.perf_counter() - began
         logger.info(
-            "loaded %s from %s in %.1f s (%d lanes)",
-            settings.model,
-            directory,
-            time.perf_counter() - began,
-            lanes,
+            "loaded %s from %s in %.1f s (%d lanes)", settings.model, directory, took, lanes
         )
         return cls(models, directory)
 
-    def warm_up(self, lane: int, seconds: float) -> None:
-        """Run ``lane`` once on a short and once on a ``seconds`` long stretch of noise.
+    def warm_up(self, lane: int, seconds: float, batch: int = 1) -> None:
+        """Run ``lane`` on a short and a ``seconds`` long stretch of noise, then on
+        ``batch`` such stretches at once.
 
         A lane's first calls are slow and allocate its working memory (about 60 MB for
-        tiny.en at 16 s windows, in its thread's heap). Paid at start-up, the first
-        meeting's first words do not wait for it, and memory measured once the gateway
-        is up already holds it. Once per lane and process; call it in the lane's thread.
+        tiny.en at 16 s windows, more for a batch). Paid at start-up, the first meeting's
+        first words do not wait for it, and memory measured once the gateway is up
+        already holds it. Once per lane and process; call it in the lane's thread.
         """
         if lane in self._warm:
             return
@@ -204,6 +137,7 @@ class Engine:
             noise = rng.standard_normal(int(length * ASR_RATE)).astype(np.float32)
             noise *= 0.01
             self.transcribe(noise, 0.0, lane=lane)
+        self.transcribe_many([Request(noise, 0.0)] * batch, lane)
         self._warm.add(lane)
 
     def transcribe(
@@ -236,41 +170,106 @@ class Engine:
         """
         began = time.perf_counter()
         model = self.models[lane]
-        voice = SHORT_VOICE if whole else STUCK_VOICE
         with self._locks[lane]:
             use_compact = compact and self.compact
-            words, rejected, info = self._decode(
-                model, audio, offset, prompt, WINDOW_MARGIN if use_compact else None, language
-            )
+            margin = WINDOW_MARGIN if use_compact else None
+            decoded = self._decode(model, audio, offset, prompt, margin, language)
             if use_compact:
-                frames = voiced(audio)
-                # The compact window occasionally loops, or rejects the first segment
-                # and with it the rest, where a wider one, or the standard one, does not.
-                for margin in retries(len(audio), ASR_RATE):
-                    if not RETRY.intersection(rejected) and (
-                        words or not stopped_short(frames, offset, words, voice)
-                    ):
-                        break
-                    words, rejected, info = self._decode(
-                        model, audio, offset, prompt, margin, language
+                decoded = self._settle(model, audio, offset, prompt, language, whole, decoded)
+        return _hypothesis(audio, decoded, language, time.perf_counter() - began)
+
+    def transcribe_many(self, requests: Sequence[Request], lane: int = 0) -> list[Hypothesis]:
+        """:meth:`transcribe` each of ``requests`` (compact windows, no prompt), the
+        first decodes of those in one language as one batch (:mod:`.batch`).
+
+        Each hypothesis counts its share of the batch in its ``compute_seconds``.
+        """
+        began = time.perf_counter()
+        model = self.models[lane]
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            language = r.language if self.multilingual else "en"
+            if language is not None and len(r.audio) <= MAX_BATCHED and self.compact:
+                groups.setdefault(language, []).append(i)
+        first: dict[int, tuple[list[HypWord], list[str], Any]] = {}
+        with self._locks[lane]:
+            for language, members in groups.items():
+                if len(members) > 1:
+                    first.update(self._batch(model, requests, members, language))
+        shared = (time.perf_counter() - began) / max(1, len(first))
+        out = []
+        for i, r in enumerate(requests):
+            if i not in first:
+                out.append(
+                    self.transcribe(
+                        r.audio, r.offset, lane=lane, language=r.language, whole=r.whole
                     )
-                for _ in range(CONTINUATIONS):
-                    if not words or not stopped_short(frames, offset, words, voice):
-                        break
-                    more = self._continue(model, audio, offset, words[-1].end, language)
-                    if not more:
-                        break
-                    words.extend(more)
-                if started_late(frames, offset, words, voice):
-                    words[:0] = self._head(model, audio, offset, words, language)
-        return Hypothesis(
-            tuple(words),
-            tuple(rejected),
-            len(audio) / ASR_RATE,
-            time.perf_counter() - began,
-            getattr(info, "language", None) or language or "en",
-            float(getattr(info, "language_probability", 1.0) or 1.0),
-        )
+                )
+                continue
+            began = time.perf_counter()
+            with self._locks[lane]:
+                decoded = self._settle(
+                    model, r.audio, r.offset, None, r.language, r.whole, first[i]
+                )
+            out.append(
+                _hypothesis(r.audio, decoded, r.language, shared + time.perf_counter() - began)
+            )
+        return out
+
+    def _batch(
+        self, model: Any, requests: Sequence[Request], members: list[int], language: str
+    ) -> dict[int, tuple[list[HypWord], list[str], Any]]:
+        """The first decode of each of ``members``, as :meth:`_decode` would return it."""
+        from .batch import first_windows  # imports faster-whisper, as loading does
+
+        limits = [token_limit(requests[i].audio) for i in members]
+        audios = [requests[i].audio for i in members]
+        windows = first_windows(model, audios, language, WINDOW_MARGIN, max(limits))
+        out = {}
+        for i, window, limit in zip(members, windows, limits, strict=True):
+            r = requests[i]
+            parts = [(window.segments, r.offset)]
+            if window.seek < window.frames:  # faster-whisper's loop would decode on from there
+                at = window.seek / FRAMES_PER_SECOND
+                rest = r.audio[round(at * ASR_RATE) :]
+                segments, _ = self._segments(model, rest, None, WINDOW_MARGIN, language, limit)
+                parts.append((segments, r.offset + at))
+            out[i] = (*verdict(parts, limit), None)
+        return out
+
+    def _settle(
+        self,
+        model: Any,
+        audio: npt.NDArray[np.float32],
+        offset: float,
+        prompt: str | None,
+        language: str | None,
+        whole: bool,
+        decoded: tuple[list[HypWord], list[str], Any],
+    ) -> tuple[list[HypWord], list[str], Any]:
+        """A compact decode's failures answered: retried in wider windows, continued
+        where it stopped short, its head decoded where it started late."""
+        words, rejected, info = decoded
+        voice = SHORT_VOICE if whole else STUCK_VOICE
+        frames = voiced(audio)
+        # The compact window occasionally loops, or rejects the first segment and with
+        # it the rest, where a wider one, or the standard one, does not.
+        for margin in retries(len(audio), ASR_RATE):
+            if not RETRY.intersection(rejected) and (
+                words or not stopped_short(frames, offset, words, voice)
+            ):
+                break
+            words, rejected, info = self._decode(model, audio, offset, prompt, margin, language)
+        for _ in range(CONTINUATIONS):
+            if not words or not stopped_short(frames, offset, words, voice):
+                break
+            more = self._continue(model, audio, offset, words[-1].end, language)
+            if not more:
+                break
+            words.extend(more)
+        if started_late(frames, offset, words, voice):
+            words[:0] = self._head(model, audio, offset, words, language)
+        return words, rejected, info
 
     @property
     def multilingual(self) -> bool:
@@ -326,7 +325,19 @@ class Engine:
     ) -> tuple[list[HypWord], list[str], Any]:
         """One faster-whisper decode, in a window of the audio plus ``margin`` frames
         (``None``: the standard 30 s window)."""
-        limit = int(TOKENS_PER_SECOND * len(audio) / ASR_RATE) + TOKEN_SLACK
+        limit = token_limit(audio)
+        decoded, info = self._segments(model, audio, prompt, margin, language, limit)
+        return (*verdict([(decoded, offset)], limit), info)
+
+    @staticmethod
+    def _segments(
+        model: Any,
+        audio: npt.NDArray[np.float32],
+        prompt: str | None,
+        margin: int | None,
+        language: str | None,
+        limit: int,
+    ) -> tuple[list[Any], Any]:
         with padding(margin):
             segments, info = model.transcribe(
                 audio,
@@ -341,13 +352,34 @@ class Engine:
                 max_new_tokens=limit,
             )
             # The generator decodes as it is consumed: drain it here, in this thread.
-            decoded = list(segments)
-        if sum(len(segment.tokens) for segment in decoded) >= limit - 1:
-            return [], ["repetition"], info  # ran out of room: a loop, not speech
-        words, rejected = collect(decoded, offset)
-        if looping([w.norm for w in words]):
-            return [], [*rejected, "repetition"], info
-        return words, rejected, info
+            return list(segments), info
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One recognition of :meth:`Engine.transcribe_many`."""
+
+    audio: npt.NDArray[np.float32]
+    offset: float
+    language: str | None = "en"
+    whole: bool = False
+
+
+def _hypothesis(
+    audio: npt.NDArray[np.float32],
+    decoded: tuple[list[HypWord], list[str], Any],
+    language: str | None,
+    seconds: float,
+) -> Hypothesis:
+    words, rejected, info = decoded
+    return Hypothesis(
+        tuple(words),
+        tuple(rejected),
+        len(audio) / ASR_RATE,
+        seconds,
+        getattr(info, "language", None) or language or "en",
+        float(getattr(info, "language_probability", 1.0) or 1.0),
+    )
 
 
 _shared: dict[tuple[str, str, int], Engine] = {}

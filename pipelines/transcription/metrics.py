@@ -53,6 +53,12 @@ class TranscriptionMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch = Histogram(
+            "gateway_asr_batch_jobs",
+            "Jobs of different sessions run in one recognition call",
+            buckets=(1, 2, 3, 4, 6, 8),
+            registry=r,
+        )
         self.results = Counter(
             "gateway_transcription_results",
             "Results published, by kind",

@@ -18,8 +18,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .engine import Engine, Hypothesis
-from .scheduler import FINAL, Scheduler
+from .engine import Engine, Hypothesis, Request
+from .scheduler import FINAL, Batchable, Scheduler
 
 Audio = npt.NDArray[np.float32]
 
@@ -63,14 +63,9 @@ class LocalRecognizer:
         *,
         urgent: bool = False,
     ) -> asyncio.Future[Hypothesis | None]:
-        engine = self.engine
-
-        def run(lane: int) -> Hypothesis:
-            return engine.transcribe(
-                audio, offset, lane=lane, language=language, whole=kind == FINAL
-            )
-
-        return self.scheduler.submit(session, kind, run, urgent=urgent)
+        request = Request(audio, offset, language, whole=kind == FINAL)
+        job = Batchable(self.engine.transcribe_many, request)
+        return self.scheduler.submit(session, kind, job, urgent=urgent)
 
     def forget(self, session: str) -> None:
         self.scheduler.forget(session)

@@ -13,17 +13,23 @@ silently lost.
 :class:`Scheduler` runs the queue on the event loop with one worker task per
 recognition lane, each handing one job at a time to its own thread. With several
 lanes, every lane takes the next job, finals first; lane 0 runs at a CPU priority above
-the others (see :func:`~pipelines.transcription.engine.lane_priority`), so what it runs
+the others (see :func:`~pipelines.transcription.lanes.lane_priority`), so what it runs
 never shares a core with a partial of another lane. Lane 0 used to keep to finals and
 first-text partials, but in a conversation words become final through partials
 (progressive finals), and one lane of partials left the other idle: at 4 meetings,
 letting every lane run partials took per-word final p50/p95 from 3.37/5.62 s to
 2.47/3.84 s. A final waits at most for the partial a lane is running, a few seconds of
-audio. Batching several sessions into one model
-call was measured and not adopted: on this CPU backend, encoding two 30 s windows as
-one batch took 1.01 s against 0.39 s for one window alone, so a batch is slower than
-the same windows run one after another, and batching would also make every session
-wait for the slowest job of its batch.
+audio.
+
+When every lane is busy and jobs of several sessions wait, a lane takes up to
+``max_batch`` of them (:class:`Batchable` jobs) into one model call, in the order it
+would have run them. The decoder costs about as much for three sequences as for one,
+so on 4 s excerpts of the conversations a lane spends 116-133 ms per job in batches of
+three against 193-198 ms one at a time (``benchmarks/batching.py``, two runs; two:
+133-151 ms, four: 127-132 ms). Every job of a batch waits for the whole call, so
+batches are made only where jobs would queue: while a lane is idle, it runs the next
+job alone, sooner. (Batching was first measured with 30 s windows and not adopted:
+encoding two as one batch took 1.01 s against 0.39 s for one.)
 """
 
 from __future__ import annotations
@@ -35,16 +41,19 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from .engine import lane_priority
+from .lanes import lane_priority
 from .metrics import TranscriptionMetrics
 
 logger = logging.getLogger("pipelines.transcription.scheduler")
 
 T = TypeVar("T")
+ItemT = TypeVar("ItemT")
 
 PARTIAL, FINAL = "partial", "final"
+#: Jobs of different sessions run in one call at most (:class:`Batchable` jobs).
+MAX_BATCH = 3
 
 
 @dataclass(eq=False)
@@ -96,12 +105,16 @@ class JobQueue(Generic[T]):
         return dropped
 
     def pop(
-        self, now: float, busy: set[str], partials: bool = True
+        self,
+        now: float,
+        busy: set[str],
+        partials: bool = True,
+        accept: Callable[[T], bool] | None = None,
     ) -> tuple[Job[T] | None, list[tuple[Job[T], str]]]:
-        """The next job for a worker, skipping sessions in ``busy``; finals only unless
-        ``partials``."""
+        """The next job for a worker, skipping sessions in ``busy`` and jobs whose
+        payload ``accept`` refuses; finals only unless ``partials``."""
         for session, jobs in self._finals.items():
-            if session in busy:
+            if session in busy or (accept is not None and not accept(jobs[0].payload)):
                 continue
             job = jobs.popleft()
             self.finals -= 1
@@ -117,7 +130,9 @@ class JobQueue(Generic[T]):
             return (not self._partials[session].urgent, self._served.get(session, -1))
 
         for session in sorted(self._partials, key=order):
-            if session in busy:
+            if session in busy or (
+                accept is not None and not accept(self._partials[session].payload)
+            ):
                 continue
             job = self._partials.pop(session)
             if now - job.submitted > self.stale_after:
@@ -165,6 +180,19 @@ class LaneUse:
         return min(1.0, busy / (self.window * self.lanes))
 
 
+@dataclass(frozen=True, slots=True)
+class Batchable(Generic[ItemT, T]):
+    """A job that can share one call with others of the same ``run``: ``run(items,
+    lane)`` returns one result per item, in order (one model call for several
+    sessions, :meth:`~.engine.Engine.transcribe_many`)."""
+
+    run: Callable[[list[ItemT], int], list[T]]
+    item: ItemT
+
+    def __call__(self, lane: int) -> T:
+        return self.run([self.item], lane)[0]
+
+
 @dataclass(eq=False)
 class _Work:
     fn: Callable[[int], Any]
@@ -186,9 +214,12 @@ class Scheduler:
         lanes: int = 1,
         stale_after: float = 3.0,
         max_finals: int = 1024,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.metrics = metrics
         self.lanes = lanes
+        self.max_batch = max_batch
+        self._calling = 0  # lanes in a model call
         self._queue: JobQueue[_Work] = JobQueue(max_finals, stale_after)
         self._busy: set[str] = set()
         self._wake = asyncio.Event()
@@ -268,31 +299,68 @@ class Scheduler:
         while True:
             job, dropped = self._queue.pop(time.monotonic(), self._busy)
             self._drop(dropped)
-            self._gauge()
             if job is None:
+                self._gauge()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            work = job.payload
-            if work.future.cancelled():
+            if job.payload.future.cancelled():
                 continue
-            self._busy.add(job.session)
+            batch = self._fill([job])
+            self._gauge()
             began = time.monotonic()
-            self.metrics.wait.labels(job.kind).observe(began - job.submitted)
+            for j in batch:
+                self._busy.add(j.session)
+                self.metrics.wait.labels(j.kind).observe(began - j.submitted)
+            self.metrics.batch.observe(len(batch))
             self.use.began(lane, began)
+            self._calling += 1
             try:
-                result = await loop.run_in_executor(executor, work.fn, lane)
+                if len(batch) == 1:
+                    results = [await loop.run_in_executor(executor, job.payload.fn, lane)]
+                else:
+                    together = cast(Batchable[Any, Any], job.payload.fn)
+                    items = [cast(Batchable[Any, Any], j.payload.fn).item for j in batch]
+                    results = await loop.run_in_executor(executor, together.run, items, lane)
             except Exception as exc:
                 self.metrics.errors.inc()
                 logger.exception("recognition failed")
-                if not work.future.done():
-                    work.future.set_exception(exc)
+                for j in batch:
+                    if not j.payload.future.done():
+                        j.payload.future.set_exception(exc)
             else:
-                self.metrics.jobs.labels(job.kind).inc()
-                if not work.future.done():
-                    work.future.set_result(result)
+                for j, result in zip(batch, results, strict=True):
+                    self.metrics.jobs.labels(j.kind).inc()
+                    if not j.payload.future.done():
+                        j.payload.future.set_result(result)
             finally:
+                self._calling -= 1
                 self.use.ended(lane, time.monotonic())
-                self._busy.discard(job.session)
-                # Another worker may have gone to sleep while this session was busy.
+                for j in batch:
+                    self._busy.discard(j.session)
+                # Another worker may have gone to sleep while these sessions were busy.
                 self._wake.set()
+
+    def _fill(self, batch: list[Job[_Work]]) -> list[Job[_Work]]:
+        """``batch`` (one job) and the waiting jobs of other sessions that can run in the
+        same call, in the order :meth:`JobQueue.pop` gives them, up to ``max_batch``.
+
+        Only while every other lane is busy: a free lane runs the next job alone, sooner.
+        """
+        first = batch[0].payload.fn
+        if not isinstance(first, Batchable) or self._calling < self.lanes - 1:
+            return batch
+
+        def same(work: _Work) -> bool:
+            return isinstance(work.fn, Batchable) and work.fn.run == first.run
+
+        taken = {*self._busy, batch[0].session}
+        while len(batch) < self.max_batch:
+            job, dropped = self._queue.pop(time.monotonic(), taken, accept=same)
+            self._drop(dropped)
+            if job is None:
+                break
+            if not job.payload.future.cancelled():
+                batch.append(job)
+                taken.add(job.session)
+        return batch

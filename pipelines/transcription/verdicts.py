@@ -66,6 +66,10 @@ VOICED_BELOW_DB = 20.0
 #: ... and above this, dBFS: silence has no voice to miss.
 VOICE_FLOOR_DB = -55.0
 FRAME = 0.02
+# Speech runs at about 3 words (4-5 tokens) a second. A decode that needs far more is
+# looping, and a loop left to run to Whisper's 448-token limit costs seconds.
+TOKENS_PER_SECOND = 10
+TOKEN_SLACK = 16
 
 
 def judge(segment: Any) -> str | None:
@@ -115,6 +119,30 @@ def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list
         for w, text in zip(segment.words or (), raw, strict=True):
             if normalize(text):
                 words.append(HypWord(text, offset + w.start, offset + w.end, w.probability))
+    return words, rejected
+
+
+def token_limit(audio: npt.NDArray[np.float32]) -> int:
+    """The most tokens a decode of 16 kHz ``audio`` may write before it is a loop."""
+    return int(TOKENS_PER_SECOND * len(audio) / ASR_RATE) + TOKEN_SLACK
+
+
+def verdict(
+    parts: Sequence[tuple[Sequence[Any], float]], limit: int
+) -> tuple[list[HypWord], list[str]]:
+    """The words of one decode's segments (given in lists, each with the offset its
+    times count from, s) and why segments were dropped; none if it ran out of tokens
+    (``limit``) or loops."""
+    if sum(len(s.tokens) for segments, _ in parts for s in segments) >= limit - 1:
+        return [], ["repetition"]  # ran out of room: a loop, not speech
+    words: list[HypWord] = []
+    rejected: list[str] = []
+    for segments, offset in parts:
+        found, why = collect(segments, offset)
+        words += found
+        rejected += why
+    if looping([w.norm for w in words]):
+        return [], [*rejected, "repetition"]
     return words, rejected
 
 

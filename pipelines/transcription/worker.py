@@ -33,9 +33,9 @@ from gateway.cluster.node import every
 from gateway.config import Settings
 
 from . import jobs
-from .engine import shared_engine
+from .engine import Request, shared_engine
 from .metrics import TranscriptionMetrics
-from .scheduler import FINAL, Scheduler
+from .scheduler import FINAL, Batchable, Scheduler
 
 logger = logging.getLogger("pipelines.transcription.worker")
 
@@ -72,7 +72,7 @@ class Worker:
             stale_after=self.stale_after,
         )
         await scheduler.start()
-        await scheduler.run_in_lanes(lambda lane: engine.warm_up(lane, 16.0))
+        await scheduler.run_in_lanes(lambda lane: engine.warm_up(lane, 16.0, scheduler.max_batch))
         await self._groups()
         free = asyncio.Semaphore(engine.lanes)
         tasks = [
@@ -195,14 +195,10 @@ class Worker:
         if job.kind != FINAL and time.time() - job.submitted > self.stale_after:
             hypothesis = None
         else:
-            audio, offset, language = job.audio, job.offset, job.language
-
-            def run(lane: int) -> Any:
-                return engine.transcribe(
-                    audio, offset, lane=lane, language=language, whole=job.kind == FINAL
-                )
-
-            # The same lanes as a node's own: finals first, then first-text partials.
+            request = Request(job.audio, job.offset, job.language, whole=job.kind == FINAL)
+            # The same lanes as a node's own: finals first, then first-text partials,
+            # several sessions' jobs in one call when they wait together.
+            run = Batchable(engine.transcribe_many, request)
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
         await self._ack(
             stream, entry_id, (job.node, jobs.encode_result(job.id, hypothesis, self.name))
