@@ -322,17 +322,32 @@ def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
 # -- the gateway side (this process) ----------------------------------------------------
 
 
-def _counter(registry: CollectorRegistry, name: str, kind: str | None = None) -> int:
+def _counter_value(registry: CollectorRegistry, name: str, kind: str | None = None) -> float:
     """A counter's total over its labels (only those of ``kind`` when given)."""
-    return int(
-        sum(
-            s.value
-            for metric in registry.collect()
-            if metric.name == name
-            for s in metric.samples
-            if s.name.endswith("_total") and kind in (None, s.labels.get("kind"))
-        )
+    return sum(
+        s.value
+        for metric in registry.collect()
+        if metric.name == name
+        for s in metric.samples
+        if s.name.endswith("_total") and kind in (None, s.labels.get("kind"))
     )
+
+
+def _counter(registry: CollectorRegistry, name: str, kind: str | None = None) -> int:
+    return int(_counter_value(registry, name, kind))
+
+
+def _mean(registry: CollectorRegistry, name: str, kind: str | None = None) -> float | None:
+    """A histogram's mean over its labels (only those of ``kind`` when given)."""
+    sums = {"_sum": 0.0, "_count": 0.0}
+    for metric in registry.collect():
+        if metric.name != name:
+            continue
+        for s in metric.samples:
+            suffix = s.name[len(name) :]
+            if suffix in sums and kind in (None, s.labels.get("kind")):
+                sums[suffix] += s.value
+    return round(sums["_sum"] / sums["_count"], 3) if sums["_count"] else None
 
 
 async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -373,6 +388,15 @@ async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str
         if jobs
         else None,
         "partials_run": _counter(registry, "gateway_asr_jobs", "partial"),
+        # Jobs of different sessions per model call, how long partials waited for a lane,
+        # and the lanes' seconds per recognition (a batch's shared among its jobs).
+        "jobs_per_call": _mean(registry, "gateway_asr_batch_jobs"),
+        "partial_wait_mean": _mean(registry, "gateway_asr_wait_seconds", "partial"),
+        "compute_per_recognition": round(
+            _counter_value(registry, "gateway_asr_busy_seconds") / jobs, 3
+        )
+        if jobs
+        else None,
         "partials_skipped": _counter(registry, "gateway_asr_skipped", "partial"),
         "finals_skipped": _counter(registry, "gateway_asr_skipped", "final"),
         "subscribers_dropped": _counter(registry, "gateway_transcript_subscriber_drops"),
