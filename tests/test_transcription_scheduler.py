@@ -142,11 +142,11 @@ async def test_waiting_jobs_of_several_sessions_share_one_call() -> None:
     finally:
         gate.set()
         await scheduler.stop()
-    # The final goes first, with the next batchable partial in the same call (at most
-    # two); the plain job runs on its own, and each job gets its own result.
-    assert calls == [["f", "b"], ["c"]]
+    # The final goes first and alone; the plain partial runs on its own; the two
+    # batchable partials share a call. Each job gets its own result.
+    assert calls == [["f"], ["b", "c"]]
     assert results[1:] == ["f heard on lane 0", "a alone", "b heard on lane 0", "c heard on lane 0"]
-    assert metrics.batch._sum.get() == 1 + 2 + 1 + 1  # five jobs in four calls
+    assert metrics.batch._sum.get() == 1 + 1 + 1 + 2  # five jobs in four calls
 
 
 async def test_no_batch_while_a_lane_is_idle() -> None:

@@ -21,15 +21,16 @@ letting every lane run partials took per-word final p50/p95 from 3.37/5.62 s to
 2.47/3.84 s. A final waits at most for the partial a lane is running, a few seconds of
 audio.
 
-When every lane is busy and jobs of several sessions wait, a lane takes up to
+When every lane is busy and partials of several sessions wait, a lane takes up to
 ``max_batch`` of them (:class:`Batchable` jobs) into one model call, in the order it
-would have run them. The decoder costs about as much for three sequences as for one,
-so on 4 s excerpts of the conversations a lane spends 116-133 ms per job in batches of
-three against 193-198 ms one at a time (``benchmarks/batching.py``, two runs; two:
-133-151 ms, four: 127-132 ms). Every job of a batch waits for the whole call, so
-batches are made only where jobs would queue: while a lane is idle, it runs the next
-job alone, sooner. (Batching was first measured with 30 s windows and not adopted:
-encoding two as one batch took 1.01 s against 0.39 s for one.)
+would have run them; a final always runs alone. The decoder costs about as much for
+three sequences as for one, so on 4 s excerpts of the conversations a lane spends
+116-133 ms per job in batches of three against 193-198 ms one at a time
+(``benchmarks/batching.py``, two runs; two: 133-151 ms, four: 127-132 ms). Every job of
+a batch waits for the whole call, so batches are made only where jobs would queue:
+while a lane is idle, it runs the next job alone, sooner. (Batching was first measured
+with 30 s windows and not adopted: encoding two as one batch took 1.01 s against 0.39 s
+for one.)
 """
 
 from __future__ import annotations
@@ -110,10 +111,13 @@ class JobQueue(Generic[T]):
         busy: set[str],
         partials: bool = True,
         accept: Callable[[T], bool] | None = None,
+        *,
+        finals: bool = True,
     ) -> tuple[Job[T] | None, list[tuple[Job[T], str]]]:
         """The next job for a worker, skipping sessions in ``busy`` and jobs whose
-        payload ``accept`` refuses; finals only unless ``partials``."""
-        for session, jobs in self._finals.items():
+        payload ``accept`` refuses; finals only unless ``partials``, partials only
+        unless ``finals``."""
+        for session, jobs in self._finals.items() if finals else ():
             if session in busy or (accept is not None and not accept(jobs[0].payload)):
                 continue
             job = jobs.popleft()
@@ -342,13 +346,18 @@ class Scheduler:
                 self._wake.set()
 
     def _fill(self, batch: list[Job[_Work]]) -> list[Job[_Work]]:
-        """``batch`` (one job) and the waiting jobs of other sessions that can run in the
-        same call, in the order :meth:`JobQueue.pop` gives them, up to ``max_batch``.
+        """``batch`` (one partial) and the waiting partials of other sessions that can run
+        in the same call, in the order :meth:`JobQueue.pop` gives them, up to
+        ``max_batch``. A final runs alone: its words wait for nothing else.
 
         Only while every other lane is busy: a free lane runs the next job alone, sooner.
         """
         first = batch[0].payload.fn
-        if not isinstance(first, Batchable) or self._calling < self.lanes - 1:
+        if (
+            batch[0].kind == FINAL
+            or not isinstance(first, Batchable)
+            or self._calling < self.lanes - 1
+        ):
             return batch
 
         def same(work: _Work) -> bool:
@@ -356,7 +365,7 @@ class Scheduler:
 
         taken = {*self._busy, batch[0].session}
         while len(batch) < self.max_batch:
-            job, dropped = self._queue.pop(time.monotonic(), taken, accept=same)
+            job, dropped = self._queue.pop(time.monotonic(), taken, accept=same, finals=False)
             self._drop(dropped)
             if job is None:
                 break
