@@ -124,7 +124,7 @@ async def test_waiting_jobs_of_several_sessions_share_one_call() -> None:
     await scheduler.start()
     calls: list[list[str]] = []
 
-    def run(items: list[str], lane: int) -> list[str]:
+    def run(items: list[str], lane: int, ready: object) -> list[str]:
         calls.append(list(items))
         return [f"{item} heard on lane {lane}" for item in items]
 
@@ -154,7 +154,7 @@ async def test_no_batch_while_a_lane_is_idle() -> None:
     await scheduler.start()
     calls: list[tuple[int, list[str]]] = []
 
-    def run(items: list[str], lane: int) -> list[int]:
+    def run(items: list[str], lane: int, ready: object) -> list[int]:
         calls.append((lane, list(items)))
         time.sleep(0.05)
         return [lane for _ in items]
@@ -172,3 +172,31 @@ async def test_no_batch_while_a_lane_is_idle() -> None:
         await scheduler.stop()
     assert sorted(lanes) == [0, 1]
     assert sorted(items for _, items in calls) == [["a"], ["b"]]
+
+
+async def test_a_job_of_a_batch_does_not_wait_for_the_others() -> None:
+    scheduler = Scheduler(TranscriptionMetrics(CollectorRegistry()), lanes=1, max_batch=2)
+    await scheduler.start()
+    hold, gate = threading.Event(), threading.Event()
+
+    def run(items: list[str], lane: int, ready: Callable[[int, str], None] | None) -> list[str]:
+        assert ready is not None
+        ready(0, items[0])  # the first is settled; the second needs more work
+        gate.wait(scaled(5))
+        return list(items)
+
+    try:
+        held = scheduler.submit("x", PARTIAL, lambda lane: hold.wait(scaled(5)))
+        await asyncio.sleep(scaled(0.05))
+        first = scheduler.submit("a", PARTIAL, Batchable(run, "a"))
+        second = scheduler.submit("b", PARTIAL, Batchable(run, "b"))
+        hold.set()  # the lane is free: "a" and "b" run in one call
+        assert await asyncio.wait_for(first, scaled(5)) == "a"
+        assert not second.done()  # still in the call
+        gate.set()
+        assert await asyncio.wait_for(second, scaled(5)) == "b"
+        await held
+    finally:
+        hold.set()
+        gate.set()
+        await scheduler.stop()

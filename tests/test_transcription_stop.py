@@ -51,7 +51,9 @@ class SilentEngine:
     def transcribe(self, audio: Any, offset: float, **_: Any) -> Hypothesis:
         return Hypothesis((), (), len(audio) / RATE, 0.0)
 
-    def transcribe_many(self, requests: list[Any], lane: int = 0) -> list[Hypothesis]:
+    def transcribe_many(
+        self, requests: list[Any], lane: int = 0, ready: Any = None
+    ) -> list[Hypothesis]:
         return [self.transcribe(r.audio, r.offset) for r in requests]
 
 

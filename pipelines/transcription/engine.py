@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,8 @@ from .words import normalize as normalize
 
 logger = logging.getLogger("pipelines.transcription.engine")
 
-#: Frames (10 ms) a second, in Whisper's windows.
-FRAMES_PER_SECOND = 100
-#: Audio longer than one window is never batched.
-MAX_BATCHED = FULL_WINDOW * ASR_RATE // FRAMES_PER_SECOND
+#: Audio longer than one window (frames of 10 ms) is never batched.
+MAX_BATCHED = FULL_WINDOW * ASR_RATE // 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +176,17 @@ class Engine:
                 decoded = self._settle(model, audio, offset, prompt, language, whole, decoded)
         return _hypothesis(audio, decoded, language, time.perf_counter() - began)
 
-    def transcribe_many(self, requests: Sequence[Request], lane: int = 0) -> list[Hypothesis]:
+    def transcribe_many(
+        self,
+        requests: Sequence[Request],
+        lane: int = 0,
+        ready: Callable[[int, Hypothesis], None] | None = None,
+    ) -> list[Hypothesis]:
         """:meth:`transcribe` each of ``requests`` (compact windows, no prompt), the
-        first decodes of those in one language as one batch (:mod:`.batch`).
-
-        Each hypothesis counts its share of the batch in its ``compute_seconds``.
-        """
+        first decodes of those in one language as one batch (:mod:`.batch`). Each
+        hypothesis goes to ``ready(index, hypothesis)`` as soon as it is settled, so one
+        item's retries delay no other's, and counts its share of the batch in its
+        ``compute_seconds``."""
         began = time.perf_counter()
         model = self.models[lane]
         groups: dict[str, list[int]] = {}
@@ -199,21 +202,20 @@ class Engine:
         shared = (time.perf_counter() - began) / max(1, len(first))
         out = []
         for i, r in enumerate(requests):
-            if i not in first:
-                out.append(
-                    self.transcribe(
-                        r.audio, r.offset, lane=lane, language=r.language, whole=r.whole
-                    )
-                )
-                continue
             began = time.perf_counter()
-            with self._locks[lane]:
-                decoded = self._settle(
-                    model, r.audio, r.offset, None, r.language, r.whole, first[i]
+            if i in first:
+                with self._locks[lane]:
+                    found = self._settle(
+                        model, r.audio, r.offset, None, r.language, r.whole, first[i]
+                    )
+                hyp = _hypothesis(r.audio, found, r.language, shared + time.perf_counter() - began)
+            else:
+                hyp = self.transcribe(
+                    r.audio, r.offset, lane=lane, language=r.language, whole=r.whole
                 )
-            out.append(
-                _hypothesis(r.audio, decoded, r.language, shared + time.perf_counter() - began)
-            )
+            out.append(hyp)
+            if ready is not None:
+                ready(i, hyp)
         return out
 
     def _batch(
@@ -230,7 +232,7 @@ class Engine:
             r = requests[i]
             parts = [(window.segments, r.offset)]
             if window.seek < window.frames:  # faster-whisper's loop would decode on from there
-                at = window.seek / FRAMES_PER_SECOND
+                at = window.seek / model.frames_per_second
                 rest = r.audio[round(at * ASR_RATE) :]
                 segments, _ = self._segments(model, rest, None, WINDOW_MARGIN, language, limit)
                 parts.append((segments, r.offset + at))
@@ -372,14 +374,9 @@ def _hypothesis(
     seconds: float,
 ) -> Hypothesis:
     words, rejected, info = decoded
-    return Hypothesis(
-        tuple(words),
-        tuple(rejected),
-        len(audio) / ASR_RATE,
-        seconds,
-        getattr(info, "language", None) or language or "en",
-        float(getattr(info, "language_probability", 1.0) or 1.0),
-    )
+    detected = getattr(info, "language", None) or language or "en"
+    sure = float(getattr(info, "language_probability", 1.0) or 1.0)
+    return Hypothesis(tuple(words), tuple(rejected), len(audio) / ASR_RATE, seconds, detected, sure)
 
 
 _shared: dict[tuple[str, str, int], Engine] = {}

@@ -187,14 +187,15 @@ class LaneUse:
 @dataclass(frozen=True, slots=True)
 class Batchable(Generic[ItemT, T]):
     """A job that can share one call with others of the same ``run``: ``run(items,
-    lane)`` returns one result per item, in order (one model call for several
+    lane, ready)`` returns one result per item, in order, and may hand each over
+    sooner with ``ready(index, result)``, from its thread (one model call for several
     sessions, :meth:`~.engine.Engine.transcribe_many`)."""
 
-    run: Callable[[list[ItemT], int], list[T]]
+    run: Callable[[list[ItemT], int, Callable[[int, T], None] | None], list[T]]
     item: ItemT
 
     def __call__(self, lane: int) -> T:
-        return self.run([self.item], lane)[0]
+        return self.run([self.item], lane, None)[0]
 
 
 @dataclass(eq=False)
@@ -298,8 +299,6 @@ class Scheduler:
         self.metrics.queue_depth.labels(PARTIAL).set(self._queue.partials)
 
     async def _worker(self, lane: int) -> None:
-        loop = asyncio.get_running_loop()
-        executor = self._executors[lane]
         while True:
             job, dropped = self._queue.pop(time.monotonic(), self._busy)
             self._drop(dropped)
@@ -312,38 +311,59 @@ class Scheduler:
                 continue
             batch = self._fill([job])
             self._gauge()
-            began = time.monotonic()
-            for j in batch:
-                self._busy.add(j.session)
-                self.metrics.wait.labels(j.kind).observe(began - j.submitted)
-            self.metrics.batch.observe(len(batch))
-            self.use.began(lane, began)
-            self._calling += 1
-            try:
-                if len(batch) == 1:
-                    results = [await loop.run_in_executor(executor, job.payload.fn, lane)]
-                else:
-                    together = cast(Batchable[Any, Any], job.payload.fn)
-                    items = [cast(Batchable[Any, Any], j.payload.fn).item for j in batch]
-                    results = await loop.run_in_executor(executor, together.run, items, lane)
-            except Exception as exc:
-                self.metrics.errors.inc()
-                logger.exception("recognition failed")
-                for j in batch:
-                    if not j.payload.future.done():
-                        j.payload.future.set_exception(exc)
+            await self._run(lane, batch)
+
+    async def _run(self, lane: int, batch: list[Job[_Work]]) -> None:
+        """Run ``batch`` in ``lane``'s thread, in one call; each job's future resolves
+        as soon as its result is ready."""
+        loop = asyncio.get_running_loop()
+        executor = self._executors[lane]
+        job = batch[0]
+        began = time.monotonic()
+        for j in batch:
+            self._busy.add(j.session)
+            self.metrics.wait.labels(j.kind).observe(began - j.submitted)
+        self.metrics.batch.observe(len(batch))
+        self.use.began(lane, began)
+        self._calling += 1
+        pending = dict(enumerate(batch))
+
+        def finish(i: int, result: Any) -> None:
+            j = pending.pop(i, None)
+            if j is None:
+                return
+            self.metrics.jobs.labels(j.kind).inc()
+            if not j.payload.future.done():
+                j.payload.future.set_result(result)
+            self._busy.discard(j.session)
+            self._wake.set()
+
+        def ready(i: int, result: Any) -> None:  # in the lane's thread
+            loop.call_soon_threadsafe(finish, i, result)
+
+        try:
+            if len(batch) == 1:
+                results = [await loop.run_in_executor(executor, job.payload.fn, lane)]
             else:
-                for j, result in zip(batch, results, strict=True):
-                    self.metrics.jobs.labels(j.kind).inc()
-                    if not j.payload.future.done():
-                        j.payload.future.set_result(result)
-            finally:
-                self._calling -= 1
-                self.use.ended(lane, time.monotonic())
-                for j in batch:
-                    self._busy.discard(j.session)
-                # Another worker may have gone to sleep while these sessions were busy.
-                self._wake.set()
+                together = cast(Batchable[Any, Any], job.payload.fn)
+                items = [cast(Batchable[Any, Any], j.payload.fn).item for j in batch]
+                results = await loop.run_in_executor(executor, together.run, items, lane, ready)
+        except Exception as exc:
+            self.metrics.errors.inc()
+            logger.exception("recognition failed")
+            for j in pending.values():
+                if not j.payload.future.done():
+                    j.payload.future.set_exception(exc)
+        else:
+            for i, result in enumerate(results):
+                finish(i, result)
+        finally:
+            self._calling -= 1
+            self.use.ended(lane, time.monotonic())
+            for j in pending.values():
+                self._busy.discard(j.session)
+            # Another worker may have gone to sleep while these sessions were busy.
+            self._wake.set()
 
     def _fill(self, batch: list[Job[_Work]]) -> list[Job[_Work]]:
         """``batch`` (one partial) and the waiting partials of other sessions that can run
