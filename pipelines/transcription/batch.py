@@ -41,9 +41,14 @@ from faster_whisper.transcribe import (
 from .compact import FULL_WINDOW
 
 # faster-whisper's defaults, which the engine's single decodes keep.
-NO_SPEECH_THRESHOLD = 0.6
-LOG_PROB_THRESHOLD = -1.0
-MAX_INITIAL_TIMESTAMP = 1.0
+_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(WhisperModel.transcribe).parameters.items()
+}
+NO_SPEECH_THRESHOLD: float = _DEFAULTS["no_speech_threshold"]
+LOG_PROB_THRESHOLD: float = _DEFAULTS["log_prob_threshold"]
+MAX_INITIAL_TIMESTAMP: float = _DEFAULTS["max_initial_timestamp"]
+PREPEND: str = _DEFAULTS["prepend_punctuations"]
+APPEND: str = _DEFAULTS["append_punctuations"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +59,6 @@ class Window:
     seek: int
     """Where the loop would go on, in frames (10 ms); at or past the audio's end: done."""
     frames: int
-
-
-def _punctuation() -> tuple[str, str]:
-    params = inspect.signature(WhisperModel.transcribe).parameters
-    return params["prepend_punctuations"].default, params["append_punctuations"].default
-
-
-PREPEND, APPEND = _punctuation()
 
 
 def first_windows(
