@@ -196,8 +196,9 @@ class Worker:
             hypothesis = None
         else:
             request = Request(job.audio, job.offset, job.language, whole=job.kind == FINAL)
-            # The same lanes as a node's own: finals first, then first-text partials,
-            # several sessions' jobs in one call when they wait together.
+            # The same lanes as a node's own: finals first, then first-text partials.
+            # A worker takes only as many jobs as it has lanes, so its jobs never wait
+            # for a lane and are never batched; the pool spreads them instead.
             run = Batchable(engine.transcribe_many, request)
             hypothesis = await scheduler.submit(job.session, job.kind, run, urgent=job.urgent)
         await self._ack(
