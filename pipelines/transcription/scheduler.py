@@ -111,13 +111,10 @@ class JobQueue(Generic[T]):
         busy: set[str],
         partials: bool = True,
         accept: Callable[[T], bool] | None = None,
-        *,
-        finals: bool = True,
     ) -> tuple[Job[T] | None, list[tuple[Job[T], str]]]:
         """The next job for a worker, skipping sessions in ``busy`` and jobs whose
-        payload ``accept`` refuses; finals only unless ``partials``, partials only
-        unless ``finals``."""
-        for session, jobs in self._finals.items() if finals else ():
+        payload ``accept`` refuses; finals only unless ``partials``."""
+        for session, jobs in self._finals.items():
             if session in busy or (accept is not None and not accept(jobs[0].payload)):
                 continue
             job = jobs.popleft()
@@ -383,9 +380,10 @@ class Scheduler:
         def same(work: _Work) -> bool:
             return isinstance(work.fn, Batchable) and work.fn.run == first.run
 
+        # No final waits outside ``taken``: :meth:`JobQueue.pop` would have given it first.
         taken = {*self._busy, batch[0].session}
         while len(batch) < self.max_batch:
-            job, dropped = self._queue.pop(time.monotonic(), taken, accept=same, finals=False)
+            job, dropped = self._queue.pop(time.monotonic(), taken, accept=same)
             self._drop(dropped)
             if job is None:
                 break
