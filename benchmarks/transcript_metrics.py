@@ -443,8 +443,8 @@ def render(r: dict[str, Any], duration: float) -> list[str]:
             "",
             "| meetings | word final p50 | p95 | speech_final p50 | p95 | first partial p95"
             " | matched/expected | lost | without a final | finals skipped"
-            " | partials run/skipped | loop lag p99 ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            " | partials run/skipped | loop lag p99 ms | cores: gateway / bots |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {x['sessions']} | {x['word_final_p50']} | {x['word_final_p95']} |"
@@ -452,6 +452,7 @@ def render(r: dict[str, Any], duration: float) -> list[str]:
             f" {x['words_matched']}/{x['words_expected']} | {x['words_lost']} |"
             f" {x['words_without_final']} | {x['finals_skipped']} |"
             f" {x['partials_run']}/{x['partials_skipped']} | {x['loop_lag_p99_ms']} |"
+            f" {x.get('gateway_cores')} / {x.get('client_cores')} |"
             for x in r["load"]
         ]
         lines += [

@@ -16,7 +16,8 @@ with the roster the bot would send):
 (iii) for each number of concurrent meetings (the recipes looped, each meeting starting
       at a different turn after a different lead-in): the latencies of (i), reference
       words lost and words no final covers, finals and partials skipped, subscribers
-      dropped and the event loop's lag p99.
+      dropped, the event loop's lag p99, and the cores the gateway and the bots'
+      process used while the meetings played (both run on this machine).
 
 ``read`` (the LibriVox test utterances back to back, one reader):
 
@@ -302,21 +303,20 @@ def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
         )
         return list(got)
 
+    began, cpu = time.monotonic(), time.process_time()
     streamed = asyncio.run(main())
+    cores = round((time.process_time() - cpu) / (time.monotonic() - began), 2)
     for n, (s, (received, sent)) in enumerate(zip(specs, streamed, strict=True)):
         if s.get("keep"):
             keep = Path(s["keep"])
             keep.mkdir(parents=True, exist_ok=True)
             name = f"{s['name']}-lag{s['lag']:g}-of{len(specs)}-{n}.json"
             (keep / name).write_text(json.dumps({"spec": s, "received": received, "sent": sent}))
-    out.put(
-        [
-            read_scores(ref, rate, *got)
-            if isinstance(ref, list)
-            else conversation_scores(ref, *got)
-            for (_, rate, _, ref), got in zip(meetings, streamed, strict=True)
-        ]
-    )
+    scores = [
+        read_scores(ref, rate, *got) if isinstance(ref, list) else conversation_scores(ref, *got)
+        for (_, rate, _, ref), got in zip(meetings, streamed, strict=True)
+    ]
+    out.put((scores, cores))
 
 
 # -- the gateway side (this process) ----------------------------------------------------
@@ -371,11 +371,13 @@ async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str
                 lags.append(loop.time() - before - 0.01)
 
         sampler = asyncio.create_task(sample_lag())
+        began, cpu = time.monotonic(), time.process_time()
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
         proc = ctx.Process(target=clients, args=(port, specs, out))
         proc.start()
-        meetings = await asyncio.to_thread(_collect, out, proc)
+        meetings, client_cores = await asyncio.to_thread(_collect, out, proc)
+        gateway_cores = (time.process_time() - cpu) / (time.monotonic() - began)
         stop.set()
         await sampler
         await gateway.stop()
@@ -400,6 +402,10 @@ async def run(settings: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str
         "partials_skipped": _counter(registry, "gateway_asr_skipped", "partial"),
         "finals_skipped": _counter(registry, "gateway_asr_skipped", "final"),
         "subscribers_dropped": _counter(registry, "gateway_transcript_subscriber_drops"),
+        # Cores used while the meetings played: the gateway (its lanes included) and the
+        # bots' process (streaming, subscribing, scoring), which shares this machine.
+        "gateway_cores": round(gateway_cores, 2),
+        "client_cores": client_cores,
         "loop_lag_p99_ms": None if not lags else round(1000 * float(np.percentile(lags, 99)), 2),
         "loop_lag_max_ms": None if not lags else round(1000 * max(lags), 2),
     }
