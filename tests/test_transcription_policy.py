@@ -19,6 +19,7 @@ from pipelines.transcription.policy import (
     QUICK_MARGIN,
     QUICK_PROBABILITY,
     RECHECK_CONTEXT,
+    SKIP_TRIES,
     SPARE,
     Draft,
     Request,
@@ -578,6 +579,54 @@ def test_a_phrase_doubled_within_a_final_is_sent_once() -> None:
     # A re-heard repeat of the last final, its times drifted past that final's end.
     sent = guard.admit(ws("no no okay then", sent[-1].end + 0.2))
     assert [w.word for w in sent] == ["then"]
+
+
+def confirmed_question() -> tuple[StreamingPolicy, list[HypWord]]:
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    policy.speech_started(0.0)
+    said = words("could you read the passage about john dashwood for us", 0.1)
+    for end in (0.5, 3.0, 4.0, 5.0, 6.0):
+        (req,) = requests(policy.advance(end))
+        policy.recognized(req, [w for w in said if w.end <= end])
+    assert policy.confirmed == tuple(said)
+    return policy, said
+
+
+#: Another voice reads on after the question; Whisper writes only the reading, its first
+#: word timed over "for us".
+READING = [HypWord("mr", 3.6, 4.4, 0.9), *words("john dashwood had then", 4.4)]
+
+
+def test_after_a_partial_that_skipped_the_confirmed_words_the_next_reaches_further_back() -> None:
+    policy, said = confirmed_question()
+    starts = []
+    for end in (7.0, 7.5):
+        (req,) = requests(policy.advance(end))
+        starts.append(round(req.start, 2))
+        policy.recognized(req, READING)
+    # The first starts a second before the end of "us"; each one after a partial that
+    # skipped the confirmed words starts a confirmed second further back.
+    assert starts == [2.86, 1.66]
+    assert policy.confirmed == tuple(said)
+    # One that hears them again goes on from them, and the next starts as before.
+    (req,) = requests(policy.advance(9.0))
+    policy.recognized(req, [*said, *words("and mr john dashwood had then leisure", 4.3)])
+    read_on = [w.text for w in policy.confirmed[10:]]
+    assert read_on == ["and", "mr", "john", "dashwood", "had", "then", "leisure"]
+    (req,) = requests(policy.advance(9.5))
+    assert req.start == 9.5 - PARTIAL_SPAN
+
+
+def test_a_voice_whisper_keeps_skipping_holds_words_back_only_a_few_partials() -> None:
+    policy, said = confirmed_question()
+    for end in (7.0, 7.5, 8.0)[:SKIP_TRIES]:
+        (req,) = requests(policy.advance(end))
+        policy.recognized(req, READING)
+    assert policy.confirmed == tuple(said)
+    # The next one skipping them too goes on from them with all it wrote.
+    (req,) = requests(policy.advance(8.5))
+    policy.recognized(req, READING)
+    assert [w.text for w in policy.confirmed[10:]] == ["mr", "john", "dashwood", "had", "then"]
 
 
 def test_partials_hear_more_audio_while_the_lanes_have_time_to_spare() -> None:

@@ -12,7 +12,8 @@ The rules:
   audio (the first once ``first_partial`` seconds are in). Each partial re-recognizes the
   open segment from its start, or, once words are confirmed, at least ``PARTIAL_SPAN``
   seconds back from its end (``LONG_SPAN`` while the recognition lanes have time to
-  spare: :meth:`StreamingPolicy.lanes_busy`).
+  spare: :meth:`StreamingPolicy.lanes_busy`), and a second further back after each
+  partial in a row that wrote nothing of the confirmed words it heard.
 - Words are *confirmed* by agreement: the longest common prefix of the latest
   hypothesis and the newest one of audio ending ``AGREE_SPAN`` or more earlier (after
   the words already confirmed) is confirmed, and a confirmed word is never changed or
@@ -105,6 +106,10 @@ LONG_SPAN = 8.0
 #: the span from changing at every partial.
 BUSY = 0.7
 SPARE = 0.4
+#: Partials in a row that wrote none of the confirmed words in their audio
+#: (:func:`~.sequences.skipped_head`) confirm nothing; the next is taken as going on
+#: from them: a voice Whisper keeps skipping holds words back a second and a half.
+SKIP_TRIES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,7 @@ class StreamingPolicy:
         self._confirmed: list[HypWord] = []
         self._released = 0  # confirmed words of the segment already final
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
+        self._skips = 0  # partials in a row that skipped the confirmed words
         self._heard: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
         self._partial_pending = False
         self._shown = False
@@ -197,25 +203,29 @@ class StreamingPolicy:
         self._confirmed = []
         self._released = 0
         self._previous = []
+        self._skips = 0
         self._heard.clear()
         self._partial_pending = False
         self._shown = False
         self._last_partial_end = self._seg_start
 
-    def _resume_at(self) -> float:
-        """Where a final's audio starts: at a word boundary ``RECHECK_CONTEXT`` seconds
-        or more before the end of the confirmed words (the segment's start if none)."""
+    def _resume_at(self, context: float = RECHECK_CONTEXT) -> float:
+        """Where a final's audio starts: at a word boundary ``context`` seconds or more
+        before the end of the confirmed words (the segment's start if none)."""
         words = self._confirmed
         i = len(words) - 1
-        while i > 0 and words[i].start > words[-1].end - RECHECK_CONTEXT:
+        while i > 0 and words[i].start > words[-1].end - context:
             i -= 1
         if i <= 0:
             return self._seg_start
         return max(self._seg_start, (words[i - 1].end + words[i].start) / 2)
 
     def _partial_start(self, end: float) -> float:
-        """Where a partial ending at ``end`` starts (see ``PARTIAL_SPAN`` and ``span``)."""
-        return max(self._seg_start, min(self._resume_at(), end - self.span))
+        """Where a partial ending at ``end`` starts (see ``PARTIAL_SPAN`` and ``span``),
+        reaching a further ``RECHECK_CONTEXT`` back after each partial in a row that
+        skipped the confirmed words."""
+        context = RECHECK_CONTEXT * (1 + self._skips)
+        return max(self._seg_start, min(self._resume_at(context), end - self.span))
 
     def lanes_busy(self, share: float) -> None:
         """The recognition lanes were busy ``share`` (0-1) of the last few seconds:
@@ -346,7 +356,16 @@ class StreamingPolicy:
             return []  # the segment it belonged to was finalized meanwhile
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
-        sure = sure and not skipped_head(self._confirmed, words, request.start)
+        # Whisper skips the same words again if the next partial starts where this one
+        # did: a question's "... for us?" before another voice reads on went unwritten
+        # by every partial from the same word boundary, and nothing was confirmed until
+        # the segment's split, 9 s later. More context before them gets them written,
+        # where the segment has it (not for words carried into it, at its start).
+        skipped = skipped_head(self._confirmed, words, request.start)
+        self._skips = self._skips + 1 if skipped else 0
+        if self._skips > SKIP_TRIES:
+            tail, skipped = list(words), False
+        sure = sure and not skipped
         if request.end - self._seg_start < CONFIRM_CONTEXT or not sure:
             shown = (*self._confirmed[self._released :], *tail)
             self._shown = self._shown or bool(shown)
