@@ -1,37 +1,30 @@
 """The streaming policy replayed on a conversation, with the real model on a virtual clock.
 
-Live runs of the transcription benchmark move by about ±0.03 WER and ±0.3 s of latency
-between runs of the same code: when each partial runs depends on the machine's load,
-and each partial's span changes what Whisper hears. The replay removes that noise. It
-drives the sans-I/O :class:`~pipelines.transcription.policy.StreamingPolicy` exactly as
-the pipeline does (the ingest VAD's events, audio in 100 ms blocks, requests waiting for
-their audio, finals published in request order through
+Live runs move by about ±0.03 WER and ±0.3 s of latency between runs of the same code:
+when each partial runs depends on the machine's load, and each partial's span changes
+what Whisper hears. The replay removes that noise. It drives the sans-I/O
+:class:`~pipelines.transcription.policy.StreamingPolicy` as the pipeline does (the
+ingest VAD's events, audio in 100 ms blocks, requests waiting for their audio, the end's
+final recognized at a pause, finals published in request order through
 :class:`~pipelines.transcription.finals.FinalWords`) with one recognition lane whose
-calls take a modelled time, ``(overhead + rtf * seconds of audio) * load``, instead of
-the measured one. The same arguments give the same transcript every time; ``--loads``
-and ``--phases`` replay the conversation under different timings to find what only
-some timings show (a repeated phrase, a lost word).
+calls take ``(overhead + rtf * seconds of audio) * load``, not the measured time. The
+same arguments give the same transcript every time; ``--loads`` and ``--phases`` replay
+the conversation under different timings to find what only some show (a lost word).
 
-What it scores (:mod:`benchmarks.transcript_metrics`, as for live runs): per-word final
-latency p50/p95 on the virtual clock, speech_final latency, WER streaming vs the same
-model offline, lost and duplicated words and repeated phrases. With ``--lags``, each
-run is replayed again with the roster the bot would send that many seconds late
-(negative: early), and words are attributed as the pipeline does it (the same
-:class:`~pipelines.transcription.turns.Turns` learning the roster lag from the VAD's
-starts and the finals' words, the same roster timeline, finals held for the roster):
-attribution per roster timing, with the virtual clock standing in for the wall clock.
+It scores as :mod:`benchmarks.transcript_metrics` does live runs, on the virtual clock.
+With ``--lags``, each run is replayed again with the roster the bot would send that many
+seconds late (negative: early), words attributed and finals held as the pipeline does.
+It prints one JSON document on stdout, a line per run on stderr::
 
     .venv/bin/python benchmarks/replay.py --cache ~/.cache/meeting-gateway/conversations
-    .venv/bin/python benchmarks/replay.py --conversations dialogue --loads 1,2,4 \\
-        --policy FORCE_AGE=1.5
+    .venv/bin/python benchmarks/replay.py --conversations dialogue --loads 1,2,4
     .venv/bin/python benchmarks/replay.py --conversations meeting --lags 0,1,2,-0.5
-
-Prints one JSON document on stdout, a line per run on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import itertools
 import json
@@ -45,7 +38,7 @@ import numpy as np
 
 from benchmarks import transcript_metrics as tm
 from benchmarks.conversations import build, recognize
-from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.config import Settings
 from gateway.ingest.clock import AudioClock
 from gateway.ingest.protocol import Roster, parse_roster
@@ -84,7 +77,7 @@ class Replay:
 
     def __post_init__(self) -> None:
         self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
-        self.vad = VoiceActivity(ASR_RATE)
+        self.vad = VoiceActivity.configured(ASR_RATE, Settings())
         self.guard = FinalWords()
         self.audio = (self.samples / 32768).astype(np.float32)
         self.waiting: list[Request] = []
@@ -105,12 +98,18 @@ class Replay:
             self.rosters.append((float(event["at"]), roster))
         self.held: float | None = None  # when the first final stops waiting for the roster
         self.use = LaneUse(1)  # the lane's recent share busy sets the partials' span
+        # The end's final recognized at a pause (pipelines.transcription.early): the
+        # request and its words once recognized, until the end or more speech.
+        self.early: Request | None = None
+        self.early_words: tuple[HypWord, ...] | None = None
+        self.adopted: dict[int, Request] = {}
+        self.early_used = self.early_wasted = 0
 
     # -- the lane -----------------------------------------------------------------------
 
     def _recognize(self, request: Request) -> tuple[HypWord, ...]:
         a, b = round(request.start * ASR_RATE), round(request.end * ASR_RATE)
-        whole = request.kind == "final"
+        whole = request.kind != "partial"
         key = (max(0, a), b, whole)
         if key not in self.heard:
             hyp = self.engine.transcribe(self.audio[key[0] : b], key[0] / ASR_RATE, whole=whole)
@@ -120,25 +119,57 @@ class Replay:
     def _start_next(self) -> None:
         if self.running or not self.queue:
             return
-        finals = [r for r in self.queue if r.kind == "final"]
+        finals = [r for r in self.queue if r.kind != "partial"]
         request = finals[0] if finals else self.queue[-1]
         for r in self.queue:  # a newer partial of the session supersedes the older
             if r is not request and r.kind == "partial":
                 self.policy.skipped(r)
-        self.queue = [r for r in self.queue if r.kind == "final" and r is not request]
+        self.queue = [r for r in self.queue if r.kind != "partial" and r is not request]
         seconds = (self.overhead + self.rtf * (request.end - request.start)) * self.load
         heapq.heappush(self.running, (self.now + seconds, request.id, request))
         self.use.began(request.id, self.now)
 
+    def _paused(self, t: float) -> None:
+        self._drop_early()
+        if (ending := self.policy.ending(t)) is not None:
+            self.early = dataclasses.replace(ending, kind="early")  # run as a final
+            self.queue.append(self.early)
+            self._start_next()
+
+    def _drop_early(self) -> None:
+        if self.early is not None:
+            self.early_wasted += 1
+            self.queue = [r for r in self.queue if r is not self.early]
+        self.early, self.early_words = None, None
+
     def _submit(self, request: Request) -> None:
         if request.kind == "final":
             self.finals.append([request, None])
+            early, self.early = self.early, None
+            if early is not None and early.end == request.end and early.start <= request.start:
+                self.early_used += 1  # the pause was the end: the final takes it over
+                if self.early_words is None:
+                    self.adopted[early.id] = request
+                else:
+                    self._finish(request, self.early_words)
+                return
+            self.early = early
+            self._drop_early()
         self.queue.append(request)
         self._start_next()
 
     def _done(self, request: Request) -> None:
         self.use.ended(request.id, self.now)
         words = self._recognize(request)
+        if request.kind != "early":
+            self._finish(request, words)
+        elif request is self.early:
+            self.early_words = words
+        elif request.id in self.adopted:
+            self._finish(self.adopted.pop(request.id), words)
+        self._start_next()  # (an early final dropped while running is ignored)
+
+    def _finish(self, request: Request, words: tuple[HypWord, ...]) -> None:
         drafts = self.policy.recognized(request, words)
         if request.kind == "final":
             for entry in self.finals:
@@ -151,7 +182,6 @@ class Replay:
                 else:
                     self._publish(draft)
         self._flush()
-        self._start_next()
 
     # -- the pipeline's bookkeeping -------------------------------------------------------
 
@@ -248,6 +278,8 @@ class Replay:
                 if isinstance(event, SpeechStarted):
                     self.policy.speech_started(event.sample / ASR_RATE)
                     self.turns.lag.voice_started(event.sample / ASR_RATE)
+                elif isinstance(event, SpeechPaused):
+                    self._paused(event.sample / ASR_RATE)
                 elif isinstance(event, SpeechEnded):
                     self._pump(self.policy.speech_ended(event.sample / ASR_RATE))
             self.policy.lanes_busy(self.use.share(arrival))
@@ -307,12 +339,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if lag is not None:
                     row |= {"lag": lag, "lag_learnt": round(replay.turns.lag.seconds, 3)}
                 row |= _row(scores[-1:], offline, lag is not None)
+                row |= {"early_finals": {"used": replay.early_used, "wasted": replay.early_wasted}}
                 out["runs"].append(row)
                 print(json.dumps(row), file=sys.stderr)
             # Every timing's words together: the figure to compare policies by.
-            pooled: dict[str, Any] = {"conversation": name, "runs": len(scores)}
-            if lag is not None:
-                pooled["lag"] = lag
+            lagged = {} if lag is None else {"lag": lag}
+            pooled = {"conversation": name, "runs": len(scores), **lagged}
             pooled |= _row(scores, offline, lag is not None)
             out["pooled"].append(pooled)
             print("pooled", json.dumps(pooled), file=sys.stderr)

@@ -96,6 +96,9 @@ class Settings:
     vad_frame_ms: int = _setting(30, "webrtcvad frame length: 10, 20 or 30 ms")
     vad_min_speech_ms: int = _setting(90, "voiced audio needed to start speech, ms")
     vad_hangover_ms: int = _setting(300, "unvoiced audio needed to end speech, ms")
+    vad_pause_ms: int = _setting(
+        240, "unvoiced audio reported as a pause, before the end is certain, ms; 0: never"
+    )
     wav_refresh: float = _setting(2.0, "seconds between WAV header refreshes while recording")
     disk_backlog_seconds: float = _setting(
         60.0, "recorded audio held in memory per session while the disk refuses it, seconds"
@@ -198,6 +201,8 @@ class Settings:
             raise bad("vad_frame_ms", "webrtcvad takes only 10, 20 or 30 ms frames")
         if self.vad_min_speech_ms < self.vad_frame_ms or self.vad_hangover_ms < self.vad_frame_ms:
             raise bad("vad_min_speech_ms", "speech and hangover must be at least one VAD frame")
+        if self.vad_pause_ms < 0:
+            raise bad("vad_pause_ms", "must be 0 (no pauses) or more")
         if not 20 <= self.playback_lead_ms <= 1000:
             raise bad("playback_lead_ms", "must be between 20 and 1000")
         if self.playback_frame_ms not in (10, 20, 40):

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
-from .audio.vad import SpeechEnded, SpeechStarted
+from .audio.vad import SpeechEnded, SpeechPaused, SpeechStarted
 from .config import Settings
 from .errors import ConfigError
 from .ingest.speakers import SpeakerChange, SpeakerTimeline
@@ -69,6 +69,7 @@ __all__ = [
     "SessionContext",
     "SpeakerChange",
     "SpeechEnded",
+    "SpeechPaused",
     "SpeechStarted",
     "load_factory",
 ]
@@ -112,7 +113,15 @@ class ProviderSegment:
     data: Mapping[str, Any]
 
 
-PipelineEvent = SpeechStarted | SpeechEnded | SpeakerChange | Gap | Disconnected | ProviderSegment
+PipelineEvent = (
+    SpeechStarted
+    | SpeechPaused
+    | SpeechEnded
+    | SpeakerChange
+    | Gap
+    | Disconnected
+    | ProviderSegment
+)
 
 
 class SessionContext(Protocol):

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from . import reports
 from .audio.ring import RingBuffer
-from .audio.vad import VoiceActivity
+from .audio.vad import SpeechPaused, VoiceActivity
 from .config import Settings
 from .core import Counts, SessionCore
 from .ingest.protocol import Handshake, ProviderEvent, Roster
@@ -302,7 +302,9 @@ class Session(SpeechOut):
                 runner.post_batch(events[0].sample, tuple(events), roster=True)
             else:
                 for event in events:
-                    runner.post(event.sample, event)
+                    # A pause goes with the audio that told it (the final it may bring needs it).
+                    at = event.heard if isinstance(event, SpeechPaused) else event.sample
+                    runner.post(at, event)
 
     def poke(self) -> None:
         for runner in self.runners:

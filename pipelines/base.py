@@ -19,6 +19,7 @@ from gateway.pipeline import (
     SessionContext,
     SpeakerChange,
     SpeechEnded,
+    SpeechPaused,
     SpeechStarted,
     load_factory,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "SessionContext",
     "SpeakerChange",
     "SpeechEnded",
+    "SpeechPaused",
     "SpeechStarted",
     "load_factory",
 ]

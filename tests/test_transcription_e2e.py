@@ -138,6 +138,11 @@ async def test_streaming_wer_close_to_offline(
     assert sum(f["speech_final"] for f in finals(messages)) == len(librivox)
     assert sum(x.get("type") == "UtteranceEnd" for x in messages) == len(librivox)
     assert any(x.get("type") == "Results" and not x["is_final"] for x in messages)
+    # Each utterance's end was recognized at the VAD's pause before it: its speech_final
+    # did not wait for a recognition of its own.
+    registry = gw.gateway.metrics.registry
+    name = "gateway_transcription_early_finals_total"
+    assert registry.get_sample_value(name, {"outcome": "used"}) == len(librivox)
     # Every final is on disk too.
     lines = (gw.data_dir / "sessions" / f"wer{rate}" / "transcript.jsonl").read_text()
     assert len(lines.splitlines()) == len(finals(messages))

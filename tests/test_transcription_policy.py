@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 
@@ -9,7 +10,10 @@ import numpy as np
 from faster_whisper.transcribe import Segment, Word
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from pipelines.transcription.early import EarlyFinal
+from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.policy import (
     BUSY,
     CONFIRM_CONTEXT,
@@ -140,6 +144,62 @@ def test_final_rehears_only_the_audio_after_confirmed_words() -> None:
     # Only the words after those already final; the re-heard ones are not repeated.
     said = [w.text for w in script if w.end <= final.end]
     assert [w.text for w in (*confirmed, *draft.words)] == said
+
+
+def test_the_final_asked_for_at_a_pause_serves_the_end_it_becomes() -> None:
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    policy.speech_started(0.0)
+    script = words("one two three four five six seven eight nine ten eleven twelve", 0.0)
+    for t in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5):
+        for req in requests(policy.advance(t)):
+            policy.recognized(req, [w for w in script if w.end <= req.end])
+    (last,) = requests(policy.advance(4.0))  # still being recognized
+    # The voice pauses at 4.0: the end's final, asked for now, does not end the speech.
+    early = policy.ending(4.0)
+    assert early is not None and early.kind == "final" and early.speech_final
+    assert policy.speaking
+    # A partial heard before the pause confirms more words; then the pause is the end.
+    before = len(policy.confirmed)
+    policy.recognized(last, [w for w in script if w.end <= last.end])
+    assert len(policy.confirmed) > before
+    (final,) = requests(policy.speech_ended(4.0))
+    assert final.end == early.end and final.start > early.start
+    # The pause's recognition, from further back, gives the end's final every word once.
+    heard = [w for w in script if w.start >= early.start and w.end <= early.end]
+    (draft,) = policy.recognized(final, heard)
+    released = policy.confirmed[: final.released]
+    said = [w.text for w in script if w.end <= early.end]
+    assert [w.text for w in (*released, *draft.words)] == said
+
+
+def test_a_pause_that_was_not_the_end_costs_its_recognition_and_is_counted() -> None:
+    registry = CollectorRegistry()
+    outcomes = TranscriptionMetrics(registry).early_finals
+    early = EarlyFinal(outcomes)
+    loop = asyncio.new_event_loop()
+    try:
+        policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+        policy.speech_started(0.0)
+        first = policy.ending(2.0)
+        assert first is not None
+        running = loop.create_future()
+        early.started(first, "en", running)
+        # Speech went on; a second pause ends it: the first recognition is of no use.
+        second = policy.ending(3.0)
+        assert second is not None
+        waiting = loop.create_future()
+        early.started(second, "en", waiting)
+        assert running.cancelled() and not waiting.cancelled()
+        (final,) = requests(policy.speech_ended(3.0))
+        assert early.take(final, "de") is None  # heard in another language: not this one
+        assert waiting.cancelled()
+        third = policy.ending(3.0)
+        assert third is None  # the speech ended: nothing more to start
+    finally:
+        loop.close()
+    value = registry.get_sample_value
+    assert value("gateway_transcription_early_finals_total", {"outcome": "wasted"}) == 2
+    assert value("gateway_transcription_early_finals_total", {"outcome": "used"}) is None
 
 
 def test_partial_after_final_is_ignored() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.audio.resample import Resampler
-from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.simulator import read_wav
 
 from .conftest import Utterance
@@ -67,6 +67,35 @@ def test_interrupt_closes_open_speech(librivox: list[Utterance]) -> None:
     after = run(vad, speech, 160)
     assert isinstance(after[0], SpeechStarted)
     assert after[0].sample >= rate * 10
+
+
+def test_a_pause_is_reported_before_the_end_and_only_once(librivox: list[Utterance]) -> None:
+    speech, rate = read_wav(librivox[1].path, 16000)
+    quiet = np.zeros(rate, dtype=np.int16)
+    alone = run(VoiceActivity(rate), np.concatenate([quiet, speech, quiet]), 160)
+    voice = speech[max(0, alone[0].sample - rate) : alone[-1].sample - rate]  # type: ignore[attr-defined]
+    gap = np.zeros(rate // 4, dtype=np.int16)  # 250 ms: a pause, not an end
+    audio = np.concatenate([quiet, voice, gap, voice, quiet])
+    events = run(VoiceActivity(rate, pause_ms=240), audio, 160)
+    assert [type(e) for e in events] == [
+        SpeechStarted,
+        SpeechPaused,  # the gap: speech goes on
+        SpeechPaused,  # the end, reported as a pause first
+        SpeechEnded,
+    ]
+    _, gap_pause, end_pause, end = events
+    assert isinstance(gap_pause, SpeechPaused) and isinstance(end_pause, SpeechPaused)
+    assert isinstance(end, SpeechEnded)
+    assert abs(gap_pause.sample - (rate + len(voice))) <= rate * 30 // 1000
+    # Told at the voice's end, heard 240 ms (eight 30 ms frames) after it.
+    assert end_pause.sample == end.sample
+    assert (
+        end_pause.heard - end_pause.sample
+        == gap_pause.heard - gap_pause.sample
+        == rate * 240 // 1000
+    )
+    # Without pause_ms the same audio gives the same start and end, and no pause.
+    assert run(VoiceActivity(rate), audio, 160) == [events[0], events[-1]]
 
 
 def test_resampler_is_chunking_invariant() -> None:

@@ -2,6 +2,14 @@
 
 from .resample import Resampler
 from .ring import Overrun, RingBuffer
-from .vad import SpeechEnded, SpeechStarted, VoiceActivity
+from .vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 
-__all__ = ["Overrun", "Resampler", "RingBuffer", "SpeechEnded", "SpeechStarted", "VoiceActivity"]
+__all__ = [
+    "Overrun",
+    "Resampler",
+    "RingBuffer",
+    "SpeechEnded",
+    "SpeechPaused",
+    "SpeechStarted",
+    "VoiceActivity",
+]

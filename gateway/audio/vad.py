@@ -3,9 +3,11 @@
 webrtcvad classifies 10, 20 or 30 ms frames at 8/16/32/48 kHz; the bot streams at 16,
 24, 32 or 48 kHz, so audio is resampled to 16 kHz first (the rate ASR wants too). Single
 frames flicker, so speech starts only after ``min_speech_ms`` of consecutive voiced
-frames and ends after ``hangover_ms`` of consecutive unvoiced ones. Event positions are
-sample indices at the session's native rate: the first voiced sample of the run for a
-start, one past the last voiced sample for an end.
+frames and ends after ``hangover_ms`` of consecutive unvoiced ones; ``pause_ms`` of them
+(less than the hangover) are reported as a pause first, once per run, for pipelines that
+start finishing an utterance before its end is certain. Event positions are sample
+indices at the session's native rate: the first voiced sample of the run for a start,
+one past the last voiced sample for an end.
 """
 
 from __future__ import annotations
@@ -39,7 +41,16 @@ class SpeechEnded:
         return self.sample - self.started
 
 
-VadEvent = SpeechStarted | SpeechEnded
+@dataclass(frozen=True, slots=True)
+class SpeechPaused:
+    """Speech has been quiet since ``sample``, as heard by ``heard``: it goes on, or it
+    ends with a :class:`SpeechEnded` at ``sample`` once the hangover is heard."""
+
+    sample: int
+    heard: int
+
+
+VadEvent = SpeechStarted | SpeechPaused | SpeechEnded
 
 
 class VoiceActivity:
@@ -53,6 +64,7 @@ class VoiceActivity:
         frame_ms: int = 30,
         min_speech_ms: int = 90,
         hangover_ms: int = 300,
+        pause_ms: int = 0,
         start: int = 0,
     ) -> None:
         if frame_ms not in (10, 20, 30):
@@ -63,6 +75,7 @@ class VoiceActivity:
         self._frame_bytes = self._frame * 2
         self._min_voiced = max(1, -(-min_speech_ms // frame_ms))
         self._min_unvoiced = max(1, -(-hangover_ms // frame_ms))
+        self._pause = -(-pause_ms // frame_ms)  # 0: no pauses reported
         self._buf: Samples = np.zeros(self._frame, dtype=np.int16)
         self._bytes = self._buf.data.cast("B")  # webrtcvad wants a byte buffer
         self._fill = 0
@@ -80,6 +93,7 @@ class VoiceActivity:
             frame_ms=settings.vad_frame_ms,
             min_speech_ms=settings.vad_min_speech_ms,
             hangover_ms=settings.vad_hangover_ms,
+            pause_ms=settings.vad_pause_ms,
         )
 
     def _restart(self, at: int) -> None:
@@ -132,6 +146,9 @@ class VoiceActivity:
             events.append(SpeechStarted(self._native(self._speech_start)))
         elif self._speaking and self._run >= self._min_unvoiced:
             events.append(self._end())
+        elif self._speaking and self._pause and self._run == self._pause:
+            since = self._native(self._last_voiced_end)
+            events.append(SpeechPaused(since, self._native(self._pos)))
 
     def _end(self) -> SpeechEnded:
         self._speaking, self._run = False, 0

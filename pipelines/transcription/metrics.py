@@ -71,6 +71,13 @@ class TranscriptionMetrics:
             ["reason"],
             registry=r,
         )
+        self.early_finals = Counter(
+            "gateway_transcription_early_finals",
+            "Utterance ends recognized at a VAD pause: used (the pause was the end) or "
+            "wasted (speech went on)",
+            ["outcome"],
+            registry=r,
+        )
         self.bot_words_dropped = Counter(
             "gateway_transcription_bot_words_dropped",
             "Words of the bot's own voice dropped (bot_speech=drop)",

@@ -4,7 +4,8 @@ Audio is resampled to 16 kHz into a bounded window that holds the open segment p
 second of lead-in. The ingest VAD's events drive the :class:`StreamingPolicy`; its
 requests are cut from the window, copied, and queued on the shared :class:`Scheduler`.
 A final that needs audio past the VAD's end (the trailing pad) waits until that audio
-has arrived, or until a gap or the end of the session cuts it short.
+has arrived, or until a gap or the end of the session cuts it short. At a pause the
+final its end would bring is recognized already (:mod:`.early`).
 
 Finals are published strictly in request order, whatever order recognition finishes
 in; partials go out as soon as they are recognized and are dropped once their segment
@@ -34,10 +35,12 @@ from gateway.pipeline import (
     SessionContext,
     SpeakerChange,
     SpeechEnded,
+    SpeechPaused,
     SpeechStarted,
 )
 
 from . import results
+from .early import EarlyFinal
 from .engine import Engine, Hypothesis
 from .finals import FinalWords
 from .language import LanguageChoice
@@ -107,6 +110,7 @@ class TranscriptionPipeline(Pipeline):
         self._turns = Turns()  # the roster lag, and who said each word
         self._final_words = FinalWords()
         self._hold: asyncio.TimerHandle | None = None
+        self._early = EarlyFinal(metrics.early_finals)
 
     async def start(self, ctx: SessionContext) -> None:
         self._ctx = ctx
@@ -137,6 +141,8 @@ class TranscriptionPipeline(Pipeline):
             if event.speaking and not event.speaker.is_bot:
                 self._turns.lag.roster_started(event.time)
                 self._language.speaker(event.speaker.key)
+        elif isinstance(event, SpeechPaused):
+            self._paused(event.sample / self._rate)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
         elif isinstance(event, Disconnected):
@@ -156,6 +162,7 @@ class TranscriptionPipeline(Pipeline):
             await self._idle.wait()
             self._flush(hold=False)  # no roster comes any more: publish what waits
         finally:
+            self._early.drop()
             if self._hold is not None:
                 self._hold.cancel()
             self._recognizer.forget(self._ctx.key)
@@ -203,22 +210,33 @@ class TranscriptionPipeline(Pipeline):
             keep = min(keep, int(request.start * ASR_RATE))
         self._window.trim(keep)
 
-    def _submit(self, request: Request) -> None:
+    def _paused(self, t: float) -> None:
+        """The voice paused at ``t``: recognize the final it would need if this is the end
+        (:mod:`.early`), unless that audio is not all in or the language is unsure."""
+        request = self._policy.ending(t)
+        ready = self._window.end / ASR_RATE
+        if request is not None and self._language.settled and request.end <= ready:
+            language = self._language.for_request()
+            self._early.started(request, language, self._recognize(request, language))
+
+    def _recognize(
+        self, request: Request, language: str | None
+    ) -> asyncio.Future[Hypothesis | None]:
         audio, at = self._window.floats(
             round(request.start * ASR_RATE), round(request.end * ASR_RATE)
         )
+        urgent = request.kind == "partial" and request.first
+        kind, key = request.kind, self._ctx.key
+        return self._recognizer.recognize(key, kind, audio, at / ASR_RATE, language, urgent=urgent)
+
+    def _submit(self, request: Request) -> None:
         pending = _Pending(request)
+        future = None
         if request.kind == "final":
             self._finals.append(pending)
-
-        future = self._recognizer.recognize(
-            self._ctx.key,
-            request.kind,
-            audio,
-            at / ASR_RATE,
-            self._language.for_request(),
-            urgent=request.kind == "partial" and request.first,
-        )
+            future = self._early.take(request, self._language.for_request())
+        if future is None:
+            future = self._recognize(request, self._language.for_request())
         self._inflight += 1
         self._idle.clear()
         future.add_done_callback(functools.partial(self._recognized, pending))

@@ -245,18 +245,22 @@ class StreamingPolicy:
         self._new_segment(t - PAD)
         self._last_partial_end = t  # the first partial waits for speech, not the pad
 
+    def ending(self, t: float) -> Request | None:
+        """The final :meth:`speech_ended` would ask for if speech ended at ``t``, without
+        ending it: recognized at a pause, it is ready if the pause becomes the end."""
+        if self.speaking and (t - self._speech_start >= MIN_SPEECH or self._confirmed):
+            return self._request("final", t + PAD, speech_final=True, speech_end=t)
+        return None
+
     def speech_ended(self, t: float) -> list[Request | Draft]:
         """The VAD heard speech end at ``t``; returns the final request, if any."""
         if not self.speaking:
             return []
+        final = self.ending(t)
         self.speaking = False
-        end = t + PAD
-        out: list[Request | Draft] = []
-        if t - self._speech_start >= MIN_SPEECH or self._confirmed:
-            out.append(self._request("final", end, speech_final=True, speech_end=t))
-        self._floor = max(self._floor, end)
+        self._floor = max(self._floor, t + PAD)
         self._partial_pending = False
-        return out
+        return [final] if final is not None else []
 
     def advance(self, t: float) -> list[Request | Draft]:
         """Audio is available up to ``t``: partials due, or a split at the maximum length."""
@@ -288,12 +292,9 @@ class StreamingPolicy:
             self._released = len(carried)
             self._shown = True
             return out
-        # Nothing confirmed to resume at past the segment's start (no word, or only the
-        # words carried into it): the rest of the segment is finalized as it is, after
-        # the confirmed words. Starting the next segment where the last partial's words
-        # begin instead lost what that partial did not hear: under load a partial of
-        # 39.3-46.8 s heard nothing before 45.5 s, and "morning works for me, and could
-        # you share" never reached a final.
+        # Nothing confirmed to resume at past the segment's start: the rest of it is
+        # finalized as it is. Starting the next segment at the last partial's words lost
+        # what it did not hear ("morning works for me, and could you share", under load).
         out.append(self._request("final", t, speech_final=False))
         self._floor = t
         self._new_segment(t)
