@@ -44,7 +44,8 @@ class SpeechEnded:
 @dataclass(frozen=True, slots=True)
 class SpeechPaused:
     """Speech has been quiet since ``sample``, as heard by ``heard``: it goes on, or it
-    ends with a :class:`SpeechEnded` at ``sample`` once the hangover is heard."""
+    ends with a :class:`SpeechEnded` at ``sample`` once the hangover is heard. Pipelines
+    get it after the audio up to ``heard``, to act on the quiet it tells of."""
 
     sample: int
     heard: int
