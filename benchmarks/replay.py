@@ -44,6 +44,7 @@ from gateway.ingest.clock import AudioClock
 from gateway.ingest.protocol import Roster, parse_roster
 from gateway.ingest.speakers import SpeakerTimeline
 from pipelines.transcription import formats, policy, results
+from pipelines.transcription.early import serves
 from pipelines.transcription.engine import Engine, shared_engine
 from pipelines.transcription.finals import FinalWords
 from pipelines.transcription.policy import Draft, Request, StreamingPolicy
@@ -98,8 +99,7 @@ class Replay:
             self.rosters.append((float(event["at"]), roster))
         self.held: float | None = None  # when the first final stops waiting for the roster
         self.use = LaneUse(1)  # the lane's recent share busy sets the partials' span
-        # The end's final recognized at a pause (pipelines.transcription.early): the
-        # request and its words once recognized, until the end or more speech.
+        # The end's final recognized at a pause (transcription.early), and its words.
         self.early: Request | None = None
         self.early_words: tuple[HypWord, ...] | None = None
         self.adopted: dict[int, Request] = {}
@@ -146,7 +146,7 @@ class Replay:
         if request.kind == "final":
             self.finals.append([request, None])
             early, self.early = self.early, None
-            if early is not None and early.end == request.end and early.start <= request.start:
+            if early is not None and serves(early, request):
                 self.early_used += 1  # the pause was the end: the final takes it over
                 if self.early_words is None:
                     self.adopted[early.id] = request

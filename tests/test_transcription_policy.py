@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from pipelines.transcription.early import EarlyFinal
+from pipelines.transcription.early import QUIET_SLACK, EarlyFinal, serves
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.policy import (
     BUSY,
@@ -164,6 +164,12 @@ def test_the_final_asked_for_at_a_pause_serves_the_end_it_becomes() -> None:
     assert len(policy.confirmed) > before
     (final,) = requests(policy.speech_ended(4.0))
     assert final.end == early.end and final.start > early.start
+    assert serves(early, final)
+    # Audio the resampler still held at the pause may be missing: the quiet after the
+    # voice, not a word of it.
+    assert serves(dataclasses.replace(early, end=final.end - QUIET_SLACK), final)
+    assert not serves(dataclasses.replace(early, end=final.end - QUIET_SLACK - 0.01), final)
+    assert not serves(dataclasses.replace(early, start=final.start + 0.1), final)
     # The pause's recognition, from further back, gives the end's final every word once.
     heard = [w for w in script if w.start >= early.start and w.end <= early.end]
     (draft,) = policy.recognized(final, heard)

@@ -8,6 +8,11 @@ it, and keeps the recognition here. If the pause becomes the end, the final take
 over, sooner by the rest of the hangover and by whatever it would have waited for
 behind; if speech goes on, it is cancelled, or run for nothing when already started
 (counted as ``wasted``).
+
+The pause is told 240 ms after the voice stopped, and the final hears 200 ms past it
+(``PAD``), but the resampler to 16 kHz may hold back the last few milliseconds when the
+pause is told (up to 58 ms from 32 kHz): the early recognition then stops short of the
+final's end by at most ``QUIET_SLACK``, in audio the VAD called quiet.
 """
 
 from __future__ import annotations
@@ -22,11 +27,21 @@ from .policy import Request
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
+#: How much of the quiet after the voice an early recognition may lack (see above).
+QUIET_SLACK = 0.06
+
+
+def serves(early: Request, final: Request) -> bool:
+    """Whether what was recognized for ``early`` (an :meth:`~.policy.StreamingPolicy.ending`)
+    is the final's audio: the same end, give or take the quiet the resampler held back, and
+    the same start or one further back (words confirmed since moved the final's start; the
+    confirmed words it re-heard anchor the rest, as in a partial)."""
+    return final.end - QUIET_SLACK <= early.end <= final.end and early.start <= final.start
+
 
 @dataclass(frozen=True, slots=True)
 class _Early:
-    start: float
-    end: float
+    request: Request
     language: str | None
     future: asyncio.Future[Hypothesis | None]
 
@@ -44,20 +59,16 @@ class EarlyFinal:
         """``future`` recognizes ``request`` (an :meth:`~.policy.StreamingPolicy.ending`)
         in ``language``; one started before is of no use any more."""
         self.drop()
-        self._early = _Early(request.start, request.end, language, future)
+        self._early = _Early(request, language, future)
 
     def take(
         self, request: Request, language: str | None
     ) -> asyncio.Future[Hypothesis | None] | None:
         """The recognition of ``request``'s audio in ``language``, if one was started at
-        the pause; None if the final must be recognized itself. One that began earlier
-        will do (words confirmed since moved the final's start): the confirmed words it
-        re-heard anchor the rest, as in a partial."""
+        the pause (:func:`serves`); None if the final must be recognized itself."""
         early, self._early = self._early, None
         if early is not None:
-            if (early.end, early.language) == (request.end, language) and (
-                early.start <= request.start
-            ):
+            if early.language == language and serves(early.request, request):
                 self._outcomes.labels("used").inc()
                 return early.future
             self._early = early

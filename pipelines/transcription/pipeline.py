@@ -40,7 +40,7 @@ from gateway.pipeline import (
 )
 
 from . import results
-from .early import EarlyFinal
+from .early import QUIET_SLACK, EarlyFinal
 from .engine import Engine, Hypothesis
 from .finals import FinalWords
 from .language import LanguageChoice
@@ -212,10 +212,11 @@ class TranscriptionPipeline(Pipeline):
 
     def _paused(self, t: float) -> None:
         """The voice paused at ``t``: recognize the final it would need if this is the end
-        (:mod:`.early`), unless that audio is not all in or the language is unsure."""
+        (:mod:`.early`), unless that audio is not in or the language is unsure."""
         request = self._policy.ending(t)
         ready = self._window.end / ASR_RATE
-        if request is not None and self._language.settled and request.end <= ready:
+        if request is not None and self._language.settled and request.end - QUIET_SLACK <= ready:
+            request = dataclasses.replace(request, end=min(request.end, ready))
             language = self._language.for_request()
             self._early.started(request, language, self._recognize(request, language))
 
