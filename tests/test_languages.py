@@ -64,7 +64,13 @@ async def transcribe(
                 if message["type"] == "Results" and message["is_final"]:
                     finals.append(message)
     directory = session_dir(running.data_dir, key)
-    annotations = json.loads((directory / "session.json").read_text())["annotations"]
+    # The subscriber's socket closes as the pipeline stops, before the session writes its
+    # last session.json: read that one, not a periodic one from before the last finals.
+    meta = directory / "session.json"
+    ended = await wait_for(
+        lambda: meta.exists() and (m := json.loads(meta.read_text()))["ended_at"] and m
+    )
+    annotations = ended["annotations"]
     transcript = json.loads((directory / "transcript.json").read_text())
     assert {s["language"] for s in transcript["transcript"]} == {
         w["language"] for m in finals for w in m["channel"]["alternatives"][0]["words"]
