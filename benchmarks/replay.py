@@ -145,15 +145,15 @@ class Replay:
     def _submit(self, request: Request) -> None:
         if request.kind == "final":
             self.finals.append([request, None])
-            early, self.early = self.early, None
+            early, words = self.early, self.early_words
             if early is not None and serves(early, request):
                 self.early_used += 1  # the pause was the end: the final takes it over
-                if self.early_words is None:
+                self.early, self.early_words = None, None
+                if words is None:
                     self.adopted[early.id] = request
                 else:
-                    self._finish(request, self.early_words)
+                    self._finish(request, words)
                 return
-            self.early = early
             self._drop_early()
         self.queue.append(request)
         self._start_next()

@@ -66,13 +66,12 @@ class EarlyFinal:
     ) -> asyncio.Future[Hypothesis | None] | None:
         """The recognition of ``request``'s audio in ``language``, if one was started at
         the pause (:func:`serves`); None if the final must be recognized itself."""
-        early, self._early = self._early, None
-        if early is not None:
-            if early.language == language and serves(early.request, request):
-                self._outcomes.labels("used").inc()
-                return early.future
-            self._early = early
-            self.drop()
+        early = self._early
+        if early is not None and early.language == language and serves(early.request, request):
+            self._early = None
+            self._outcomes.labels("used").inc()
+            return early.future
+        self.drop()
         return None
 
     def drop(self) -> None:

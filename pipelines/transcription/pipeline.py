@@ -232,12 +232,12 @@ class TranscriptionPipeline(Pipeline):
 
     def _submit(self, request: Request) -> None:
         pending = _Pending(request)
-        future = None
+        language, future = self._language.for_request(), None
         if request.kind == "final":
             self._finals.append(pending)
-            future = self._early.take(request, self._language.for_request())
+            future = self._early.take(request, language)
         if future is None:
-            future = self._recognize(request, self._language.for_request())
+            future = self._recognize(request, language)
         self._inflight += 1
         self._idle.clear()
         future.add_done_callback(functools.partial(self._recognized, pending))
