@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -197,6 +199,28 @@ def test_the_replay_is_deterministic_and_load_only_delays_finals(
     assert pooled["words_expected"] == 2 * s1["words_expected"]
     assert 0 < pooled["word_final_p50"] <= pooled["word_final_p95"]
     assert 0 <= pooled["offline_wer"] <= pooled["streaming_wer"] + 0.05
+
+
+def test_the_batching_benchmark_says_where_a_lane_spends_its_time(
+    conversations: dict[str, Conversation], conversation_cache: Path
+) -> None:
+    argv = [sys.executable, "-m", "benchmarks.batching", "--seconds", "2", "--batches", "2"]
+    argv += ["--jobs", "4", "--cache", str(conversation_cache), "--profile"]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        argv, cwd=root, capture_output=True, text=True, timeout=scaled(300), check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert [row["batch"] for row in result["results"]] == [1, 2]
+    for row in result["results"]:
+        where = row["where"]
+        roles = [v for k, v in where.items() if k not in ("total", "costliest")]
+        # The profiled operations are part of the job's time (the warm-up's are not
+        # counted), and every role's share adds up to them.
+        assert row["words"] > 0 and 0 < where["total"] <= row["ms_per_job"]
+        assert sum(roles) == pytest.approx(where["total"], abs=0.1 * len(roles))
+        assert where["costliest"] and all(op["calls"] > 0 for op in where["costliest"])
 
 
 def test_the_replay_attributes_words_as_the_pipeline_does(
