@@ -10,8 +10,8 @@ this is the lane's own cost, which the live load benchmark (``transcription.py
 ``--profile`` runs the same measurement in a child process with oneDNN's verbose log on
 and adds, for each batch size, where the lane's time went: the matrix products of a
 decoder step (one row per sequence), the vocabulary projection among them, the products
-over a whole window (encoder, word alignment) and the convolutions, in milliseconds per
-job, with the costliest operations. CTranslate2 runs its matrix products through oneDNN
+over a whole window (encoder, word alignment) and the rest (convolutions, reorders), in
+milliseconds per job, with the costliest operations. CTranslate2 runs its matrix products through oneDNN
 on CPUs where it does not use Intel MKL (AMD); where it uses MKL (Intel) only the
 convolutions show.
 
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile:
-        print(json.dumps(profile([a for a in sys.argv[1:] if a != "--profile"]), indent=2))
+        given = sys.argv[1:] if argv is None else argv
+        print(json.dumps(profile([a for a in given if a != "--profile"]), indent=2))
         return
     sizes = [int(n) for n in args.batches.split(",") if n]
     engine = shared_engine(Settings(asr_threads=1))
