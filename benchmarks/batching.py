@@ -11,9 +11,9 @@ this is the lane's own cost, which the live load benchmark (``transcription.py
 and adds, for each batch size, where the lane's time went: the matrix products of a
 decoder step (one row per sequence), the vocabulary projection among them, the products
 over a whole window (encoder, word alignment) and the rest (convolutions, reorders), in
-milliseconds per job, with the costliest operations. CTranslate2 runs its matrix products through oneDNN
-on CPUs where it does not use Intel MKL (AMD); where it uses MKL (Intel) only the
-convolutions show.
+milliseconds per job, with the costliest operations. CTranslate2 runs its matrix
+products through oneDNN on CPUs where it does not use Intel MKL (AMD); where it uses MKL
+(Intel) only the convolutions show.
 
 Run::
 
