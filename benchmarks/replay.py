@@ -6,10 +6,12 @@ what Whisper hears. The replay removes that noise. It drives the sans-I/O
 :class:`~pipelines.transcription.policy.StreamingPolicy` as the pipeline does (the
 ingest VAD's events, audio in 100 ms blocks, requests waiting for their audio, the end's
 final recognized at a pause, finals published in request order through
-:class:`~pipelines.transcription.finals.FinalWords`) with one recognition lane whose
-calls take ``(overhead + rtf * seconds of audio) * load``, not the measured time. The
-same arguments give the same transcript every time; ``--loads`` and ``--phases`` replay
-the conversation under different timings to find what only some show (a lost word).
+:class:`~pipelines.transcription.finals.FinalWords`) with ``--lanes`` recognition lanes
+(default 1, as every replay figure in ``RESULTS.md`` before ``--lanes`` existed; the
+gateway has one per core) whose calls take ``(overhead + rtf * seconds of audio) *
+load``, not the measured time. The same arguments give the same transcript every time;
+``--loads`` and ``--phases`` replay the conversation under different timings to find
+what only some show (a lost word).
 
 It scores as :mod:`benchmarks.transcript_metrics` does live runs, on the virtual clock.
 With ``--lags``, each run is replayed again with the roster the bot would send that many
@@ -56,11 +58,12 @@ from pipelines.transcription.words import ASR_RATE, HypWord
 BLOCK = 0.1  # the pipeline's audio block
 OVERHEAD = 0.05  # seconds per recognition call, besides the audio (tiny.en, one core)
 RTF = 0.06  # seconds of compute per second of audio heard (tiny.en int8, one core)
+LANES = 1
 
 
 @dataclass
 class Replay:
-    """One replay: the conversation's 16 kHz audio through one policy and one lane."""
+    """One replay: the conversation's 16 kHz audio through one policy and its lanes."""
 
     engine: Engine
     samples: np.ndarray[Any, Any]
@@ -75,6 +78,7 @@ class Replay:
     overhead: float = OVERHEAD
     rtf: float = RTF
     """A recognition's modelled cost: ``(overhead + rtf * seconds of audio) * load``."""
+    lanes: int = LANES
 
     def __post_init__(self) -> None:
         self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
@@ -98,14 +102,14 @@ class Replay:
             assert isinstance(roster, Roster), roster
             self.rosters.append((float(event["at"]), roster))
         self.held: float | None = None  # when the first final stops waiting for the roster
-        self.use = LaneUse(1)  # the lane's recent share busy sets the partials' span
+        self.use = LaneUse(self.lanes)  # their recent share busy sets the partials' span
         # The end's final recognized at a pause (transcription.early), and its words.
         self.early: Request | None = None
         self.early_words: tuple[HypWord, ...] | None = None
         self.adopted: dict[int, Request] = {}
         self.early_used = self.early_wasted = 0
 
-    # -- the lane -----------------------------------------------------------------------
+    # -- the lanes ----------------------------------------------------------------------
 
     def _recognize(self, request: Request) -> tuple[HypWord, ...]:
         a, b = round(request.start * ASR_RATE), round(request.end * ASR_RATE)
@@ -117,17 +121,16 @@ class Replay:
         return self.heard[key]
 
     def _start_next(self) -> None:
-        if self.running or not self.queue:
-            return
-        finals = [r for r in self.queue if r.kind != "partial"]
-        request = finals[0] if finals else self.queue[-1]
-        for r in self.queue:  # a newer partial of the session supersedes the older
-            if r is not request and r.kind == "partial":
-                self.policy.skipped(r)
-        self.queue = [r for r in self.queue if r.kind != "partial" and r is not request]
-        seconds = (self.overhead + self.rtf * (request.end - request.start)) * self.load
-        heapq.heappush(self.running, (self.now + seconds, request.id, request))
-        self.use.began(request.id, self.now)
+        while len(self.running) < self.lanes and self.queue:
+            finals = [r for r in self.queue if r.kind != "partial"]
+            request = finals[0] if finals else self.queue[-1]
+            for r in self.queue:  # a newer partial of the session supersedes the older
+                if r is not request and r.kind == "partial":
+                    self.policy.skipped(r)
+            self.queue = [r for r in self.queue if r.kind != "partial" and r is not request]
+            seconds = (self.overhead + self.rtf * (request.end - request.start)) * self.load
+            heapq.heappush(self.running, (self.now + seconds, request.id, request))
+            self.use.began(request.id, self.now)
 
     def _paused(self, t: float) -> None:
         self._drop_early()
@@ -312,7 +315,7 @@ def _floats(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = shared_engine(Settings(model=args.model))
-    out: dict[str, Any] = {"policy": args.policy, "runs": [], "pooled": []}
+    out: dict[str, Any] = {"policy": args.policy, "lanes": args.lanes, "runs": [], "pooled": []}
     lags: list[float | None] = list(args.lags) or [None]
     for name in args.conversations.split(","):
         conv = build(name, args.cache, ASR_RATE)
@@ -333,6 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     None if lag is None else conv.roster_script(lag),
                     args.overhead,
                     args.rtf,
+                    args.lanes,
                 )
                 scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
                 row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
@@ -356,12 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", default="dialogue,monologue,meeting,read")
     parser.add_argument("--loads", type=_floats, default=[1.0])
     parser.add_argument("--phases", type=_floats, default=[0.0, 0.02, 0.04, 0.06, 0.08])
-    parser.add_argument(
-        "--lags",
-        type=_floats,
-        default=[],
-        help="roster timings to attribute words at, seconds late (negative: early)",
-    )
+    lags = "roster timings to attribute words at, seconds late (negative: early)"
+    parser.add_argument("--lags", type=_floats, default=[], help=lags)
     defaults = Settings()
     parser.add_argument("--partial-interval", type=float, default=defaults.partial_interval)
     parser.add_argument("--max-utterance", type=float, default=defaults.max_utterance)
@@ -369,12 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
     )
     parser.add_argument("--model", default=Settings().model)
-    parser.add_argument(
-        "--overhead", type=float, default=OVERHEAD, help="seconds per recognition call"
-    )
-    parser.add_argument(
-        "--rtf", type=float, default=RTF, help="seconds per second of audio recognized"
-    )
+    parser.add_argument("--lanes", type=int, default=LANES, help="recognition lanes")
+    parser.add_argument("--overhead", type=float, default=OVERHEAD, help="seconds per call")
+    parser.add_argument("--rtf", type=float, default=RTF, help="seconds per second of audio")
     parser.add_argument(
         "--policy",
         default="",
