@@ -24,6 +24,8 @@ Recipes (all deterministic; ``recipe_hash`` names one exactly):
 ``monologue``  one speaker (piper) about 40 s, sentences 50-250 ms apart.
 ``meeting``    four speakers (piper, the LibriVox reader, two espeak voices) in a book
                club, about 75 s, with the dialogue's turn-taking shape.
+``standup``    four people (piper, three espeak voices) in a team's stand-up, about
+               110 s, with the dialogue's turn-taking shape.
 ``read``       the LibriVox utterances once each, 0.8 s apart (benchmarks/transcription.py).
 
 Built conversations are cached as ``<cache>/<name>-<hash>.wav`` and ``.json``.
@@ -65,7 +67,7 @@ Floats = npt.NDArray[np.float32]
 SCHEMA = 1
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 DEFAULT_CACHE = Path.home() / ".cache" / "meeting-gateway" / "conversations"
-RECIPES = ("dialogue", "monologue", "meeting", "read")
+RECIPES = ("dialogue", "monologue", "meeting", "standup", "read")
 
 FRAME = 0.010  # seconds per energy frame
 #: Speech level every clip is brought to: the 95th percentile of its 10 ms frame RMS.
@@ -336,6 +338,93 @@ MEETING: tuple[tuple[str, str, How], ...] = (
 )
 
 
+#: A team's stand-up: four people, about 110 s, with the dialogue's turn-taking
+#: shape; longer turns than the dialogue's and more people cutting in. Words a person
+#: may write as digits ("five", "ten") are left out: the scoring does not normalize them.
+STANDUP: tuple[tuple[str, str, How], ...] = (
+    (
+        "Joe",
+        "Morning everyone, let's keep this short today. Priya, do you want to go first?",
+        "next",
+    ),
+    (
+        "Priya",
+        "Sure. Yesterday I finished the login changes and wrote the tests for them."
+        " Today I am moving on to the password reset emails.",
+        "next",
+    ),
+    ("Joe", "Mm-hmm.", "inside"),
+    (
+        "Priya",
+        "I am blocked on one thing, though. I still need access to the mail server"
+        " in the staging account.",
+        "next",
+    ),
+    ("Tom", "I can give you that right after this call.", "overlap"),
+    ("Priya", "Thank you, that would help a lot.", "next"),
+    ("Joe", "Great. Tom, how about you?", "next"),
+    (
+        "Tom",
+        "I spent most of yesterday on the slow database queries. The report page was asking"
+        " for the same rows again and again, so I put a small cache in front of it.",
+        "next",
+    ),
+    ("Lena", "Nice.", "after"),
+    (
+        "Tom",
+        "It is much faster now, but I want to measure it properly before we call it done."
+        " I will write up the results this afternoon.",
+        "next",
+    ),
+    ("Lena", "Does the cache get cleared when someone edits a report?", "next"),
+    ("Tom", "Yes, every change clears it. I tested that part yesterday evening.", "next"),
+    ("Lena", "Okay, good.", "after"),
+    ("Joe", "Lena, what is new on the design side?", "next"),
+    (
+        "Lena",
+        "We showed the new payment page to a few customers on Monday. Most of them found"
+        " the delivery options quickly, but almost nobody noticed the gift message field.",
+        "next",
+    ),
+    ("Priya", "Right.", "inside"),
+    (
+        "Lena",
+        "So we are moving that field higher up and making the label clearer. I will share"
+        " the new version in the design channel by Thursday.",
+        "next",
+    ),
+    ("Joe", "Should we wait for that before we start building it?", "next"),
+    (
+        "Lena",
+        "No, the layout stays the same. Only the order of the fields changes, so you can"
+        " start whenever you like.",
+        "overlap",
+    ),
+    ("Priya", "Then I can pick it up next week, after the password work.", "next"),
+    ("Joe", "Sounds like a plan.", "after"),
+    (
+        "Joe",
+        "One last thing from me. The quarterly review moved to Friday afternoon, and our"
+        " team only gets a short slot to present.",
+        "next",
+    ),
+    ("Tom", "That is not much time at all.", "overlap"),
+    (
+        "Joe",
+        "No, so let's keep it simple: what we shipped, what we learned, and what comes next.",
+        "next",
+    ),
+    ("Lena", "I can make the slides look nice if someone sends me the content.", "next"),
+    ("Priya", "I will send you the part about the login work tomorrow.", "next"),
+    ("Tom", "And I will add the database results once I have them.", "next"),
+    ("Joe", "Perfect. Anything else before we go?", "next"),
+    ("Lena", "Just a reminder that the office is closed on Monday.", "next"),
+    ("Tom", "Oh, I forgot about that. Thanks.", "next"),
+    ("Joe", "Okay, thanks everyone. Have a good day.", "next"),
+    ("Priya", "You too, bye.", "overlap"),
+)
+
+
 def _reader_lines() -> dict[str, tuple[str, str]]:
     """LibriVox utterances: short id (``0870``) -> (full id, transcript)."""
     path = LIBRIVOX / "transcription"
@@ -400,6 +489,14 @@ def recipe(name: str, rate: int = 24000) -> Recipe:
             "Ravi": Speaker("Ravi", 4, Voice("espeak", "en-gb-x-rp", 165)),
         }
         return Recipe(name, rate, tuple(people.values()), _plan(MEETING, people, rng), True)
+    if name == "standup":
+        people = {
+            "Joe": Speaker("Joe", 1, PIPER),
+            "Priya": Speaker("Priya", 2, Voice("espeak", "en-us+f4", 170)),
+            "Tom": Speaker("Tom", 3, Voice("espeak", "en-gb-scotland+m3", 160)),
+            "Lena": Speaker("Lena", 4, Voice("espeak", "en-us-nyc+f2", 175)),
+        }
+        return Recipe(name, rate, tuple(people.values()), _plan(STANDUP, people, rng), True)
     if name == "read":
         people = {"Morgan": Speaker("Morgan", 1, READER)}
         lines = tuple(

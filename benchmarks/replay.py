@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", default="dialogue,monologue,meeting,read")
+    parser.add_argument("--conversations", default="dialogue,monologue,meeting,standup,read")
     parser.add_argument("--loads", type=_floats, default=[1.0])
     parser.add_argument("--phases", type=_floats, default=[0.0, 0.02, 0.04, 0.06, 0.08])
     lags = "roster timings to attribute words at, seconds late (negative: early)"

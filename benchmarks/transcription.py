@@ -4,7 +4,7 @@ Runs a real gateway (pipelines ``recording,transcription``, the configured model
 this process and simulated bots plus transcript subscribers in a child process, so
 the gateway's event loop is measured alone. Two workloads (``--workload``):
 
-``conversation`` (the dialogue and meeting of :mod:`benchmarks.conversations`, 24 kHz,
+``conversation`` (the dialogue, meeting and stand-up of :mod:`benchmarks.conversations`, 24 kHz,
 with the roster the bot would send):
 
 (i)   one meeting at a time, roster on time: per-word final latency (when each
@@ -621,7 +621,7 @@ async def main() -> None:
         ("--model", "tiny.en", "Whisper model"),
         ("--asr-threads", 0, "recognition lanes (0: one per core)"),
         ("--stagger", STAGGER, "seconds over which meetings' starts are spread (0: lockstep)"),
-        ("--conversations", "dialogue,meeting", "conversation recipes to play"),
+        ("--conversations", "dialogue,meeting,standup", "conversation recipes to play"),
         ("--lags", "0,1,2,-0.5", "roster lags to score attribution at, s (negative: early)"),
         ("--rate", 24000, "conversation sample rate"),
         ("--cache", DEFAULT_CACHE, "where built conversations are kept"),

@@ -206,7 +206,7 @@ def test_read_timings_match_the_audio(built: Build) -> None:
 
 
 @pytest.mark.tts
-@pytest.mark.parametrize("name", ["dialogue", "monologue", "meeting"])
+@pytest.mark.parametrize("name", ["dialogue", "monologue", "meeting", "standup"])
 def test_timings_match_the_audio(built: Build, name: str) -> None:
     check_timings(built(name))
 
@@ -260,6 +260,20 @@ def test_meeting_mixes_voices(built: Build) -> None:
     assert max(gaps(c)) <= 0.2 + 1e-6
     assert len(overlaps(c, 0.25)) >= 3
     assert longest_quiet(c) <= 0.3
+
+
+@pytest.mark.tts
+def test_standup_has_four_voices_answering_each_other(built: Build) -> None:
+    c = built("standup")
+    assert 90 <= c.duration <= 130
+    assert [s for s, _ in c.speakers] == ["Joe", "Priya", "Tom", "Lena"]
+    voices = {t.voice for t in c.turns}
+    assert len([v for v in voices if v.startswith("espeak:")]) == 3
+    assert max(gaps(c)) <= 0.2 + 1e-6
+    assert len(overlaps(c, 0.25)) >= 5
+    assert longest_quiet(c) <= 0.3
+    assert longest_vad_pause(c) <= 0.3
+    assert len(c.text()) >= 350
 
 
 # -- speakers and rosters -----------------------------------------------------------
@@ -331,7 +345,7 @@ def test_roster_script_of_read_speech(built: Build) -> None:
 
 
 @pytest.mark.tts
-@pytest.mark.parametrize("name", ["dialogue", "meeting"])
+@pytest.mark.parametrize("name", ["dialogue", "meeting", "standup"])
 def test_roster_script_with_lag(built: Build, name: str) -> None:
     c = built(name)
     check_roster(c, 1.0)
