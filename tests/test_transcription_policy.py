@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from gateway.audio.resample import Resampler
 from pipelines.transcription.early import QUIET_SLACK, EarlyFinal, serves
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.policy import (
@@ -38,7 +39,7 @@ from pipelines.transcription.sequences import (
 )
 from pipelines.transcription.verdicts import FRAME, collect, looping, started_late
 from pipelines.transcription.window import Window
-from pipelines.transcription.words import HypWord, normalize
+from pipelines.transcription.words import ASR_RATE, HypWord, normalize
 
 
 def words(
@@ -730,3 +731,31 @@ def test_lane_use_is_the_busy_share_of_the_lanes_over_the_window() -> None:
     assert use.share(200.0) == 0.0
     use.ended(3, 201.0)  # a job never begun changes nothing
     assert use.share(201.0) == 0.0
+
+
+def test_partials_keep_their_cadence_whatever_the_audio_blocks() -> None:
+    # 100 ms blocks of 24 kHz audio, through the pipeline's resampler to 16 kHz: uneven.
+    resampler = Resampler(24000, ASR_RATE)
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=100.0)
+    policy.speech_started(0.0)
+    asked: list[float] = []
+    late: Request | None = None
+    for block in range(300):
+        resampler.process(np.zeros(2400, np.int16))
+        t = resampler.produced / ASR_RATE
+        if late is not None and t >= late.end + 0.8:  # one recognition took 0.8 s
+            policy.recognized(late, words("one two three", late.end - 1.5))
+            late = None
+        for request in requests(policy.advance(t)):
+            asked.append(t)
+            if block == 150:
+                late = request
+            else:
+                policy.recognized(request, words("one two three", request.end - 1.5))
+    gaps = np.diff(asked)
+    assert len({round(g, 3) for g in gaps}) > 1  # the blocks are uneven
+    # Every 0.5 s over the 30 s, not every 0.5 s plus half a block (52 of them).
+    assert len(asked) >= 57, gaps
+    # After the late one, the next comes when it is back and not sooner than 0.25 s later.
+    assert gaps.min() >= 0.25 - 1e-9
+    assert gaps.max() >= 0.8

@@ -27,9 +27,8 @@ The rules:
 - Confirmed words are *final* at once: they are released as finals
   (``is_final``, not ``speech_final``) as soon as they are confirmed, without waiting
   for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
-  Partials show only the words not final yet. In a conversation the VAD rarely ends
-  (people answer each other with 0-200 ms gaps), so this is what keeps finals a second
-  or two behind the voice.
+  Partials show only the words not final yet. In a conversation the VAD rarely ends,
+  so this is what keeps finals a second or two behind the voice.
 - The utterance's end brings a ``speech_final``: the words not yet final, followed by
   the final hypothesis' words after the confirmed ones, matched by word sequence, else
   by time. It recognizes only the audio from shortly before the last confirmed words
@@ -175,7 +174,7 @@ class StreamingPolicy:
         self._heard: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
         self._partial_pending = False
         self._shown = False
-        self._last_partial_end = 0.0
+        self._cadence = 0.0  # when the last partial was due
         self.emitted_words = 0
 
     def _request(
@@ -207,7 +206,7 @@ class StreamingPolicy:
         self._heard.clear()
         self._partial_pending = False
         self._shown = False
-        self._last_partial_end = self._seg_start
+        self._cadence = self._seg_start
 
     def _resume_at(self, context: float = RECHECK_CONTEXT) -> float:
         """Where a final's audio starts: at a word boundary ``context`` seconds or more
@@ -243,7 +242,7 @@ class StreamingPolicy:
         self.utterance += 1
         self._speech_start = t
         self._new_segment(t - PAD)
-        self._last_partial_end = t  # the first partial waits for speech, not the pad
+        self._cadence = t  # the first partial waits for speech, not the pad
 
     def ending(self, t: float) -> Request | None:
         """The final :meth:`speech_ended` would ask for if speech ended at ``t``, without
@@ -271,9 +270,13 @@ class StreamingPolicy:
             out.extend(self._split(t))
         # Until a partial has shown words, ask again at the short first interval.
         interval = self.partial_interval if self._shown else self.first_partial
-        if not self._partial_pending and t - self._last_partial_end >= interval:
+        due = self._cadence + interval
+        if not self._partial_pending and t >= due - 1e-6:
             self._partial_pending = True
-            self._last_partial_end = t
+            # Keep the cadence whatever the blocks (100 ms at 24 kHz leaves the resampler
+            # as 92 or 122 ms: counting from the block that crossed the interval spaced
+            # partials 0.58 s apart); one that waited for the last starts half an interval on.
+            self._cadence = max(due, t - interval / 2)
             out.append(self._request("partial", t, speech_final=False))
         return out
 
@@ -334,11 +337,8 @@ class StreamingPolicy:
             self._partial_pending = False
 
     def _current(self, request: Request) -> bool:
-        return (
-            self.speaking
-            and request.utterance == self.utterance
-            and request.segment == self.segment
-        )
+        at = (request.utterance, request.segment)
+        return self.speaking and at == (self.utterance, self.segment)
 
     def recognized(
         self, request: Request, words: Sequence[HypWord], *, sure: bool = True
