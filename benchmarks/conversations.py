@@ -25,7 +25,8 @@ Recipes (all deterministic; ``recipe_hash`` names one exactly):
 ``meeting``    four speakers (piper, the LibriVox reader, two espeak voices) in a book
                club, about 75 s, with the dialogue's turn-taking shape.
 ``standup``    four people (piper, three espeak voices) in a team's stand-up, about
-               110 s, with the dialogue's turn-taking shape.
+               115 s, with the dialogue's turn-taking shape and five hand-off pauses
+               of 1.0-1.8 s (endpoints in mid-meeting).
 ``read``       the LibriVox utterances once each, 0.8 s apart (benchmarks/transcription.py).
 
 Built conversations are cached as ``<cache>/<name>-<hash>.wav`` and ``.json``.
@@ -83,7 +84,7 @@ MAX_PAUSE = 0.2
 LEAD = 0.5  # silence before the first turn and after the last, seconds
 SENTENCE_GAP = 0.15  # between the sentences of one piper line, before pause shortening
 
-How = Literal["next", "overlap", "inside", "after"]
+How = Literal["next", "overlap", "inside", "after", "pause"]
 
 
 # -- the public result ----------------------------------------------------------------
@@ -207,7 +208,7 @@ class Line:
     text: str
     how: How
     amount: float
-    """``next``/``after``: the gap, s; ``overlap``: how long before the previous main turn
+    """``next``/``after``/``pause``: the gap, s; ``overlap``: how long before the previous main turn
     ends it starts, s; ``inside``: where in the previous main turn it starts (fraction)."""
     rate: float = 0.0
     """This line's piper length_scale or espeak words per minute."""
@@ -232,7 +233,8 @@ READER = Voice("librivox")
 
 #: (speaker, text, how). ``next``: 0-200 ms after the last turn; ``overlap``: starts
 #: 0.3-1.0 s before the previous main turn ends; ``inside``: a backchannel within the
-#: previous main turn; ``after``: a backchannel 0-150 ms after it.
+#: previous main turn; ``after``: a backchannel 0-150 ms after it; ``pause``: a turn
+#: after a hand-off pause of 1.0-1.8 s (the next person unmuting), an endpoint mid-talk.
 DIALOGUE: tuple[tuple[str, str, How], ...] = (
     ("Joe", "Good morning Sarah, thanks for joining on such short notice.", "next"),
     ("Sarah", "No problem at all. I saw your message about the launch date.", "next"),
@@ -351,7 +353,7 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
         "Priya",
         "Sure. Yesterday I finished the login changes and wrote the tests for them."
         " Today I am moving on to the password reset emails.",
-        "next",
+        "pause",
     ),
     ("Joe", "Mm-hmm.", "inside"),
     (
@@ -367,7 +369,7 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
         "Tom",
         "I spent most of yesterday on the slow database queries. The report page was asking"
         " for the same rows again and again, so I put a small cache in front of it.",
-        "next",
+        "pause",
     ),
     ("Lena", "Nice.", "after"),
     (
@@ -384,7 +386,7 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
         "Lena",
         "We showed the new payment page to a few customers on Monday. Most of them found"
         " the delivery options quickly, but almost nobody noticed the gift message field.",
-        "next",
+        "pause",
     ),
     ("Priya", "Right.", "inside"),
     (
@@ -406,7 +408,7 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
         "Joe",
         "One last thing from me. The quarterly review moved to Friday afternoon, and our"
         " team only gets a short slot to present.",
-        "next",
+        "pause",
     ),
     ("Tom", "That is not much time at all.", "overlap"),
     (
@@ -418,7 +420,7 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
     ("Priya", "I will send you the part about the login work tomorrow.", "next"),
     ("Tom", "And I will add the database results once I have them.", "next"),
     ("Joe", "Perfect. Anything else before we go?", "next"),
-    ("Lena", "Just a reminder that the office is closed on Monday.", "next"),
+    ("Lena", "Just a reminder that the office is closed on Monday.", "pause"),
     ("Tom", "Oh, I forgot about that. Thanks.", "next"),
     ("Joe", "Okay, thanks everyone. Have a good day.", "next"),
     ("Priya", "You too, bye.", "overlap"),
@@ -450,6 +452,8 @@ def _plan(
             amount = rng.uniform(0.0, 0.15)
         elif how == "overlap":
             amount = rng.uniform(0.3, 1.0)
+        elif how == "pause":
+            amount = rng.uniform(1.0, 1.8)
         else:
             amount = rng.uniform(0.35, 0.6)
         voice = speakers[who].voice
@@ -667,7 +671,7 @@ def _layout(plan: Recipe, clips: list[Floats]) -> list[int]:
     end = round(LEAD * rate)  # where the last turn so far ends
     for line, clip in zip(plan.lines, clips, strict=True):
         n = len(clip)
-        if main is None or line.how in ("next", "after"):
+        if main is None or line.how in ("next", "after", "pause"):
             start = end + round(line.amount * rate) if starts else end
         elif line.how == "overlap":
             early = min(round(line.amount * rate), (main[1] - main[0]) // 2)
@@ -791,11 +795,16 @@ def build(name: str, cache: Path, rate: int = 24000, workers: int | None = None)
 # -- recognition ----------------------------------------------------------------------
 
 WINDOW = 28.0  # seconds of audio per recognition call (Whisper sees 30 s at most)
+QUIET_DB = 3.0  # frames this close to a piece's quietest are quiet where it may be cut
+CUT_PAUSE = 0.5  # a quiet stretch this long is a pause, and a piece is cut halfway in it
 
 
 def windows(samples: Samples, rate: int, limit: float = WINDOW) -> list[tuple[int, int]]:
-    """Cut audio into pieces of at most ``limit`` s, each cut at the quietest 10 ms
-    frame of the last quarter of the piece (between turns, as a rule)."""
+    """Cut audio into pieces of at most ``limit`` s, each cut in the last quarter of the
+    piece: halfway through the longest pause there if one lasts :data:`CUT_PAUSE` or
+    more, else at the quietest 10 ms frame (between turns, as a rule). Cut at a long
+    pause's start, the next piece would open with a phrase and then the pause, and
+    tiny.en stops after the phrase, dropping the rest of the piece."""
     step = round(rate * FRAME)
     out = []
     pos = 0
@@ -803,7 +812,15 @@ def windows(samples: Samples, rate: int, limit: float = WINDOW) -> list[tuple[in
     while len(samples) - pos > size:
         db = frame_db(floats(samples[pos : pos + size]), rate)
         lo = len(db) * 3 // 4
-        cut = pos + (lo + int(np.argmin(db[lo:]))) * step
+        tail = db[lo:]
+        at = int(np.argmin(tail))
+        quiet = np.r_[0, (tail <= tail[at] + QUIET_DB).astype(np.int8), 0]
+        edges = np.flatnonzero(np.diff(quiet))  # where each quiet run starts and ends
+        starts, ends = edges[::2], edges[1::2]
+        longest = int(np.argmax(ends - starts))
+        if (ends[longest] - starts[longest]) * FRAME >= CUT_PAUSE:
+            at = int(starts[longest] + ends[longest]) // 2
+        cut = pos + (lo + at) * step
         out.append((pos, cut))
         pos = cut
     out.append((pos, len(samples)))
