@@ -340,8 +340,9 @@ MEETING: tuple[tuple[str, str, How], ...] = (
 )
 
 
-#: A team's stand-up: four people, about 110 s, with the dialogue's turn-taking
-#: shape; longer turns than the dialogue's and more people cutting in. Words a person
+#: A team's stand-up: four people, about 115 s, with the dialogue's turn-taking
+#: shape; longer turns than the dialogue's and more people cutting in, and a pause
+#: wherever someone is handed the word and unmutes. Words a person
 #: may write as digits ("five", "ten") are left out: the scoring does not normalize them.
 STANDUP: tuple[tuple[str, str, How], ...] = (
     (
