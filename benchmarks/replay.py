@@ -211,25 +211,20 @@ class Replay:
                     return
             self._publish(self.finals.popleft()[1])
 
-    def _speaker(self, w: HypWord) -> Any:
-        if self.roster is None:
-            return None
-        a, b = round(w.start * ASR_RATE), round(w.end * ASR_RATE)
-        return self.turns.speaker(lambda lag: self.timeline.attribute(a, b, lag=lag))
+    def _lookup(self, start: float, end: float, lag: float, prefer: Any) -> Any:
+        a, b = round(start * ASR_RATE), round(end * ASR_RATE)
+        return self.timeline.attribute(a, b, lag=lag, prefer=prefer)
 
     def _publish(self, draft: Draft) -> None:
         if draft.is_final:
             self.turns.finalized(((w.text, w.start, w.end) for w in draft.words), float)
+        speakers: list[Any] = [None] * len(draft.words)
+        if self.roster is not None:
+            spans = ((w.text, w.start, w.end) for w in draft.words)
+            speakers = self.turns.speakers(spans, self._lookup, final=draft.is_final)
         words = tuple(
-            results.Word(
-                w.norm,
-                w.text,
-                round(w.start, 3),
-                round(w.end, 3),
-                w.probability,
-                self._speaker(w),
-            )
-            for w in draft.words
+            results.Word(w.norm, w.text, round(w.start, 3), round(w.end, 3), w.probability, who)
+            for w, who in zip(draft.words, speakers, strict=True)
         )
         if draft.is_final:
             words = self.guard.admit(words)

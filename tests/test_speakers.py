@@ -161,3 +161,23 @@ def test_attribution_matches_the_rule_over_long_timelines(
         a, b = round(start * RATE), round((start + length) * RATE)
         got = tl.attribute(a, b)
         assert (got.key if got else None) == brute_force(tl, T0 + a / RATE, T0 + b / RATE)
+
+
+def test_a_word_under_a_backchannel_stays_with_who_said_the_word_before() -> None:
+    tl = timeline()
+    tl.update(Roster((entry("Alice", 1, True, T0),)), T0)
+    tl.update(Roster((entry("Alice", 1, True), entry("Bob", 2, True, T0 + 2))), T0 + 2)
+    tl.update(Roster((entry("Alice", 1, True), entry("Bob", 2, False, T0 + 2.5))), T0 + 2.5)
+    tl.update(Roster((entry("Alice", 1, False, T0 + 5), entry("Bob", 2, False))), T0 + 5)
+    alice = tl.attribute(0, RATE)
+    assert alice is not None and alice.name == "Alice"
+    # Bob's "mm-hmm" mark covers the word as much as Alice's: the later start takes it
+    # unless the word goes on from Alice's.
+    word = (int(2.1 * RATE), int(2.4 * RATE))
+    bob = tl.attribute(*word)
+    assert bob is not None and bob.name == "Bob"
+    assert tl.attribute(*word, prefer=alice) == alice
+    assert tl.attribute(*word, prefer=bob) == bob
+    # Where the preferred speaker covers less of the word, or none of it, it does not.
+    assert tl.attribute(int(2.3 * RATE), int(2.7 * RATE), prefer=bob) == alice
+    assert tl.attribute(int(6 * RATE), int(7 * RATE), prefer=alice) is None

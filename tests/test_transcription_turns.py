@@ -8,7 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.transcription.turns import RosterLag
+from gateway.ingest.clock import AudioClock
+from gateway.ingest.protocol import Roster, RosterEntry
+from gateway.ingest.speakers import Speaker, SpeakerTimeline
+from pipelines.transcription.turns import RosterLag, Turns
 
 
 def conversation(lag: float, turns: int, seed: int) -> list[tuple[str, float]]:
@@ -145,3 +148,45 @@ def test_the_meeting_with_the_roster_2_s_late_as_a_live_run_saw_it() -> None:
     seen = estimates(events)
     settled = next(i for i, s in enumerate(seen) if s != 0.0)
     assert all(abs(s - 1.9) < 0.35 for s in seen[settled:]), seen
+
+
+def test_words_in_the_same_breath_keep_their_speaker_through_an_interruption() -> None:
+    clock = AudioClock(16000)
+    clock.start(0.0, 0)
+    tl = SpeakerTimeline(clock)
+
+    def roster(at: float, *speaking: str) -> None:
+        people = ("Alice", "Bob")
+        tl.update(
+            Roster(
+                tuple(
+                    RosterEntry(p, i + 1, at, p in speaking, None, False)
+                    for i, p in enumerate(people)
+                )
+            ),
+            at,
+        )
+
+    # Alice talks from 0 s; Bob cuts in at 3 s, 0.8 s before she stops.
+    roster(0.0, "Alice")
+    roster(3.0, "Alice", "Bob")
+    roster(3.8, "Bob")
+    turns = Turns()
+
+    def lookup(start: float, end: float, lag: float, prefer: Speaker | None) -> Speaker | None:
+        return tl.attribute(round(start * 16000), round(end * 16000), lag, prefer)
+
+    def names(words: list[tuple[str, float, float]], final: bool) -> list[str | None]:
+        return [s and s.name for s in turns.speakers(words, lookup, final=final)]
+
+    assert names([("I", 2.4, 2.5), ("think", 2.5, 2.9)], True) == ["Alice", "Alice"]
+    # Her next words, under both marks, go on from "think": hers, in a partial and in
+    # the final after it (a partial does not move the chain on to its last word).
+    rest = [("it", 3.05, 3.2), ("works.", 3.2, 3.6)]
+    assert names(rest, False) == ["Alice", "Alice"]
+    assert names(rest, True) == ["Alice", "Alice"]
+    # Without the chain the later start, Bob, would have them.
+    alone = tl.attribute(round(3.05 * 16000), round(3.2 * 16000))
+    assert alone is not None and alone.name == "Bob"
+    # After her sentence end, the words under both marks go to Bob, the later start.
+    assert names([("Sure", 3.65, 3.75)], True) == ["Bob"]

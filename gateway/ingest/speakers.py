@@ -28,6 +28,8 @@ from .protocol import Roster, RosterEntry
 
 #: Roster timestamps further than this from the arrival time are not trusted.
 MAX_SKEW = 5.0
+#: Speakers whose marks overlap a word within this many seconds of each other tie.
+TIE = 0.001
 #: Speakers remembered per session by default.
 MAX_SPEAKERS = 1000
 
@@ -249,11 +251,16 @@ class SpeakerTimeline:
             latest = max(latest, a)
         return overlap, latest
 
-    def attribute(self, start: int, end: int, lag: float = 0.0) -> Speaker | None:
+    def attribute(
+        self, start: int, end: int, lag: float = 0.0, prefer: Speaker | None = None
+    ) -> Speaker | None:
         """The speaker whose speaking overlaps session-clock ``[start, end)`` the most.
 
         ``lag`` shifts the window later: rosters trail the audio by up to a second or
         two, so the roster's view of audio at ``t`` is the roster at ``t + lag``.
+        Between speakers who overlap it as much, ``prefer`` (who said the word before,
+        in the same breath) keeps it, else the one who started last: a backchannel's
+        or an interruption's mark covers the words still said around it.
         Returns ``None`` when nobody was marked speaking then.
         """
         t0 = self.clock.wall(start)
@@ -267,4 +274,10 @@ class SpeakerTimeline:
             overlap, latest = self._overlap(key, t0, t1)
             if overlap > 0 and (best is None or (overlap, latest) > best):
                 best, best_key = (overlap, latest), key
+        if best is None:
+            return None
+        if prefer is not None and prefer.key != best_key:
+            overlap = self._overlap(prefer.key, t0, t1)[0]
+            if overlap > 0 and overlap >= best[0] - TIE:
+                return self._speakers[prefer.key]
         return None if best_key is None else self._speakers[best_key]

@@ -320,7 +320,7 @@ class TranscriptionPipeline(Pipeline):
         request = draft.request
         if draft.is_final:
             self._turns.finalized(((w.text, w.start, w.end) for w in draft.words), self._wall)
-        words = self._attribute(draft.words)
+        words = self._attribute(draft.words, draft.is_final)
         if draft.is_final:
             words = self._final_words.admit(words)
         utterance = request.utterance if request is not None else self._policy.utterance
@@ -368,10 +368,11 @@ class TranscriptionPipeline(Pipeline):
         if wall is not None:
             histogram.observe(max(0.0, time.time() - wall))
 
-    def _attribute(self, words: tuple[HypWord, ...]) -> tuple[results.Word, ...]:
+    def _attribute(self, words: tuple[HypWord, ...], final: bool) -> tuple[results.Word, ...]:
         out = []
-        for w in words:
-            speaker = self._speaker(w)
+        spans = ((w.text, w.start, w.end) for w in words)
+        speakers = self._turns.speakers(spans, self._lookup, final=final)
+        for w, speaker in zip(words, speakers, strict=True):
             if speaker is not None and speaker.is_bot and self._bot_speech == "drop":
                 self._metrics.bot_words_dropped.inc()
                 continue
@@ -388,6 +389,8 @@ class TranscriptionPipeline(Pipeline):
             )
         return tuple(out)
 
-    def _speaker(self, w: HypWord) -> Speaker | None:
-        a, b = round(w.start * self._rate), round(w.end * self._rate)
-        return self._turns.speaker(lambda lag: self._ctx.speakers.attribute(a, b, lag=lag))
+    def _lookup(
+        self, start: float, end: float, lag: float, prefer: Speaker | None
+    ) -> Speaker | None:
+        a, b = round(start * self._rate), round(end * self._rate)
+        return self._ctx.speakers.attribute(a, b, lag=lag, prefer=prefer)

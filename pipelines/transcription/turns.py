@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -147,12 +147,14 @@ class Turns:
 
     The pipeline (and the replay benchmark) drive it: the VAD's speech starts and the
     roster's starts go to :attr:`lag`; every final's words go to :meth:`finalized`,
-    whose turn-starting words are voice starts too. Sans-I/O: times in, seconds out.
+    whose turn-starting words are voice starts too; :meth:`speakers` names who said
+    each published word. Sans-I/O: times in, seconds out.
     """
 
     def __init__(self) -> None:
         self.lag = RosterLag()
         self._last: tuple[str, float] | None = None  # text and end of the last final word
+        self._said: tuple[Any, str, float] | None = None  # its speaker, text and end
 
     def finalized(
         self, words: Iterable[tuple[str, float, float]], wall: Callable[[float], float | None]
@@ -166,14 +168,41 @@ class Turns:
                 if when is not None:
                     self.lag.voice_started(when)
 
-    def speaker(self, lookup: Callable[[float], T | None]) -> T | None:
-        """Who said a word: ``lookup(lag)`` asks the roster as it was ``lag`` seconds
-        after the word, at the measured lag, then no lag, then later, until one answers."""
-        for lag in dict.fromkeys((self.lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG)):
-            found = lookup(lag)
-            if found is not None:
-                return found
-        return None
+    def speakers(
+        self,
+        words: Iterable[tuple[str, float, float]],
+        lookup: Callable[[float, float, float, T | None], T | None],
+        *,
+        final: bool,
+    ) -> list[T | None]:
+        """Who said each of ``words`` (``(text, start, end)``, in order).
+
+        ``lookup(start, end, lag, prefer)`` asks the roster as it was ``lag`` seconds
+        after the word: at the measured lag, then no lag, then later, until one answers.
+        A word said in the same breath as the one before it (no sentence end between
+        them, no gap of ``TURN_GAP``) is looked up preferring that word's speaker, who
+        keeps it where the roster marks both: the words said under a backchannel, or
+        the last ones before an interruption, are still the speaker's. The chain runs
+        on from the last final word; only a final moves it.
+        """
+        previous, out = self._said, []
+        for text, start, end in words:
+            same_breath = (
+                previous is not None
+                and not previous[1].endswith(SENTENCE_END)
+                and -TURN_GAP < start - previous[2] < TURN_GAP
+            )
+            prefer = previous[0] if same_breath and previous is not None else None
+            who = None
+            for lag in dict.fromkeys((self.lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG)):
+                who = lookup(start, end, lag, prefer)
+                if who is not None:
+                    break
+            out.append(who)
+            previous = (who, text, end)
+        if final:
+            self._said = previous
+        return out
 
     def hold(self, last_word_end: float | None, now: float) -> float:
         """Seconds a final whose last word ended at wall ``last_word_end`` waits for
