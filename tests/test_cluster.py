@@ -201,7 +201,11 @@ async def test_workers_share_one_port_and_hand_sessions_to_each_other(
                 await b._ws.close()
     await asyncio.wait_for(asyncio.gather(*meetings), scaled(30))
     await until(lambda: len(get(serve, "/sessions")) == 6, 6, "every session in the view")
-    assert {r["node"] for r in get(serve, "/sessions")} == {"box-w0", "box-w1"}
+    # Where each session ends up is the kernel's pick for its last connection, and all
+    # six on one worker happens (seen in a rehearsal; one run in 32 if the picks were
+    # even and independent): the view is checked for the workers' names, and the log
+    # for sessions passed between them.
+    assert {r["node"] for r in get(serve, "/sessions")} <= {"box-w0", "box-w1"}
     assert await serve.stop() == 0
     log = serve._drain.result().decode()
     assert log.count("hands session") >= 2, log  # the workers did pass sessions around
