@@ -426,6 +426,14 @@ def test_looping_catches_repeated_phrases_only() -> None:
     assert looping(["so", "so", "so", "so"])
     assert not looping(["no", "no", "no"])
     assert not looping(["had", "he", "married", "a", "more", "amiable", "woman", "he", "might"])
+    # A whole sentence twice back to back: what tiny.en wrote for the stand-up's last
+    # 2.5 s in a replay, and a final carried it ("... have a good day bye thanks
+    # everyone have a good day bye thanks everyone").
+    bye = "Thanks everyone have a good day. Bye. Thanks everyone have a good day. Bye. Thanks"
+    assert looping(bye.split())
+    # People repeat a short phrase, not a sentence.
+    assert not looping(["thank", "you", "very", "much,", "thank", "you", "very", "much."])
+    assert not looping(["I", "think", "so.", "I", "think", "so.", "Yes."])
 
 
 def test_a_loop_of_marks_that_are_no_words_is_a_repetition() -> None:

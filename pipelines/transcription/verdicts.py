@@ -45,6 +45,8 @@ COMPRESSION_RATIO_MAX = 2.4
 # scored above 0.76 in 333 segments. Such a segment is no speech, whatever its words.
 NO_SPEECH_SURE = 0.8
 NO_SPEECH_SURE_LOGPROB = -0.5
+#: A phrase of this many words said twice back to back is a loop (:func:`looping`).
+LONG_PHRASE = 5
 #: Why a decode in the compact window is tried again in the standard one, besides
 #: stopping short.
 RETRY = frozenset({"repetition", "low_logprob"})
@@ -86,16 +88,21 @@ def judge(segment: Any) -> str | None:
 
 
 def looping(words: list[str]) -> bool:
-    """Whether a phrase repeats back to back: 3 times (4 for a single word).
+    """Whether a phrase repeats back to back: 3 times (4 for a single word), or twice
+    for a phrase of :data:`LONG_PHRASE` words or more.
 
     Too short for the compression-ratio check to notice, and what Whisper produces
-    when it loops on a fragment ("he was... he was... he was...").
+    when it loops on a fragment ("he was... he was... he was..."), or on the last
+    sentence it heard at the end of the audio ("Thanks everyone, have a good day. Bye.
+    Thanks everyone, have a good day. Bye. Thanks everyone"). People repeat a word or
+    two; a whole sentence said twice back to back is the model's.
     """
-    for n in (1, 2, 3, 4):
-        need = 4 if n == 1 else 3
-        for i in range(len(words) - n * need + 1):
-            phrase = words[i : i + n]
-            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, need)):
+    said = [normalize(w) for w in words]
+    for n in range(1, len(said) // 2 + 1):
+        need = 4 if n == 1 else 3 if n < LONG_PHRASE else 2
+        for i in range(len(said) - n * need + 1):
+            phrase = said[i : i + n]
+            if all(said[i + k * n : i + (k + 1) * n] == phrase for k in range(1, need)):
                 return True
     return False
 
