@@ -270,14 +270,15 @@ class SpeakerTimeline:
         t0, t1 = t0 + lag, max(t1, t0 + 1e-3) + lag
         best: tuple[float, float] | None = None
         best_key = None
+        preferred = 0.0  # how much of the window ``prefer`` spoke
         for key in self._first:  # ties go to who appeared first, whatever spoke last
             overlap, latest = self._overlap(key, t0, t1)
             if overlap > 0 and (best is None or (overlap, latest) > best):
                 best, best_key = (overlap, latest), key
-        if best is None:
+            if prefer is not None and key == prefer.key:
+                preferred = overlap
+        if best is None or best_key is None:
             return None
-        if prefer is not None and prefer.key != best_key:
-            overlap = self._overlap(prefer.key, t0, t1)[0]
-            if overlap > 0 and overlap >= best[0] - TIE:
-                return self._speakers[prefer.key]
-        return None if best_key is None else self._speakers[best_key]
+        if preferred > 0 and preferred >= best[0] - TIE and prefer is not None:
+            return self._speakers[prefer.key]
+        return self._speakers[best_key]

@@ -187,12 +187,13 @@ class Turns:
         """
         previous, out = self._said, []
         for text, start, end in words:
-            same_breath = (
+            prefer = None
+            if (
                 previous is not None
                 and not previous[1].endswith(SENTENCE_END)
                 and -TURN_GAP < start - previous[2] < TURN_GAP
-            )
-            prefer = previous[0] if same_breath and previous is not None else None
+            ):
+                prefer = previous[0]  # said in the same breath
             who = None
             for lag in dict.fromkeys((self.lag.seconds, 0.0, ROSTER_LAG, 2 * ROSTER_LAG)):
                 who = lookup(start, end, lag, prefer)
