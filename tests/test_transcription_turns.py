@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gateway.ingest.clock import AudioClock
 from gateway.ingest.protocol import Roster, RosterEntry
 from gateway.ingest.speakers import Speaker, SpeakerTimeline
-from pipelines.transcription.turns import RosterLag, Turns
+from pipelines.transcription.turns import ROSTER_SLACK, RosterLag, Turns
 
 
 def conversation(lag: float, turns: int, seed: int) -> list[tuple[str, float]]:
@@ -148,6 +148,31 @@ def test_the_meeting_with_the_roster_2_s_late_as_a_live_run_saw_it() -> None:
     seen = estimates(events)
     settled = next(i for i, s in enumerate(seen) if s != 0.0)
     assert all(abs(s - 1.9) < 0.35 for s in seen[settled:]), seen
+
+
+def test_a_final_waits_for_a_late_roster_to_mark_its_last_word() -> None:
+    turns = Turns()
+    feed(turns.lag, conversation(1.0, turns=12, seed=3))
+    assert turns.lag.seconds == pytest.approx(1.0, abs=0.1)
+    wait = turns.lag.seconds + ROSTER_SLACK - 0.3
+    assert turns.hold(500.0, now=500.3) == pytest.approx(wait)
+    # In real time a final is queued after its audio came in: that changes nothing.
+    assert turns.hold(500.0, now=500.3, queued=500.25) == pytest.approx(wait)
+    assert turns.hold(500.0, now=502.0, queued=500.25) <= 0
+    # With the roster on time or early there is nothing to wait for.
+    early = Turns()
+    feed(early.lag, conversation(-0.5, turns=12, seed=3))
+    assert early.hold(500.0, now=500.3, queued=500.25) == 0.0
+
+
+def test_a_final_of_audio_sent_faster_than_real_time_waits_the_lag_at_most() -> None:
+    # Played at 2x, 60 s into the meeting: the clock puts the last word 30 s ahead of
+    # the wall clock, and a final waited for it (finals of an hour at 2x: 30 min late).
+    turns = Turns()
+    feed(turns.lag, conversation(1.0, turns=12, seed=3))
+    assert turns.hold(560.0, now=530.3) > 29
+    wait = turns.hold(560.0, now=530.3, queued=530.2)
+    assert wait == pytest.approx(turns.lag.seconds + ROSTER_SLACK - 0.1)
 
 
 def test_words_in_the_same_breath_keep_their_speaker_through_an_interruption() -> None:

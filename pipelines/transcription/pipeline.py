@@ -71,6 +71,7 @@ LANGUAGE_WAIT = 8.0
 class _Pending:
     request: Request | None
     draft: Draft | None = None
+    queued: float = dataclasses.field(default_factory=time.time)
 
 
 class TranscriptionPipeline(Pipeline):
@@ -295,7 +296,7 @@ class TranscriptionPipeline(Pipeline):
         """Publish the finals that are ready, in order; a late roster holds them back."""
         while self._finals and self._finals[0].draft is not None:
             draft = self._finals[0].draft
-            wait = self._roster_wait(draft) if hold else 0.0
+            wait = self._roster_wait(draft, self._finals[0].queued) if hold else 0.0
             if wait > 0:
                 if self._hold is None:
                     loop = asyncio.get_running_loop()
@@ -308,10 +309,10 @@ class TranscriptionPipeline(Pipeline):
         self._hold = None
         self._flush()
 
-    def _roster_wait(self, draft: Draft) -> float:
+    def _roster_wait(self, draft: Draft, queued: float) -> float:
         """Seconds until the roster can have marked who said ``draft``'s last word."""
         end = self._wall(draft.words[-1].end) if draft.words else None
-        return self._turns.hold(end, time.time())
+        return self._turns.hold(end, time.time(), queued)
 
     def _wall(self, seconds: float) -> float | None:
         return self._ctx.clock.wall(round(seconds * self._rate))

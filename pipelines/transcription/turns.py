@@ -205,9 +205,18 @@ class Turns:
             self._said = previous
         return out
 
-    def hold(self, last_word_end: float | None, now: float) -> float:
+    def hold(self, last_word_end: float | None, now: float, queued: float | None = None) -> float:
         """Seconds a final whose last word ended at wall ``last_word_end`` waits for
-        the roster to have marked who said it."""
+        the roster to have marked who said it.
+
+        ``queued``: when the final was queued, all its audio in. The clock puts a word
+        where a bot sending in real time would have sent it; audio sent faster (a sped-up
+        simulation, a recording played in) puts it further and further ahead of the wall
+        clock, and a final would wait for the wall clock to get there: 14 s into a
+        meeting played at 2x, 30 min into one of an hour. Its roster came with it, so a
+        final waits the lag from when it was queued at most."""
         if last_word_end is None or self.lag.seconds <= 0:
             return 0.0
+        if queued is not None:
+            last_word_end = min(last_word_end, queued)
         return last_word_end + self.lag.seconds + ROSTER_SLACK - now
