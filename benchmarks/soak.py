@@ -39,7 +39,7 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from benchmarks import common
+from benchmarks import common, soak_transcript
 from benchmarks.common import MIB, ServerProcess
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
@@ -96,6 +96,8 @@ class Stream:
     sent: int = 0
     rosters: int = 0
     max_late: float = 0.0
+    t0: float = 0.0
+    """When the first frame was due (monotonic); frame ``k`` is due ``k`` frames later."""
     digest: Any = field(default_factory=hashlib.sha256)
 
     def frame(self, k: int) -> bytes:
@@ -109,7 +111,7 @@ async def run_bot(url: str, s: Stream) -> None:
         await ws.send(json.dumps(hello | {"sample_rate": RATE}))
         step = FRAME_MS / 1000 / s.speed
         early = min(0.001, step / 2)  # a frame due this soon goes now
-        t0 = time.monotonic()
+        t0 = s.t0 = time.monotonic()
         while s.sent < s.count:
             now = time.monotonic()
             due = t0 + s.sent * step
@@ -151,6 +153,7 @@ async def counters(port: int) -> dict[str, float]:
     s = await common.scrape(HOST, port)
     names = "pipeline_dropped_events ring_overruns messages_rejected pipeline_errors"
     names += " gap_seconds audio_frames_received"
+    names += " asr_jobs asr_skipped asr_errors transcription_rejected_segments"
     return {f"gateway_{n}": s.total(f"gateway_{n}_total") for n in names.split()}
 
 
@@ -227,6 +230,13 @@ async def meeting(opts: argparse.Namespace, frames: list[bytes], work: Path) -> 
         task = asyncio.create_task(sampler(server.pid, every_s, stop, audio, samples))
         window = common.CpuWindow(server.pid)
         limit = 3 * wall + 120
+        received: soak_transcript.Received = []
+        reader = None
+        if "transcription" in opts.meeting_pipelines:
+            ready = asyncio.Event()
+            url = f"ws://{HOST}:{port}/bots/{key}/transcripts"
+            reader = asyncio.create_task(soak_transcript.subscribe(url, received, ready))
+            await ready.wait()
         try:
             async with asyncio.timeout(limit):
                 await run_bot(f"ws://{HOST}:{port}/bots/{key}?rate={RATE}", s)
@@ -239,6 +249,19 @@ async def meeting(opts: argparse.Namespace, frames: list[bytes], work: Path) -> 
         samples.append((time.monotonic(), audio_s, common.rss_bytes(server.pid)))
         directory = work / "meeting-data" / "sessions" / key
         finalize_s = await drain(port, opts.drain_limit)
+        transcript = None
+        if reader is not None:
+            async with asyncio.timeout(60):
+                await reader  # the stream ends with the session
+            transcript = soak_transcript.report(
+                received,
+                soak_transcript.loop_words(LIBRIVOX),
+                t0=s.t0,
+                speed=opts.speed,
+                loop_seconds=len(frames) * FRAME_MS / 1000,
+                audio_seconds=audio_s,
+                bucket_seconds=opts.bucket_minutes * 60,
+            )
         meta = json.loads((directory / "session.json").read_text())
         rss_final = common.rss_bytes(server.pid)
         warm = next((x for x in samples if x[1] >= warm_s), samples[-1])
@@ -277,6 +300,7 @@ async def meeting(opts: argparse.Namespace, frames: list[bytes], work: Path) -> 
             "speaker_changes": len(speakers),
             "last_speaker_change_seconds": max(speakers, default=None),
             "metrics": await counters(port),
+            "transcript": transcript,
             "log": log_problems(server.log),
             "rss_series": [[round(x[1], 1), mib(x[2])] for x in samples[::step]],
         }
@@ -373,6 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--meeting-minutes", type=float, default=120.0, help="audio in the meeting")
     p.add_argument("--speed", type=float, default=8.0, help="meeting speed (x real time)")
     p.add_argument("--meeting-pipelines", default="recording", help="e.g. recording,transcription")
+    p.add_argument("--bucket-minutes", type=float, default=10.0, help="audio per transcript bucket")
     p.add_argument("--warmup-minutes", type=float, default=5.0, help="audio before warm-up RSS")
     p.add_argument("--sample-every", type=float, default=3.0, help="RSS sampling, wall seconds")
     p.add_argument("--roster-every", type=float, default=3.0, help="audio seconds per roster")
@@ -392,6 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not opts.phases or set(opts.phases) - {"meeting", "churn"}:
         p.error("--phase takes meeting, churn or both")
     positive = ("meeting_minutes", "speed", "session_seconds", "churn_speed", "sample_every")
+    positive += ("bucket_minutes",)
     if (
         min(getattr(opts, k) for k in positive) <= 0
         or min(opts.churn_sessions, opts.concurrency) < 1
