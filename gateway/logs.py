@@ -29,6 +29,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+#: Libraries that log per request or per recognition at INFO: only their warnings show,
+#: unless the level is DEBUG.
+QUIET = ("websockets", "faster_whisper")
+
+
 def setup(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -42,8 +47,11 @@ def setup(level: str, fmt: str) -> None:
     root.setLevel(level)
     # websockets logs every HTTP request and close at INFO (each /metrics scrape, each
     # health check); the gateway logs connects and disconnects itself, with the session.
+    # faster-whisper logs every recognition at INFO ("Processing audio with duration"):
+    # two a second for each meeting where someone speaks, 7,000 lines an hour.
     quiet = logging.getLevelName(level) != logging.DEBUG
-    logging.getLogger("websockets").setLevel(logging.WARNING if quiet else logging.NOTSET)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 class SessionLog(logging.LoggerAdapter[logging.Logger]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from gateway import tokens
+from gateway import logs, tokens
 from gateway.__main__ import build_parser, main
 from gateway.config import Settings
 from gateway.errors import ConfigError
@@ -132,3 +133,24 @@ async def test_sigterm_drains_and_flushes_the_recording(
     assert meta is not None
     pcm, _ = read_recording(session_dir(tmp_path, "term"))
     assert pcm == samples.tobytes()
+
+
+@pytest.mark.parametrize(("level", "library_info"), [("INFO", False), ("DEBUG", True)])
+def test_libraries_that_log_every_request_show_only_warnings(
+    level: str, library_info: bool
+) -> None:
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in logs.QUIET}
+    try:
+        logs.setup(level, "text")
+        for name in ("websockets", "faster_whisper"):
+            library = logging.getLogger(name)
+            assert library.isEnabledFor(logging.INFO) is library_info
+            assert library.isEnabledFor(logging.WARNING)
+        assert logging.getLogger("gateway.session").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        for name, was in levels.items():
+            logging.getLogger(name).setLevel(was)
