@@ -3,11 +3,13 @@
 Each phase starts its own gateway process (``serve`` on 127.0.0.1, port 0, ``--linger 1``)
 and drives it with ``websockets`` bots: handshake, a two-speaker roster every few seconds
 of audio, 20 ms frames of real speech (LibriVox, resampled to 24 kHz with soxr, looped
-with pauses) on a monotonic schedule at ``speed`` times real time, and a normal close.
+with pauses; or, with ``--speech dialogue``, a conversation of the test set) on a
+monotonic schedule at ``speed`` times real time, and a normal close.
 
 * ``meeting``: one long meeting. Gateway RSS at warm-up, at the end and its growth per
   audio-hour after warm-up; CPU; whether the finalized ``audio.wav`` is bit-identical to
-  the PCM sent; drop, overrun and reject counters.
+  the PCM sent; drop, overrun and reject counters. With ``transcription`` among the
+  pipelines, its live transcript pass by pass (:mod:`benchmarks.soak_transcript`).
 * ``churn``: many short sessions, a few at a time, each with its own key. RSS before,
   peak, after the last is finalized and after ``--settle`` s (target: within 10% of start).
 
@@ -39,7 +41,7 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from benchmarks import common, soak_transcript
+from benchmarks import common, conversations, soak_transcript
 from benchmarks.common import MIB, ServerProcess
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
@@ -56,8 +58,16 @@ def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def speech_frames() -> list[bytes]:
-    """Every utterance at 24 kHz with a pause after each, cut into 20 ms frames (a loop)."""
+def speech_loop(name: str) -> tuple[list[bytes], list[str]]:
+    """The speech the bots loop, in 20 ms frames at 24 kHz, and its words.
+
+    ``librivox``: every LibriVox utterance with a pause after each (read speech; the VAD
+    ends each one). A conversation of the test set (``dialogue``, ``meeting``,
+    ``standup``): people answering each other, the VAD rarely ends, finals come while
+    they talk."""
+    if name != "librivox":
+        conv = conversations.build(name, conversations.DEFAULT_CACHE, RATE)
+        return frames_of(conv.samples), conv.text()
     wavs = sorted(LIBRIVOX.glob("*.wav"))
     if not wavs:
         raise SystemExit(f"no speech in {LIBRIVOX}: install Debian's pocketsphinx-testdata")
@@ -67,7 +77,11 @@ def speech_frames() -> list[bytes]:
             native = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
             rate = w.getframerate()
         parts += [soxr.resample(native, rate, RATE), np.zeros(int(PAUSE_S * RATE), np.int16)]
-    clip = np.concatenate(parts).astype("<i2")
+    return frames_of(np.concatenate(parts)), soak_transcript.loop_words(LIBRIVOX)
+
+
+def frames_of(samples: Any) -> list[bytes]:
+    clip = samples.astype("<i2")
     clip = np.concatenate([clip, np.zeros(-len(clip) % FRAME, "<i2")])  # whole frames
     return [clip[i : i + FRAME].tobytes() for i in range(0, len(clip), FRAME)]
 
@@ -211,7 +225,9 @@ def mib(x: float) -> float:
     return round(x / MIB, 2)
 
 
-async def meeting(opts: argparse.Namespace, frames: list[bytes], work: Path) -> dict[str, Any]:
+async def meeting(
+    opts: argparse.Namespace, frames: list[bytes], words: list[str], work: Path
+) -> dict[str, Any]:
     server = start_gateway(work, opts.meeting_pipelines, "meeting")
     try:
         port = await server.wait_port()
@@ -255,7 +271,7 @@ async def meeting(opts: argparse.Namespace, frames: list[bytes], work: Path) -> 
                 await reader  # the stream ends with the session
             transcript = soak_transcript.report(
                 received,
-                soak_transcript.loop_words(LIBRIVOX),
+                words,
                 t0=s.t0,
                 speed=opts.speed,
                 loop_seconds=len(frames) * FRAME_MS / 1000,
@@ -396,6 +412,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase", default="meeting,churn", help="phases to run: meeting,churn")
     p.add_argument("--meeting-minutes", type=float, default=120.0, help="audio in the meeting")
     p.add_argument("--speed", type=float, default=8.0, help="meeting speed (x real time)")
+    p.add_argument(
+        "--speech",
+        default="librivox",
+        choices=["librivox", *conversations.RECIPES],
+        help="what the bots loop: read speech, or a conversation of the test set",
+    )
     p.add_argument("--meeting-pipelines", default="recording", help="e.g. recording,transcription")
     p.add_argument("--bucket-minutes", type=float, default=10.0, help="audio per transcript bucket")
     p.add_argument("--warmup-minutes", type=float, default=5.0, help="audio before warm-up RSS")
@@ -427,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(opts: argparse.Namespace) -> dict[str, Any]:
-    frames = speech_frames()
+    frames, words = speech_loop(opts.speech)
     work = Path(tempfile.mkdtemp(prefix="soak-", dir=opts.workdir))
     result: dict[str, Any] = {
         "benchmark": "soak",
@@ -437,7 +459,7 @@ async def amain(opts: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         if "meeting" in opts.phases:
-            result["meeting"] = await meeting(opts, frames, work)
+            result["meeting"] = await meeting(opts, frames, words, work)
             m = result["meeting"]
             log(f"meeting: RSS warm-up {m['rss_warmup_mib']} MiB, end {m['rss_end_mib']} MiB")
         if "churn" in opts.phases:

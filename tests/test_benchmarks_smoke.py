@@ -156,6 +156,31 @@ def test_soak_benchmark_reports_both_phases(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.skipif(not LIBRIVOX.exists(), reason="LibriVox test speech not installed")
+def test_soak_reads_the_long_meetings_transcript_pass_by_pass(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--phase", "meeting"]
+    argv += ["--meeting-minutes", "1.5", "--speed", "2", "--bucket-minutes", "0.5"]
+    argv += ["--meeting-pipelines", "recording,transcription", "--warmup-minutes", "0.25"]
+    argv += ["--out", str(out), "--workdir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(240), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    transcript = json.loads(out.read_text())["meeting"]["transcript"]
+    # 90 s of a 27.7 s loop: three whole passes, each scored on its own.
+    assert transcript["loop_seconds"] == pytest.approx(27.74, abs=0.05)
+    assert [b["passes"] for b in transcript["buckets"]] == [1, 1, 1]
+    assert transcript["duplicates"] == 0
+    for bucket in transcript["buckets"]:
+        assert 60 <= bucket["words"] <= 85, bucket  # 71 words a pass
+        assert bucket["wer"] < 0.35, bucket
+        # Each pass's finals come while the meeting goes on. Played at 2x, the clock put
+        # the second pass's words ever further ahead of the wall clock, and finals
+        # waited for it: 20 s late at p50.
+        assert bucket["word_final_p95"] < 10, bucket
+
+
+@pytest.mark.model
 @pytest.mark.tts
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
