@@ -212,9 +212,9 @@ class Turns:
         ``queued``: when the final was queued, all its audio in. The clock puts a word
         where a bot sending in real time would have sent it; audio sent faster (a sped-up
         simulation, a recording played in) puts it further and further ahead of the wall
-        clock, and a final would wait for the wall clock to get there: 14 s into a
-        meeting played at 2x, 30 min into one of an hour. Its roster came with it, so a
-        final waits the lag from when it was queued at most."""
+        clock, and a final would wait for the wall clock to get there: 14 s for words
+        28 s into a meeting played at 2x, half an hour at the end of an hour. Their
+        roster came with them, so a final waits the lag from when it was queued at most."""
         if last_word_end is None or self.lag.seconds <= 0:
             return 0.0
         if queued is not None:
