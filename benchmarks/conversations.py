@@ -428,7 +428,7 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
 )
 
 
-def _reader_lines() -> dict[str, tuple[str, str]]:
+def reader_lines() -> dict[str, tuple[str, str]]:
     """LibriVox utterances: short id (``0870``) -> (full id, transcript)."""
     path = LIBRIVOX / "transcription"
     if not path.exists():
@@ -444,7 +444,7 @@ def _reader_lines() -> dict[str, tuple[str, str]]:
 def _plan(
     script: Iterable[tuple[str, str, How]], speakers: dict[str, Speaker], rng: random.Random
 ) -> tuple[Line, ...]:
-    reader = _reader_lines() if any(s.voice.kind == "librivox" for s in speakers.values()) else {}
+    reader = reader_lines() if any(s.voice.kind == "librivox" for s in speakers.values()) else {}
     lines = []
     for who, said, how in script:
         if how == "next":
@@ -506,7 +506,7 @@ def recipe(name: str, rate: int = 24000) -> Recipe:
         people = {"Morgan": Speaker("Morgan", 1, READER)}
         lines = tuple(
             Line("Morgan", text, "next", 0.8, 0.0, source)
-            for source, text in sorted(_reader_lines().values())
+            for source, text in sorted(reader_lines().values())
         )
         return Recipe(name, rate, tuple(people.values()), lines, False)
     raise ValueError(f"unknown conversation {name!r}: one of {', '.join(RECIPES)}")

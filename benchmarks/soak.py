@@ -77,7 +77,7 @@ def speech_loop(name: str) -> tuple[list[bytes], list[str]]:
             native = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
             rate = w.getframerate()
         parts += [soxr.resample(native, rate, RATE), np.zeros(int(PAUSE_S * RATE), np.int16)]
-    return frames_of(np.concatenate(parts)), soak_transcript.loop_words(LIBRIVOX)
+    return frames_of(np.concatenate(parts)), soak_transcript.loop_words()
 
 
 def frames_of(samples: Any) -> list[bytes]:
@@ -438,8 +438,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.phases = [x.strip() for x in opts.phase.split(",") if x.strip()]
     if not opts.phases or set(opts.phases) - {"meeting", "churn"}:
         p.error("--phase takes meeting, churn or both")
-    positive = ("meeting_minutes", "speed", "session_seconds", "churn_speed", "sample_every")
-    positive += ("bucket_minutes",)
+    positive = ("meeting_minutes", "speed", "session_seconds", "churn_speed")
+    positive += ("sample_every", "bucket_minutes")
     if (
         min(getattr(opts, k) for k in positive) <= 0
         or min(opts.churn_sessions, opts.concurrency) < 1

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import connect
 
+from benchmarks.conversations import reader_lines
 from benchmarks.transcript_metrics import duplicates, final_words, pct
 from pipelines.transcription.scoring import wer
 from pipelines.transcription.scoring import words as norm_words
@@ -26,15 +25,10 @@ from pipelines.transcription.scoring import words as norm_words
 Received = list[tuple[float, dict[str, Any]]]
 
 
-def loop_words(librivox: Path) -> list[str]:
-    """The loop's words, utterance after utterance in the order the soak plays them
-    (its WAV files sorted by name), normalized as transcripts are scored."""
-    texts = {}
-    for line in (librivox / "transcription").read_text().splitlines():
-        m = re.match(r"<s>\s*(.*?)\s*</s>\s*\((.+)\)", line)
-        if m:
-            texts[m.group(2)] = m.group(1)
-    return [w for path in sorted(librivox.glob("*.wav")) for w in norm_words(texts[path.stem])]
+def loop_words() -> list[str]:
+    """The LibriVox loop's words, utterance after utterance in the order the soak plays
+    them (by file name), normalized as transcripts are scored."""
+    return [w for _, text in sorted(reader_lines().values()) for w in norm_words(text)]
 
 
 async def subscribe(url: str, received: Received, ready: asyncio.Event) -> None:

@@ -60,7 +60,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import re
 import sys
 import tempfile
 import time
@@ -73,7 +72,14 @@ from prometheus_client import CollectorRegistry
 
 from benchmarks import common
 from benchmarks import transcript_metrics as tm
-from benchmarks.conversations import DEFAULT_CACHE, Conversation, Turn, build, recognize
+from benchmarks.conversations import (
+    DEFAULT_CACHE,
+    Conversation,
+    Turn,
+    build,
+    reader_lines,
+    recognize,
+)
 from gateway.config import Settings
 from gateway.server import Gateway
 from gateway.simulator import SimulatedBot, read_wav
@@ -91,12 +97,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def references() -> list[tuple[Path, str]]:
-    out = []
-    for line in (LIBRIVOX / "transcription").read_text().splitlines():
-        m = re.match(r"<s>\s*(.*?)\s*</s>\s*\((.+)\)", line)
-        if m:
-            out.append((LIBRIVOX / f"{m.group(2)}.wav", m.group(1)))
-    return out
+    return [(LIBRIVOX / f"{full}.wav", text) for full, text in reader_lines().values()]
 
 
 def _round(x: float | None) -> float | None:
