@@ -187,7 +187,9 @@ class SessionCore:
             self._process_block()
             self._post(self.vad.interrupt(ring.written))
         end = self.clock.wall(ring.written) if ring is not None else None
-        self._post(self.speakers.close(min(now, end) if end is not None else now))
+        # Rosters are placed with the audio (see SpeakerTimeline), even audio sent faster
+        # than real time, whose end is later than ``now``.
+        self._post(self.speakers.close(end if end is not None else now))
         self.flush_counts()
         if ring is not None:
             self._position(now)
@@ -289,7 +291,8 @@ class SessionCore:
 
     def roster(self, roster: Roster, now: float) -> None:
         forgotten = self.speakers.forgotten
-        changes = tuple(self.speakers.update(roster, now))
+        heard = self.clock.wall(self.ring.written) if self.ring is not None else None
+        changes = tuple(self.speakers.update(roster, now, heard))
         if self.speakers.forgotten != forgotten:
             self.metrics.speakers_forgotten.inc(self.speakers.forgotten - forgotten)
         for speaker in self.speakers.take_learnt():

@@ -13,8 +13,10 @@ Roster script format (JSON)::
 
     [{"at": 0.0, "roster": [{"name": "Alice", "id": 1, "isSpeaking": true}]}, ...]
 
-``at`` is seconds of audio; missing ``timestamp`` fields are filled with the send time
-in epoch milliseconds.
+``at`` is seconds of audio; missing ``timestamp`` fields are filled, in epoch
+milliseconds, with the meeting time of the audio being sent: the send time at real time,
+and as far ahead of it as the audio is at ``speed`` above 1, so that rosters and audio
+stay together on the gateway's session clock.
 """
 
 from __future__ import annotations
@@ -105,13 +107,14 @@ class SimulatedBot:
         ws = await self._open()
         reader = asyncio.create_task(self._read_input(ws))
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0, wall0 = loop.time(), time.time()
         pos = seg_start = 0
         dropped_at = self.reconnect_after
         try:
             while pos < total:
                 while roster and float(roster[0]["at"]) * rate <= pos:
-                    await ws.send(json.dumps(_stamp(roster.pop(0)["roster"])))
+                    stamp = wall0 + pos / rate
+                    await ws.send(json.dumps(_stamp(roster.pop(0)["roster"], stamp)))
                 if dropped_at is not None and pos >= dropped_at * rate:
                     dropped_at = None
                     self.sent.append((seg_start, pos))
@@ -142,6 +145,6 @@ class SimulatedBot:
             reader.cancel()
 
 
-def _stamp(roster: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    now_ms = int(time.time() * 1000)
-    return [{"timestamp": now_ms, **entry} for entry in roster]
+def _stamp(roster: list[dict[str, Any]], when: float) -> list[dict[str, Any]]:
+    ms = int(when * 1000)
+    return [{"timestamp": ms, **entry} for entry in roster]

@@ -59,15 +59,18 @@ async def stream(
     *,
     lag: float = 0.0,
     seconds: float | None = None,
+    speed: float = 1.0,
 ) -> tuple[list[tuple[float, dict[str, Any]]], float]:
-    """Stream ``conv`` at real time with its roster ``lag`` late; return what a subscriber
-    received once the session ended, and the wall time the first sample was sent."""
+    """Stream ``conv`` at ``speed`` times real time with its roster ``lag`` late; return
+    what a subscriber received once the session ended, and the wall time the first sample
+    was sent."""
     received: list[tuple[float, dict[str, Any]]] = []
     reader = asyncio.create_task(subscribe(gw, key, received))
     samples = conv.samples if seconds is None else conv.samples[: int(seconds * RATE)]
     began = time.time()
+    roster = conv.roster_script(lag)
     bot = SimulatedBot(
-        gw.url(f"/bots/{key}"), samples, RATE, roster=conv.roster_script(lag), bot_id=key
+        gw.url(f"/bots/{key}"), samples, RATE, speed=speed, roster=roster, bot_id=key
     )
     await bot.run()
     await asyncio.wait_for(reader, scaled(60))  # the subscriber is closed when the session ends
@@ -136,6 +139,23 @@ async def test_dialogue_speakers_at_every_roster_timing(
         words = [w for _, m in finals(received) for w in m["channel"]["alternatives"][0]["words"]]
         assert all(b["start"] >= a["end"] - 1e-6 for a, b in itertools.pairwise(words))
         assert float(np.median(s["word_final"])) < 3.0 + max(lag, 0.0), lag
+
+
+async def test_a_simulated_meeting_played_fast_keeps_its_speakers(
+    start_gateway: GatewayFactory, conversations: dict[str, Conversation], whisper_model: Any
+) -> None:
+    # `simulate --speed 3`: audio and rosters reach the gateway three times faster than the
+    # meeting went, the rosters a second of meeting late. Words and rosters must still meet.
+    gw = await start_gateway(pipelines="recording,transcription", linger=0.5)
+    conv = conversations["dialogue"]
+    received, began = await stream(gw, "fast", conv, lag=1.0, speed=3.0)
+    s = tm.score(conv.turns, received, lambda t: began + t / 3.0)
+    assert s["words_matched"] >= 0.75 * s["words_expected"]
+    nobody = [(w.word, round(w.start, 2)) for w in tm.final_words(received) if w.speaker == 0]
+    assert s["unattributed"] == 0, (nobody, s["confusions"])
+    attribution = s["attributed"] / s["words_matched"]
+    assert attribution >= 0.88, (attribution, s["confusions"])
+    assert s["duplicates"] == [] and s["repeats"] == []
 
 
 async def test_a_bot_that_drops_mid_sentence_gets_its_words_final_at_once(

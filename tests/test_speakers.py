@@ -54,6 +54,36 @@ def test_skewed_clock_falls_back_to_arrival() -> None:
     assert c.time == T0 + 2
 
 
+def test_skewed_clock_is_not_trusted_for_agreeing_with_nothing() -> None:
+    tl = timeline()
+    (c,) = tl.update(Roster((entry("Alice", 1, True, T0 - 3600),)), T0 + 2, heard=T0 + 2)
+    assert c.time == T0 + 2
+
+
+def test_rosters_sent_with_audio_faster_than_real_time_are_placed_with_it() -> None:
+    # 30 s of meeting sent in the first 10 s of wall time: the newest audio is at T0 + 30
+    # on the session clock, and the rosters sent with it describe the meeting there.
+    tl = timeline()
+    (a,) = tl.update(Roster((entry("Alice", 1, True, T0 + 29.5),)), T0 + 10, heard=T0 + 30)
+    assert (a.time, a.sample) == (T0 + 29.5, int(29.5 * RATE))
+    # Without a timestamp, and for someone who left, the newest audio is the best guess.
+    b, c = tl.update(
+        Roster((entry("Alice", 1, False), entry("Bob", 2, True))), T0 + 11, heard=T0 + 33
+    )
+    assert [(x.speaker.name, x.speaking, x.time) for x in (b, c)] == [
+        ("Alice", False, T0 + 33),
+        ("Bob", True, T0 + 33),
+    ]
+    (d,) = tl.update(Roster(()), T0 + 12, heard=T0 + 36)
+    assert (d.speaker.name, d.speaking, d.sample) == ("Bob", False, 36 * RATE)
+    assert tl.intervals("id:1") == [(T0 + 29.5, T0 + 33)]
+    assert tl.attribute(30 * RATE, 32 * RATE).name == "Alice"  # type: ignore[union-attr]
+    assert tl.attribute(34 * RATE, 35 * RATE).name == "Bob"  # type: ignore[union-attr]
+    # At real time the audio agrees with the arrival, and the arrival is used as before.
+    (e,) = tl.update(Roster((entry("Carol", 3, True),)), T0 + 40.2, heard=T0 + 40)
+    assert e.time == T0 + 40.2
+
+
 def test_name_resolves_late_and_never_regresses() -> None:
     tl = timeline()
     tl.update(Roster((entry("Unknown", 4, False),)), T0)

@@ -406,7 +406,7 @@ async def test_late_subscriber_and_files_with_the_real_model(
         samples=audio,
         rate=rate,
         frame_ms=20,
-        speed=1.0,  # rosters are placed by wall time, so play as a bot would
+        speed=1.0,  # in real time, so a late subscriber joins while it plays
         roster=[{"at": 0.0, "roster": alice}],
     )
     directory = session_dir(running.data_dir, "live")

@@ -8,7 +8,10 @@ started or stopped speaking (or left while speaking). Intervals are kept in wall
 sample are placed correctly once audio starts.
 
 A roster timestamp is trusted when it is within ``max_skew`` seconds of the roster's
-arrival; otherwise the bot's clock is off and the arrival time is used.
+arrival or of the newest audio on the session clock; otherwise the bot's clock is off and
+the arrival time is used. Audio sent faster than real time (a simulator at speed, a test)
+runs ahead of the wall clock, and the rosters sent with it describe the meeting at that
+audio, not at their arrival: they are placed where the audio is.
 
 Only people who speak matter for attribution, so the timeline remembers those who have
 spoken (and the bot), not everyone listed: a 10,000-person webinar roster costs one pass
@@ -168,14 +171,26 @@ class SpeakerTimeline:
                 self.forgotten += 1
                 return
 
-    def _when(self, entry: RosterEntry | None, arrival: float) -> float:
-        if entry is not None and entry.timestamp is not None:  # noqa: SIM102 - reads clearer
-            if abs(entry.timestamp - arrival) <= self._max_skew:
-                return entry.timestamp
-        return arrival
+    def _when(self, entry: RosterEntry | None, arrival: float, heard: float | None) -> float:
+        """Wall time of ``entry``'s change: its timestamp if the bot's clock agrees with
+        the arrival or with the audio, else the arrival, or the audio where it runs ahead
+        of real time."""
+        skew = self._max_skew
+        ts = entry.timestamp if entry is not None else None
+        if ts is not None and (
+            abs(ts - arrival) <= skew or (heard is not None and abs(ts - heard) <= skew)
+        ):
+            return ts
+        return heard if heard is not None and heard - arrival > skew else arrival
 
-    def update(self, roster: Roster, arrival: float) -> list[SpeakerChange]:
-        """Apply a full roster received at wall time ``arrival``; return what changed."""
+    def update(
+        self, roster: Roster, arrival: float, heard: float | None = None
+    ) -> list[SpeakerChange]:
+        """Apply a full roster received at wall time ``arrival``; return what changed.
+
+        ``heard`` is the session clock's wall time of the newest audio sample received
+        (``None`` before audio): the meeting as the bot sent it when it sent this roster.
+        """
         changes: list[SpeakerChange] = []
         present = set()
         self.roster_size = len(roster.entries)
@@ -196,11 +211,12 @@ class SpeakerTimeline:
             speaker = self._learn(entry, key, is_bot)
             if entry.is_speaking and not was:
                 self._speakers.move_to_end(key)
-                changes.append(self._start(speaker, self._when(entry, arrival)))
+                changes.append(self._start(speaker, self._when(entry, arrival, heard)))
             elif was and not entry.is_speaking:
-                changes.append(self._stop(speaker, self._when(entry, arrival)))
+                changes.append(self._stop(speaker, self._when(entry, arrival, heard)))
         gone = [k for k in self._speaking if k not in present]
-        changes.extend(self._stop(self._speakers[key], arrival) for key in gone)
+        left = self._when(None, arrival, heard)
+        changes.extend(self._stop(self._speakers[key], left) for key in gone)
         return changes
 
     def _start(self, speaker: Speaker, when: float) -> SpeakerChange:
