@@ -1,10 +1,12 @@
 """Soak benchmark: one long meeting, then thousands of short sessions, against the gateway.
 
 Each phase starts its own gateway process (``serve`` on 127.0.0.1, port 0, ``--linger 1``)
-and drives it with ``websockets`` bots: handshake, a two-speaker roster every few seconds
-of audio, 20 ms frames of real speech (LibriVox, resampled to 24 kHz with soxr, looped
-with pauses; or, with ``--speech dialogue``, a conversation of the test set) on a
-monotonic schedule at ``speed`` times real time, and a normal close.
+and drives it with ``websockets`` bots: handshake, 20 ms frames of real speech (LibriVox,
+resampled to 24 kHz with soxr, looped with pauses; or, with ``--speech dialogue``, a
+conversation of the test set) on a monotonic schedule at ``speed`` times real time, a
+roster (a two-speaker one every few seconds of audio; a conversation's own, marking each
+turn as it is said) stamped with the meeting time of the audio it comes with, and a
+normal close.
 
 * ``meeting``: one long meeting. Gateway RSS at warm-up, at the end and its growth per
   audio-hour after warm-up; CPU; whether the finalized ``audio.wav`` is bit-identical to
@@ -58,16 +60,31 @@ def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def speech_loop(name: str) -> tuple[list[bytes], list[str]]:
-    """The speech the bots loop, in 20 ms frames at 24 kHz, and its words.
+@dataclass(frozen=True)
+class Loop:
+    """The speech the bots loop, in 20 ms frames at 24 kHz, and its words."""
 
-    ``librivox``: every LibriVox utterance with a pause after each (read speech; the VAD
-    ends each one). A conversation of the test set (``dialogue``, ``meeting``,
+    frames: list[bytes]
+    words: list[str]
+    turns: tuple[Any, ...] = ()
+    """A conversation's turns: who says what, when."""
+    rosters: dict[int, list[dict[str, Any]]] | None = None
+    """A conversation's roster, by the frame of the loop it is sent before."""
+
+
+def speech_loop(name: str, cache: Path = conversations.DEFAULT_CACHE) -> Loop:
+    """``librivox``: every LibriVox utterance with a pause after each (read speech; the
+    VAD ends each one). A conversation of the test set (``dialogue``, ``meeting``,
     ``standup``): people answering each other, the VAD rarely ends, finals come while
-    they talk."""
+    they talk; its roster marks each turn on time."""
     if name != "librivox":
-        conv = conversations.build(name, conversations.DEFAULT_CACHE, RATE)
-        return frames_of(conv.samples), conv.text()
+        conv = conversations.build(name, cache, RATE)
+        frames = frames_of(conv.samples)
+        last = len(frames) - 1
+        rosters = {
+            min(last, round(e["at"] * 1000 / FRAME_MS)): e["roster"] for e in conv.roster_script()
+        }
+        return Loop(frames, conv.text(), tuple(conv.turns), rosters)
     wavs = sorted(LIBRIVOX.glob("*.wav"))
     if not wavs:
         raise SystemExit(f"no speech in {LIBRIVOX}: install Debian's pocketsphinx-testdata")
@@ -77,7 +94,7 @@ def speech_loop(name: str) -> tuple[list[bytes], list[str]]:
             native = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
             rate = w.getframerate()
         parts += [soxr.resample(native, rate, RATE), np.zeros(int(PAUSE_S * RATE), np.int16)]
-    return frames_of(np.concatenate(parts)), soak_transcript.loop_words()
+    return Loop(frames_of(np.concatenate(parts)), soak_transcript.loop_words())
 
 
 def frames_of(samples: Any) -> list[bytes]:
@@ -86,15 +103,19 @@ def frames_of(samples: Any) -> list[bytes]:
     return [clip[i : i + FRAME].tobytes() for i in range(0, len(clip), FRAME)]
 
 
-def roster_message(speaker: int) -> str:
-    ms = int(time.time() * 1000)
-    return json.dumps(
-        [
-            {"name": name, "id": i + 1, "timestamp": ms, "isSpeaking": i == speaker}
-            | {"deviceId": f"d-{i + 1}", "isSelf": False}
-            for i, name in enumerate(("Alice", "Bob"))
-        ]
-    )
+def two_speakers(speaker: int) -> list[dict[str, Any]]:
+    """Alice and Bob, ``speaker`` of them speaking."""
+    return [
+        {"name": name, "id": i + 1, "isSpeaking": i == speaker}
+        | {"deviceId": f"d-{i + 1}", "isSelf": False}
+        for i, name in enumerate(("Alice", "Bob"))
+    ]
+
+
+def roster_message(entries: list[dict[str, Any]], when: float) -> str:
+    """``entries`` stamped with wall time ``when`` in epoch milliseconds."""
+    ms = int(when * 1000)
+    return json.dumps([{"timestamp": ms, **e} for e in entries])
 
 
 @dataclass
@@ -106,7 +127,9 @@ class Stream:
     count: int
     speed: float
     roster_every: int
-    """Frames of audio between rosters."""
+    """Frames of audio between rosters (without ``script``)."""
+    script: dict[int, list[dict[str, Any]]] | None = None
+    """Rosters by frame of ``frames``, sent each time the loop passes them."""
     sent: int = 0
     rosters: int = 0
     max_late: float = 0.0
@@ -117,15 +140,24 @@ class Stream:
     def frame(self, k: int) -> bytes:
         return self.frames[(self.start + k) % len(self.frames)]
 
+    def roster(self) -> list[dict[str, Any]] | None:
+        """The roster to send before the next frame, if any."""
+        if self.script is not None:
+            return self.script.get((self.start + self.sent) % len(self.frames))
+        if self.sent % self.roster_every == 0:
+            return two_speakers(self.rosters % 2)
+        return None
+
 
 async def run_bot(url: str, s: Stream) -> None:
-    """Handshake, then frames on a monotonic schedule (a roster every few seconds), close."""
+    """Handshake, then frames on a monotonic schedule with rosters, close."""
     async with connect(url, compression=None, open_timeout=30, close_timeout=30) as ws:
         hello = {"protocol_version": 1, "bot_id": os.urandom(16).hex(), "offset": 0.0}
         await ws.send(json.dumps(hello | {"sample_rate": RATE}))
         step = FRAME_MS / 1000 / s.speed
         early = min(0.001, step / 2)  # a frame due this soon goes now
         t0 = s.t0 = time.monotonic()
+        wall0 = time.time()  # the meeting's time at its first frame
         while s.sent < s.count:
             now = time.monotonic()
             due = t0 + s.sent * step
@@ -133,8 +165,11 @@ async def run_bot(url: str, s: Stream) -> None:
                 await asyncio.sleep(due - now)
                 continue
             s.max_late = max(s.max_late, now - due)
-            if s.sent % s.roster_every == 0:
-                await ws.send(roster_message(s.rosters % 2))
+            roster = s.roster()
+            if roster is not None:
+                # Stamped with the meeting time of this frame, not the send time: above
+                # 1x the audio runs ahead of the wall clock and the roster goes with it.
+                await ws.send(roster_message(roster, wall0 + s.sent * FRAME_MS / 1000))
                 s.rosters += 1
             data = s.frame(s.sent)
             await ws.send(data)
@@ -225,16 +260,15 @@ def mib(x: float) -> float:
     return round(x / MIB, 2)
 
 
-async def meeting(
-    opts: argparse.Namespace, frames: list[bytes], words: list[str], work: Path
-) -> dict[str, Any]:
+async def meeting(opts: argparse.Namespace, speech: Loop, work: Path) -> dict[str, Any]:
     server = start_gateway(work, opts.meeting_pipelines, "meeting")
     try:
         port = await server.wait_port()
         key = "soak-meeting"
         count = int(opts.meeting_minutes * 60 * 1000 / FRAME_MS)
         every = max(1, int(opts.roster_every * 1000 / FRAME_MS))
-        s = Stream(frames, 0, count, opts.speed, every)
+        frames = speech.frames
+        s = Stream(frames, 0, count, opts.speed, every, speech.rosters)
         warm_s = min(opts.warmup_minutes * 60, opts.meeting_minutes * 30)
         samples: list[tuple[float, float, int]] = []
         stop = asyncio.Event()
@@ -271,12 +305,13 @@ async def meeting(
                 await reader  # the stream ends with the session
             transcript = soak_transcript.report(
                 received,
-                words,
+                speech.words,
                 t0=s.t0,
                 speed=opts.speed,
                 loop_seconds=len(frames) * FRAME_MS / 1000,
                 audio_seconds=audio_s,
                 bucket_seconds=opts.bucket_minutes * 60,
+                turns=speech.turns,
             )
         meta = json.loads((directory / "session.json").read_text())
         rss_final = common.rss_bytes(server.pid)
@@ -312,7 +347,6 @@ async def meeting(
             "rss_slope_mib_per_audio_hour": slope,
             **compare_wav(directory / "audio.wav", s),
             "session": {k: meta.get(k) for k in ("audio_seconds", "frames_received", "gaps")},
-            # Speaker changes are placed by wall clock: above 1x they land early in the file.
             "speaker_changes": len(speakers),
             "last_speaker_change_seconds": max(speakers, default=None),
             "metrics": await counters(port),
@@ -418,6 +452,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["librivox", *conversations.RECIPES],
         help="what the bots loop: read speech, or a conversation of the test set",
     )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=conversations.DEFAULT_CACHE,
+        help="where conversations are built and kept",
+    )
     p.add_argument("--meeting-pipelines", default="recording", help="e.g. recording,transcription")
     p.add_argument("--bucket-minutes", type=float, default=10.0, help="audio per transcript bucket")
     p.add_argument("--warmup-minutes", type=float, default=5.0, help="audio before warm-up RSS")
@@ -449,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(opts: argparse.Namespace) -> dict[str, Any]:
-    frames, words = speech_loop(opts.speech)
+    speech = speech_loop(opts.speech, opts.cache)
     work = Path(tempfile.mkdtemp(prefix="soak-", dir=opts.workdir))
     result: dict[str, Any] = {
         "benchmark": "soak",
@@ -459,11 +499,11 @@ async def amain(opts: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         if "meeting" in opts.phases:
-            result["meeting"] = await meeting(opts, frames, words, work)
+            result["meeting"] = await meeting(opts, speech, work)
             m = result["meeting"]
             log(f"meeting: RSS warm-up {m['rss_warmup_mib']} MiB, end {m['rss_end_mib']} MiB")
         if "churn" in opts.phases:
-            result["churn"] = await churn(opts, frames, work)
+            result["churn"] = await churn(opts, speech.frames, work)
     finally:
         if opts.keep:
             log(f"files kept in {work}")

@@ -180,16 +180,24 @@ def _lost(
     return lost, without
 
 
-def score(turns: Sequence[Any], received: Received, sent_at: Callable[[float], float]) -> Any:
-    """Everything measured on one meeting, as lists and counts :func:`pool` can add up."""
-    ref = reference_words(turns)
-    hyp = final_words(received)
-    matched = [
+def matched_words(
+    turns: Sequence[Any], ref: Sequence[RefWord], hyp: Sequence[FinalWord]
+) -> list[tuple[RefWord, FinalWord]]:
+    """Reference words and the final words aligned to them, where the final word lies
+    within :data:`SLACK` of its reference turn."""
+    return [
         (ref[r], hyp[h])
         for r, h in align(ref, hyp)
         if turns[ref[r].turn].start - SLACK <= hyp[h].end
         and hyp[h].start <= turns[ref[r].turn].end + SLACK
     ]
+
+
+def score(turns: Sequence[Any], received: Received, sent_at: Callable[[float], float]) -> Any:
+    """Everything measured on one meeting, as lists and counts :func:`pool` can add up."""
+    ref = reference_words(turns)
+    hyp = final_words(received)
+    matched = matched_words(turns, ref, hyp)
     confusions: Counter[str] = Counter()
     at_edges = 0
     for r_word, h_word in matched:

@@ -183,6 +183,35 @@ def test_soak_reads_the_long_meetings_transcript_pass_by_pass(tmp_path: Path) ->
 @pytest.mark.model
 @pytest.mark.tts
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_soak_loops_a_conversation_with_its_roster(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--phase", "meeting"]
+    argv += ["--speech", "dialogue", "--cache", str(tmp_path / "conversations")]
+    argv += ["--meeting-minutes", "2.2", "--speed", "3", "--bucket-minutes", "1"]
+    argv += ["--meeting-pipelines", "recording,transcription", "--warmup-minutes", "0.25"]
+    argv += ["--out", str(out), "--workdir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(300), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    meeting = json.loads(out.read_text())["meeting"]
+    transcript = meeting["transcript"]
+    # 132 s of the 64 s dialogue: two whole passes, each with its roster script.
+    assert transcript["loop_seconds"] == pytest.approx(64, abs=1)
+    assert [b["passes"] for b in transcript["buckets"]] == [1, 1]
+    # The rosters went with the audio, three times faster than the meeting: their
+    # speaker changes lie all along the recording, not in its first third.
+    assert meeting["last_speaker_change_seconds"] > 120
+    assert transcript["duplicates"] == 0
+    for bucket in transcript["buckets"]:
+        assert bucket["wer"] < 0.35, bucket
+        # Words meet the roster that was sent with them: 33 % before rosters were
+        # placed with audio sent faster than real time.
+        assert bucket["attribution"] > 0.9, bucket
+
+
+@pytest.mark.model
+@pytest.mark.tts
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     summary = tmp_path / "summary.md"
     argv = [sys.executable, str(ROOT / "benchmarks" / "transcription.py")]
