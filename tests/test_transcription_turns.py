@@ -173,6 +173,12 @@ def test_a_final_of_audio_sent_faster_than_real_time_waits_the_lag_at_most() -> 
     assert turns.hold(560.0, now=530.3) > 29
     wait = turns.hold(560.0, now=530.3, queued=530.2)
     assert wait == pytest.approx(turns.lag.seconds + ROSTER_SLACK - 0.1)
+    # Once the audio the lag past the word is in, so is the roster that marks it.
+    due = 560.0 + turns.lag.seconds + ROSTER_SLACK
+    assert turns.hold(560.0, now=530.3, queued=530.2, heard=due - 0.05) == pytest.approx(wait)
+    assert turns.hold(560.0, now=530.3, queued=530.2, heard=due) == 0.0
+    # In real time the audio is in when the wall clock gets there: nothing changes.
+    assert turns.hold(500.0, now=500.3, heard=500.25) == turns.hold(500.0, now=500.3)
 
 
 def test_words_in_the_same_breath_keep_their_speaker_through_an_interruption() -> None:

@@ -128,6 +128,7 @@ class TranscriptionPipeline(Pipeline):
     async def audio(self, start: int, samples: Samples) -> None:
         self._window.append(self._resampler.process(samples))
         self._policy.lanes_busy(self._recognizer.busy())
+        # _pump flushes: a final held for a late roster goes once this audio brings it.
         self._pump(self._policy.advance(self._window.end / ASR_RATE))
 
     async def event(self, event: PipelineEvent) -> None:
@@ -312,7 +313,8 @@ class TranscriptionPipeline(Pipeline):
     def _roster_wait(self, draft: Draft, queued: float) -> float:
         """Seconds until the roster can have marked who said ``draft``'s last word."""
         end = self._wall(draft.words[-1].end) if draft.words else None
-        return self._turns.hold(end, time.time(), queued)
+        heard = self._wall(self._window.end / ASR_RATE)
+        return self._turns.hold(end, time.time(), queued, heard)
 
     def _wall(self, seconds: float) -> float | None:
         return self._ctx.clock.wall(round(seconds * self._rate))

@@ -205,18 +205,30 @@ class Turns:
             self._said = previous
         return out
 
-    def hold(self, last_word_end: float | None, now: float, queued: float | None = None) -> float:
+    def hold(
+        self,
+        last_word_end: float | None,
+        now: float,
+        queued: float | None = None,
+        heard: float | None = None,
+    ) -> float:
         """Seconds a final whose last word ended at wall ``last_word_end`` waits for
         the roster to have marked who said it.
 
-        ``queued``: when the final was queued, all its audio in. The clock puts a word
-        where a bot sending in real time would have sent it; audio sent faster (a sped-up
-        simulation, a recording played in) puts it further and further ahead of the wall
-        clock, and a final would wait for the wall clock to get there: 14 s for words
-        28 s into a meeting played at 2x, half an hour at the end of an hour. Their
-        roster came with them, so a final waits the lag from when it was queued at most."""
+        The roster comes in the same stream as the audio: once the audio the lag past the
+        word is in (``heard``, the session clock's wall time of the newest audio), so is
+        any roster that marks it. In real time that is when the wall clock gets there.
+        The clock puts a word where a bot sending in real time would have sent it; audio
+        sent faster (a sped-up simulation, a recording played in) gets there sooner, and
+        its finals wait no longer than that. Without newer audio (a bot gone quiet), a
+        final waits the lag from when it was queued (``queued``, all its audio in) at
+        most: it once waited for the wall clock to catch up with the audio instead, 14 s
+        for words 28 s into a meeting played at 2x, half an hour at the end of an hour."""
         if last_word_end is None or self.lag.seconds <= 0:
             return 0.0
+        due = last_word_end + self.lag.seconds + ROSTER_SLACK
+        if heard is not None and heard >= due:
+            return 0.0
         if queued is not None:
-            last_word_end = min(last_word_end, queued)
-        return last_word_end + self.lag.seconds + ROSTER_SLACK - now
+            due = min(due, queued + self.lag.seconds + ROSTER_SLACK)
+        return due - now
