@@ -135,6 +135,8 @@ async def test_dialogue_speakers_at_every_roster_timing(
         ]
         assert s["duplicates"] == [], (lag, sent)
         assert s["repeats"] == [], (lag, sent)
+        # No stretch of speech is left without a final (a word heard, never released).
+        assert s["without_final"] == [], (lag, sent)
         # Every word reaches exactly one final, in order: finals never overlap.
         words = [w for _, m in finals(received) for w in m["channel"]["alternatives"][0]["words"]]
         assert all(b["start"] >= a["end"] - 1e-6 for a, b in itertools.pairwise(words))
@@ -155,7 +157,7 @@ async def test_a_simulated_meeting_played_fast_keeps_its_speakers(
     assert s["unattributed"] == 0, (nobody, s["confusions"])
     attribution = s["attributed"] / s["words_matched"]
     assert attribution >= 0.88, (attribution, s["confusions"])
-    assert s["duplicates"] == [] and s["repeats"] == []
+    assert s["duplicates"] == [] and s["repeats"] == [] and s["without_final"] == []
 
 
 async def test_a_bot_that_drops_mid_sentence_gets_its_words_final_at_once(
@@ -208,7 +210,7 @@ def test_the_replay_is_deterministic_and_load_only_delays_finals(
     s1, s3 = (tm.score(conv.turns, r, lambda t: t) for r in (one, busy))
     for s in (s1, s3, tm.score(conv.turns, two.received, lambda t: t)):
         assert s["words_matched"] >= 0.9 * s["words_expected"]
-        assert s["duplicates"] == [] and s["repeats"] == []
+        assert s["duplicates"] == [] and s["repeats"] == [] and s["without_final"] == []
     # A recognizer three times slower makes finals later, not different in kind.
     assert np.median(s3["word_final"]) > np.median(s1["word_final"])
     # The command line prints its runs and their pooled figures.
