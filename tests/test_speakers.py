@@ -54,7 +54,7 @@ def test_skewed_clock_falls_back_to_arrival() -> None:
     assert c.time == T0 + 2
 
 
-def test_skewed_clock_is_not_trusted_for_agreeing_with_nothing() -> None:
+def test_a_skewed_clock_agreeing_with_neither_arrival_nor_audio_is_not_trusted() -> None:
     tl = timeline()
     (c,) = tl.update(Roster((entry("Alice", 1, True, T0 - 3600),)), T0 + 2, heard=T0 + 2)
     assert c.time == T0 + 2
