@@ -45,6 +45,7 @@ from websockets.exceptions import WebSocketException
 
 from benchmarks import common, conversations, soak_transcript
 from benchmarks.common import MIB, ServerProcess
+from gateway.simulator import stamped
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 PORT_LINE = r"listening on \S+:(\d+)"
@@ -112,12 +113,6 @@ def two_speakers(speaker: int) -> list[dict[str, Any]]:
     ]
 
 
-def roster_message(entries: list[dict[str, Any]], when: float) -> str:
-    """``entries`` stamped with wall time ``when`` in epoch milliseconds."""
-    ms = int(when * 1000)
-    return json.dumps([{"timestamp": ms, **e} for e in entries])
-
-
 @dataclass
 class Stream:
     """One bot's audio: ``count`` frames of the loop from ``start``, and what was sent."""
@@ -169,7 +164,7 @@ async def run_bot(url: str, s: Stream) -> None:
             if roster is not None:
                 # Stamped with the meeting time of this frame, not the send time: above
                 # 1x the audio runs ahead of the wall clock and the roster goes with it.
-                await ws.send(roster_message(roster, wall0 + s.sent * FRAME_MS / 1000))
+                await ws.send(json.dumps(stamped(roster, wall0 + s.sent * FRAME_MS / 1000)))
                 s.rosters += 1
             data = s.frame(s.sent)
             await ws.send(data)

@@ -113,8 +113,8 @@ class SimulatedBot:
         try:
             while pos < total:
                 while roster and float(roster[0]["at"]) * rate <= pos:
-                    stamp = wall0 + pos / rate
-                    await ws.send(json.dumps(_stamp(roster.pop(0)["roster"], stamp)))
+                    entries = stamped(roster.pop(0)["roster"], wall0 + pos / rate)
+                    await ws.send(json.dumps(entries))
                 if dropped_at is not None and pos >= dropped_at * rate:
                     dropped_at = None
                     self.sent.append((seg_start, pos))
@@ -145,6 +145,8 @@ class SimulatedBot:
             reader.cancel()
 
 
-def _stamp(roster: list[dict[str, Any]], when: float) -> list[dict[str, Any]]:
+def stamped(roster: list[dict[str, Any]], when: float) -> list[dict[str, Any]]:
+    """Roster entries with ``timestamp`` (wall time ``when``, epoch milliseconds) where
+    they have none."""
     ms = int(when * 1000)
     return [{"timestamp": ms, **entry} for entry in roster]

@@ -31,7 +31,7 @@ from benchmarks.conversations import (
     recognize,
     windows,
 )
-from gateway.simulator import _stamp
+from gateway.simulator import stamped
 from pipelines.transcription.scoring import wer
 from tests.conftest import LIBRIVOX
 
@@ -330,8 +330,8 @@ def test_roster_script_lists_everyone_and_marks_speakers(lag: float) -> None:
     assert [e["at"] for e in script] == sorted(e["at"] for e in script)
     for event in script:
         assert [(e["name"], e["id"]) for e in event["roster"]] == list(c.speakers)
-        stamped = _stamp(event["roster"], 1_795_479_000.25)  # what the simulator sends
-        assert all(e["timestamp"] == 1_795_479_000_250 and "isSpeaking" in e for e in stamped)
+        sent = stamped(event["roster"], 1_795_479_000.25)  # what the simulator sends
+        assert all(e["timestamp"] == 1_795_479_000_250 and "isSpeaking" in e for e in sent)
     # Sent on change only.
     states = [speaking_at(script, e["at"]) for e in script]
     assert all(a != b for a, b in itertools.pairwise(states))
