@@ -31,6 +31,7 @@ from benchmarks.conversations import (
     recognize,
     windows,
 )
+from benchmarks.noise import NOISES, mix, speech_rms
 from gateway.simulator import stamped
 from pipelines.transcription.scoring import wer
 from tests.conftest import LIBRIVOX
@@ -418,3 +419,17 @@ def test_whisper_hears_the_standup_across_its_pauses(built: Build, whisper_model
     # Measured 0.158. Cut where a hand-off pause starts, a window opens with "Great. Tom,
     # how about you?" and the pause, and tiny.en drops the 20 s after it: 0.313.
     assert _wer(built("standup"), whisper_model) <= 0.22
+
+
+@pytest.mark.parametrize("kind", NOISES)
+def test_noise_lies_under_the_conversation_at_its_level(built: Build, kind: str) -> None:
+    conv = built("dialogue")
+    noisy = mix(conv, kind, 20.0)
+    assert np.array_equal(noisy.samples, mix(conv, kind, 20.0).samples)  # reproducible
+    assert noisy.turns == conv.turns and noisy.recipe != conv.recipe
+    noise = noisy.samples.astype(np.float64) - conv.samples
+    level = 20 * np.log10(speech_rms(conv.samples, conv.rate) / np.sqrt((noise**2).mean()))
+    assert level == pytest.approx(20.0, abs=0.2)
+    # All through it, pauses included: every second has some.
+    per_second = noise[: len(noise) // conv.rate * conv.rate].reshape(-1, conv.rate)
+    assert (np.abs(per_second).max(axis=1) > 100).all()
