@@ -92,6 +92,12 @@ class Settings:
     )
     max_speakers: int = _setting(1000, "speakers remembered per session; the longest silent go")
     bot_name: str = _setting("", "the bot's display name in rosters, to recognise its own voice")
+    vad: str = _setting(
+        "webrtc",
+        "voice activity model: webrtc, or silero (hears pauses through typing and voices in"
+        " the background; about 4 ms of CPU per stream-second)",
+        choices=("webrtc", "silero"),
+    )
     vad_aggressiveness: int = _setting(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
     vad_frame_ms: int = _setting(30, "webrtcvad frame length: 10, 20 or 30 ms")
     vad_min_speech_ms: int = _setting(90, "voiced audio needed to start speech, ms")

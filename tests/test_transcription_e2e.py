@@ -31,6 +31,7 @@ from pipelines.transcription.scoring import wer
 from pipelines.transcription.scoring import words as norm_words
 
 from .conftest import GatewayFactory, Utterance
+from .sounds import typed_over, voiced_part
 from .timing import scaled
 
 pytestmark = pytest.mark.model
@@ -179,6 +180,46 @@ async def test_two_speakers_attributed(
         speakers = {w.get("speaker") for w in f["channel"]["alternatives"][0]["words"]}
         assert len(speakers) == 1
     assert {w.get("speaker_name") for w in words} == {"Alice", "Bob"}
+
+
+async def test_with_silero_every_pause_ends_an_utterance_while_somebody_types(
+    librivox: list[Utterance], start_gateway: GatewayFactory, whisper_model: Engine
+) -> None:
+    # Two people answering each other with half-second pauses while somebody types,
+    # 20 dB under them. webrtcvad takes keystrokes in a pause for speech and ends
+    # three of these five utterances (as in tests/test_vad.py); Silero ends them all.
+    gw = await start_gateway(pipelines="recording,transcription", vad="silero")
+    rate = 24000
+    pause = np.zeros(rate // 2, np.int16)
+    parts, spans, roster = [pause], [], []
+    for i, u in enumerate(librivox):
+        voice = voiced_part(read_wav(u.path, rate)[0], rate)
+        start = sum(map(len, parts)) / rate
+        end = start + len(voice) / rate
+        spans.append((start, end, 1 + i % 2))
+        roster += [
+            {"at": start, "roster": _roster(1 + i % 2)},
+            {"at": end, "roster": _roster(None)},
+        ]
+        parts += [voice, pause]
+    messages = await stream(
+        gw, "typing", typed_over(np.concatenate(parts), rate), rate, roster=roster
+    )
+
+    # An endpoint at every pause: one speech_final and one UtteranceEnd per turn.
+    assert sum(f["speech_final"] for f in finals(messages)) == len(librivox)
+    assert sum(x.get("type") == "UtteranceEnd" for x in messages) == len(librivox)
+    words = final_words(messages)
+    reference = [w for u in librivox for w in norm_words(u.text)]
+    said = [w for x in words for w in norm_words(x["punctuated_word"])]
+    assert wer(reference, said) <= 0.25, " ".join(said)
+
+    def truth(w: dict[str, Any]) -> int | None:
+        mid = (w["start"] + w["end"]) / 2
+        return next((who for a, b, who in spans if a - 0.25 <= mid <= b + 0.25), None)
+
+    right = sum(w.get("speaker") == truth(w) for w in words)
+    assert right / len(words) >= 0.95, [(w["word"], w.get("speaker"), truth(w)) for w in words]
 
 
 def music(seconds: float, rate: int, seed: int = 3) -> npt.NDArray[np.int16]:

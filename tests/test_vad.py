@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from gateway.audio.resample import Resampler
-from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
+from gateway.audio.vad import VAD_MODELS, SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.simulator import read_wav
 
 from .conftest import Utterance
+from .sounds import typed_over, voiced_part
 
 
 def run(vad: VoiceActivity, samples: np.ndarray, chunk: int) -> list[object]:
@@ -19,13 +20,14 @@ def run(vad: VoiceActivity, samples: np.ndarray, chunk: int) -> list[object]:
     return events
 
 
+@pytest.mark.parametrize("model", VAD_MODELS)
 @pytest.mark.parametrize("rate", [16000, 24000, 32000, 48000])
-def test_speech_between_silences(librivox: list[Utterance], rate: int) -> None:
+def test_speech_between_silences(librivox: list[Utterance], rate: int, model: str) -> None:
     speech, _ = read_wav(librivox[1].path, rate)
     silence = np.zeros(rate, dtype=np.int16)
     audio = np.concatenate([silence, speech, silence])
-    events = run(VoiceActivity(rate), audio, rate // 100)
-    events += VoiceActivity(rate).interrupt(len(audio))  # a fresh one has nothing open
+    events = run(VoiceActivity(rate, model=model), audio, rate // 100)
+    events += VoiceActivity(rate, model=model).interrupt(len(audio))  # nothing open
     starts = [e for e in events if isinstance(e, SpeechStarted)]
     ends = [e for e in events if isinstance(e, SpeechEnded)]
     assert starts
@@ -45,17 +47,19 @@ def test_silence_and_noise_floor_have_no_speech() -> None:
     assert [e for e in run(vad, quiet, 240) if isinstance(e, SpeechStarted)] == []
 
 
-def test_chunking_does_not_change_events(librivox: list[Utterance]) -> None:
+@pytest.mark.parametrize("model", VAD_MODELS)
+def test_chunking_does_not_change_events(librivox: list[Utterance], model: str) -> None:
     speech, rate = read_wav(librivox[0].path, 24000)
-    a = run(VoiceActivity(rate), speech, 240)
-    b = run(VoiceActivity(rate), speech, 2400)
-    c = run(VoiceActivity(rate), speech, 37)
-    assert a == b == c
+    a = run(VoiceActivity(rate, model=model), speech, 240)
+    b = run(VoiceActivity(rate, model=model), speech, 2400)
+    c = run(VoiceActivity(rate, model=model), speech, 37)
+    assert a and a == b == c
 
 
-def test_interrupt_closes_open_speech(librivox: list[Utterance]) -> None:
+@pytest.mark.parametrize("model", VAD_MODELS)
+def test_interrupt_closes_open_speech(librivox: list[Utterance], model: str) -> None:
     speech, rate = read_wav(librivox[0].path, 16000)
-    vad = VoiceActivity(rate)
+    vad = VoiceActivity(rate, model=model)
     events = run(vad, speech[: rate * 2], 160)
     assert vad.speaking
     assert isinstance(events[0], SpeechStarted)
@@ -109,3 +113,28 @@ def test_resampler_is_chunking_invariant() -> None:
     assert len(streamed) == len(whole)
     assert np.abs(streamed.astype(np.int32) - whole).max() <= 4
     assert abs(len(whole) - 16000) <= 1
+
+
+def test_silero_hears_the_pauses_between_turns_while_somebody_types(
+    librivox: list[Utterance],
+) -> None:
+    # Five readers answering each other with half-second pauses, and keystrokes over
+    # all of it, 20 dB under the voices.
+    rate = 24000
+    pause = np.zeros(rate // 2, dtype=np.int16)
+    parts, voice_ends = [pause], []
+    for u in librivox[:5]:
+        voice = voiced_part(read_wav(u.path, rate)[0], rate)
+        parts += [voice, pause]
+        voice_ends.append(sum(map(len, parts)) - len(pause))
+    audio = typed_over(np.concatenate(parts), rate)
+
+    events = run(VoiceActivity(rate, model="silero"), audio, 480)
+    ends = [e.sample for e in events if isinstance(e, SpeechEnded)]
+    # Every pause, and only the pauses, ends speech: at the voice's end or in its last
+    # breath (the voiced part keeps whatever is within 35 dB of the loudest), and before
+    # the next voice.
+    assert len(ends) == len(voice_ends), (ends, voice_ends)
+    for heard, said in zip(ends, voice_ends, strict=True):
+        assert said - 0.4 * rate <= heard < said + len(pause), (heard / rate, said / rate)
+    assert sum(isinstance(e, SpeechStarted) for e in events) == len(voice_ends)
