@@ -21,6 +21,7 @@ It prints one JSON document on stdout, a line per run on stderr::
     .venv/bin/python benchmarks/replay.py --cache ~/.cache/meeting-gateway/conversations
     .venv/bin/python benchmarks/replay.py --conversations dialogue --loads 1,2,4
     .venv/bin/python benchmarks/replay.py --conversations meeting --lags 0,1,2,-0.5
+    .venv/bin/python benchmarks/replay.py --conversations standup --noise typing:20 --vad silero
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import numpy as np
 
 from benchmarks import transcript_metrics as tm
 from benchmarks.conversations import build, recognize
+from benchmarks.noise import mix
+from benchmarks.noise import parse as parse_noise
 from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.config import Settings
 from gateway.ingest.clock import AudioClock
@@ -79,10 +82,12 @@ class Replay:
     rtf: float = RTF
     """A recognition's modelled cost: ``(overhead + rtf * seconds of audio) * load``."""
     lanes: int = LANES
+    vad: str = Settings().vad
+    """The voice activity model (``--vad``)."""
 
     def __post_init__(self) -> None:
         self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
-        self.vad = VoiceActivity.configured(ASR_RATE, Settings())
+        self.vad_events = VoiceActivity.configured(ASR_RATE, Settings(vad=self.vad))
         self.guard = FinalWords()
         self.audio = (self.samples / 32768).astype(np.float32)
         self.waiting: list[Request] = []
@@ -272,7 +277,7 @@ class Replay:
             self._until(arrival)
             self.now = arrival
             fed, self.fed = self.samples[self.fed : edge], edge
-            for event in self.vad.feed(fed):
+            for event in self.vad_events.feed(fed):
                 if isinstance(event, SpeechStarted):
                     self.policy.speech_started(event.sample / ASR_RATE)
                     self.turns.lag.voice_started(event.sample / ASR_RATE)
@@ -310,10 +315,19 @@ def _floats(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = shared_engine(Settings(model=args.model))
-    out: dict[str, Any] = {"policy": args.policy, "lanes": args.lanes, "runs": [], "pooled": []}
+    out: dict[str, Any] = {
+        "policy": args.policy,
+        "lanes": args.lanes,
+        "vad": args.vad,
+        "noise": args.noise,
+        "runs": [],
+        "pooled": [],
+    }
     lags: list[float | None] = list(args.lags) or [None]
     for name in args.conversations.split(","):
         conv = build(name, args.cache, ASR_RATE)
+        if noise := parse_noise(args.noise):
+            conv = mix(conv, *noise)
         reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
         offline = wer(reference, recognize(conv, engine))
         heard: dict[tuple[int, int, bool], tuple[HypWord, ...]] = {}
@@ -332,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.overhead,
                     args.rtf,
                     args.lanes,
+                    args.vad,
                 )
                 scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
                 row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
@@ -365,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model", default=Settings().model)
     parser.add_argument("--lanes", type=int, default=LANES, help="recognition lanes")
+    parser.add_argument("--vad", default=defaults.vad, help="voice activity model")
+    parser.add_argument("--noise", default="", help="background noise, KIND:SNR (typing:20)")
     parser.add_argument("--overhead", type=float, default=OVERHEAD, help="seconds per call")
     parser.add_argument("--rtf", type=float, default=RTF, help="seconds per second of audio")
     parser.add_argument(

@@ -43,6 +43,12 @@ without the flag, e.g. the read workload at 4 and 8 meetings::
     .venv/bin/python benchmarks/transcription.py --workload read --sessions 4,8 \
         --recognition pool --pool-workers 1 --asr-threads 2
 
+The conversations under background noise (``benchmarks/noise.py``: somebody typing, or
+voices in the room), with the voice activity model to compare::
+
+    .venv/bin/python benchmarks/transcription.py --workload conversation --sessions "" \
+        --lags 0 --noise typing:20 --vad silero
+
 A short one while developing:
 
     .venv/bin/python benchmarks/transcription.py --workload conversation \\
@@ -80,6 +86,8 @@ from benchmarks.conversations import (
     reader_lines,
     recognize,
 )
+from benchmarks.noise import mix
+from benchmarks.noise import parse as parse_noise
 from gateway.config import Settings
 from gateway.server import Gateway
 from gateway.simulator import SimulatedBot, read_wav
@@ -293,6 +301,8 @@ def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
                 s["lead"],
                 s["excerpt"],
             )
+            if noise := parse_noise(s.get("noise", "")):
+                conv = mix(conv, *noise)
             meetings.append((conv.samples, conv.rate, conv.roster_script(s["lag"]), conv))
 
     async def main() -> list[Any]:
@@ -563,6 +573,8 @@ def conversation_spec(args: Any, name: str, **kw: Any) -> dict[str, Any]:
     spec = {"kind": "conversation", "name": name, "cache": str(args.cache), "rate": args.rate}
     if getattr(args, "keep", None):
         spec["keep"] = str(args.keep)
+    if getattr(args, "noise", ""):
+        spec["noise"] = args.noise
     return {**spec, "lag": 0.0, "seconds": 0.0, "offset": 0.0, "lead": 0.0, "excerpt": 0.0, **kw}
 
 
@@ -575,6 +587,8 @@ async def conversation_workload(args: Any, settings: dict[str, Any]) -> dict[str
         offline = {}
         for n in names:
             audio = meeting_audio(convs[n], excerpt=args.excerpt)
+            if noise := parse_noise(args.noise):
+                audio = mix(audio, *noise)  # the same audio the meeting plays
             offline[n] = wer(audio.text(), recognize(audio, engine))
         runs: dict[float, dict[str, Any]] = {}
         for lag in dict.fromkeys([0.0, *args.lags]):
@@ -629,6 +643,8 @@ async def main() -> None:
         ("--excerpt", 0.0, "single-meeting conversation runs play only this many s (0: all)"),
         ("--recognition", "local", "local lanes, or pool: worker processes on a Redis"),
         ("--pool-workers", 1, "worker processes with --recognition pool"),
+        ("--noise", "", "background noise under the conversations, KIND:SNR (typing:20)"),
+        ("--vad", "webrtc", "the gateway's voice activity model: webrtc or silero"),
     ):
         parser.add_argument(flag, type=type(default), default=default, help=help)
     parser.add_argument("--load-only", action="store_true", help="only the load sweeps")
@@ -646,7 +662,11 @@ async def main() -> None:
     workloads = [x for x in args.workload.split(",") if x]
     if unknown := set(workloads) - {"conversation", "read"}:
         parser.error(f"unknown workload {', '.join(sorted(unknown))}")
-    settings = {"model": args.model, "asr_threads": args.asr_threads}
+    try:
+        parse_noise(args.noise)
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings = {"model": args.model, "asr_threads": args.asr_threads, "vad": args.vad}
     shared_engine(Settings(**settings))  # load before timing anything
 
     result: dict[str, Any] = {
@@ -657,6 +677,8 @@ async def main() -> None:
         "revision": common.revision(ROOT),
         "machine": common.machine(),
         "workloads": workloads,
+        "noise": args.noise,
+        "vad": args.vad,
     }
     result["recognition"] = args.recognition
     pool: Any = contextlib.nullcontext({})
@@ -680,7 +702,8 @@ async def main() -> None:
 def render(r: dict[str, Any]) -> str:
     lines = [
         f"# Transcription benchmark ({r['model']}, asr_threads={r['asr_threads']},"
-        f" recognition={r.get('recognition', 'local')},"
+        f" recognition={r.get('recognition', 'local')}, vad={r.get('vad', 'webrtc')},"
+        f" noise={r.get('noise') or 'none'},"
         f" stagger={r['stagger']} s, revision {r['revision']})",
         "",
     ]

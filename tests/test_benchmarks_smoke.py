@@ -218,11 +218,13 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     argv += ["--workload", "conversation", "--conversations", "dialogue", "--excerpt", "12"]
     argv += ["--lags", "0,1", "--sessions", "2", "--duration", "12"]
     argv += ["--cache", str(tmp_path / "conversations"), "--summary", str(summary)]
+    argv += ["--noise", "typing:20", "--vad", "silero"]  # both options reach the meetings
     done = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(300), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
     result = json.loads(done.stdout)
     assert result["workloads"] == ["conversation"]
+    assert (result["noise"], result["vad"]) == ("typing:20", "silero")
     assert "read" not in result
     conv = result["conversation"]
     assert conv["conversations"] == ["dialogue"]
@@ -263,6 +265,7 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     }
     assert all(isinstance(t["met"], bool) for t in conv["targets"].values())
     table = summary.read_text()
+    assert "vad=silero, noise=typing:20" in table
     assert re.search(r"^\| \+1 \|", table, re.M), table
     assert re.search(r"^\| 2 \|", table, re.M), table
 
