@@ -15,7 +15,8 @@ frames) over the RMS of the noise, in dB. The same arguments give the same sampl
   looped from its own place: voices too many and too far to follow.
 
 Run ``.venv/bin/python -m benchmarks.noise standup typing 20 --out standup-typing.wav``
-to listen to one.
+to listen to one; with ``--vads`` it also prints where each voice activity model of the
+gateway ends speech in it, and its CPU time per second of audio.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 import wave
 from pathlib import Path
 
@@ -31,6 +33,8 @@ import numpy.typing as npt
 import soxr
 
 from benchmarks.conversations import DEFAULT_CACHE, LIBRIVOX, Conversation, build, save
+from gateway.audio.vad import VAD_MODELS, SpeechEnded, SpeechStarted, VoiceActivity
+from gateway.config import Settings
 
 Floats = npt.NDArray[np.float64]
 
@@ -116,11 +120,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="WAV to write (turns go beside it as JSON)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--rate", type=int, default=24000)
+    parser.add_argument("--vads", action="store_true", help="run each VAD model over it")
     args = parser.parse_args(argv)
-    conv = mix(build(args.name, args.cache, args.rate), args.kind, args.snr)
+    clean = build(args.name, args.cache, args.rate)
+    conv = mix(clean, args.kind, args.snr)
     out = args.out or Path(f"{args.name}-{args.kind}{args.snr:g}.wav")
     save(conv, out)
-    print(json.dumps({"wav": str(out), "duration": round(conv.duration, 2)}))
+    result: dict[str, object] = {"wav": str(out), "duration": round(conv.duration, 2)}
+    if args.vads:
+        result["vads"] = {
+            model: {"clean": endpoints(clean, model), "noisy": endpoints(conv, model)}
+            for model in VAD_MODELS
+        }
+    print(json.dumps(result, indent=1))
+
+
+def endpoints(conv: Conversation, model: str) -> dict[str, object]:
+    """Where ``model``, with the gateway's default settings, ends speech in ``conv``
+    (fed in 20 ms chunks, as a bot sends), and its CPU time per second of audio."""
+    vad = VoiceActivity.configured(conv.rate, Settings(vad=model))  # as the gateway has it
+    step = conv.rate // 50
+    began = time.process_time()
+    events = [
+        e for i in range(0, len(conv.samples), step) for e in vad.feed(conv.samples[i : i + step])
+    ]
+    cpu = time.process_time() - began
+    return {
+        "ends": [round(e.sample / conv.rate, 2) for e in events if isinstance(e, SpeechEnded)],
+        "starts": sum(isinstance(e, SpeechStarted) for e in events),
+        "cpu_ms_per_audio_s": round(1000 * cpu / conv.duration, 3),
+    }
 
 
 if __name__ == "__main__":
