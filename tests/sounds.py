@@ -1,12 +1,10 @@
-"""Sounds the tests lay under speech."""
+"""Real speech shaped for the tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-
-from benchmarks.noise import speech_rms, typing
 
 Samples = np.ndarray[Any, np.dtype[np.int16]]
 
@@ -19,10 +17,3 @@ def voiced_part(speech: Samples, rate: int) -> Samples:
     db = 10 * np.log10((frames**2).mean(axis=1) + 1e-9)
     loud = np.flatnonzero(db > db.max() - 35)
     return speech[loud[0] * step : (loud[-1] + 1) * step]
-
-
-def typed_over(clean: Samples, rate: int, snr: float = 20.0, seed: int = 5) -> Samples:
-    """``clean`` with somebody typing all through it, ``snr`` dB under its speech."""
-    keys = typing(len(clean), rate, np.random.default_rng(seed))
-    keys *= speech_rms(clean, rate) / np.sqrt((keys**2).mean()) / 10 ** (snr / 20)
-    return np.clip(clean + keys, -32768, 32767).astype(np.int16)

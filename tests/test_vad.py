@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.noise import laid_under
 from gateway.audio.resample import Resampler
 from gateway.audio.vad import VAD_MODELS, SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.simulator import read_wav
 
 from .conftest import Utterance
-from .sounds import typed_over, voiced_part
+from .sounds import voiced_part
 
 
 def run(vad: VoiceActivity, samples: np.ndarray, chunk: int) -> list[object]:
@@ -127,7 +128,7 @@ def test_silero_hears_the_pauses_between_turns_while_somebody_types(
         voice = voiced_part(read_wav(u.path, rate)[0], rate)
         parts += [voice, pause]
         voice_ends.append(sum(map(len, parts)) - len(pause))
-    audio = typed_over(np.concatenate(parts), rate)
+    audio = laid_under(np.concatenate(parts), rate, "typing", 20.0)
 
     events = run(VoiceActivity(rate, model="silero"), audio, 480)
     ends = [e.sample for e in events if isinstance(e, SpeechEnded)]
