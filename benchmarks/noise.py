@@ -33,8 +33,8 @@ import numpy.typing as npt
 import soxr
 
 from benchmarks.conversations import DEFAULT_CACHE, LIBRIVOX, Conversation, build, save
-from gateway.audio.vad import VAD_MODELS, SpeechEnded, SpeechStarted, VoiceActivity
-from gateway.config import Settings
+from gateway.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
+from gateway.config import VAD_MODELS, Settings
 
 Floats = npt.NDArray[np.float64]
 

@@ -644,7 +644,7 @@ async def main() -> None:
         ("--recognition", "local", "local lanes, or pool: worker processes on a Redis"),
         ("--pool-workers", 1, "worker processes with --recognition pool"),
         ("--noise", "", "background noise under the conversations, KIND:SNR (typing:20)"),
-        ("--vad", "webrtc", "the gateway's voice activity model: webrtc or silero"),
+        ("--vad", Settings().vad, "the gateway's voice activity model: webrtc or silero"),
     ):
         parser.add_argument(flag, type=type(default), default=default, help=help)
     parser.add_argument("--load-only", action="store_true", help="only the load sweeps")

@@ -31,6 +31,9 @@ ENV_PREFIX = "GATEWAY_"
 KEEPALIVE_INTERVAL = 20.0
 KEEPALIVE_TIMEOUT = 20.0
 
+#: Voice activity models (``--vad``): :mod:`gateway.audio.vad` has one frame classifier each.
+VAD_MODELS = ("webrtc", "silero")
+
 #: Rates a Meeting BaaS bot can stream at (API v2 allows all four; v1 only 16k and 24k).
 SUPPORTED_RATES = (16000, 24000, 32000, 48000)
 
@@ -96,7 +99,7 @@ class Settings:
         "webrtc",
         "voice activity model: webrtc, or silero (hears pauses through typing and voices in"
         " the background; about 4 ms of CPU per stream-second)",
-        choices=("webrtc", "silero"),
+        choices=VAD_MODELS,
     )
     vad_aggressiveness: int = _setting(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)")
     vad_frame_ms: int = _setting(30, "webrtcvad frame length: 10, 20 or 30 ms")

@@ -7,7 +7,8 @@ import pytest
 
 from benchmarks.noise import laid_under
 from gateway.audio.resample import Resampler
-from gateway.audio.vad import VAD_MODELS, SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
+from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
+from gateway.config import VAD_MODELS
 from gateway.simulator import read_wav
 
 from .conftest import Utterance

@@ -30,14 +30,12 @@ import numpy as np
 import numpy.typing as npt
 import webrtcvad
 
-from ..config import Settings
+from ..config import VAD_MODELS, Settings
 from .resample import Resampler
 
 Samples = npt.NDArray[np.int16]
 
 VAD_RATE = 16000
-#: The frame classifiers ``--vad`` may name.
-VAD_MODELS = ("webrtc", "silero")
 
 
 class WebRtcFrames:
