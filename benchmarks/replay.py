@@ -113,6 +113,7 @@ class Replay:
         self.early_words: tuple[HypWord, ...] | None = None
         self.adopted: dict[int, Request] = {}
         self.early_used = self.early_wasted = 0
+        self.spoke = False  # a final of the current utterance carried words
 
     # -- the lanes ----------------------------------------------------------------------
 
@@ -233,6 +234,11 @@ class Replay:
         )
         if draft.is_final:
             words = self.guard.admit(words)
+            # As the pipeline: a final with no words is sent only as the endpoint of an
+            # utterance that had some (its words all final already), never for noise.
+            if not words and not (draft.speech_final and self.spoke):
+                return
+            self.spoke = bool(words) and not draft.speech_final
         elif not words:
             return
         start, end = (words[0].start, words[-1].end) if words else (self.now, self.now)
