@@ -87,19 +87,29 @@ def speech_rms(samples: npt.NDArray[np.int16], rate: int) -> float:
     return float(np.sqrt(energy[energy >= np.median(energy)].mean()))
 
 
+def _noise(kind: str, n: int, rate: int, seed: int) -> Floats:
+    rng = np.random.default_rng(seed)
+    if kind == "typing":
+        return typing(n, rate, rng)
+    if kind == "babble":
+        return babble(n, rate, rng)
+    raise ValueError(f"no noise {kind!r}: one of {', '.join(NOISES)}")
+
+
 def laid_under(
     samples: npt.NDArray[np.int16], rate: int, kind: str, snr: float, seed: int = 5
 ) -> npt.NDArray[np.int16]:
     """``samples`` with ``kind`` of noise under them, ``snr`` dB below their speech."""
-    rng = np.random.default_rng(seed)
-    if kind == "typing":
-        noise = typing(len(samples), rate, rng)
-    elif kind == "babble":
-        noise = babble(len(samples), rate, rng)
-    else:
-        raise ValueError(f"no noise {kind!r}: one of {', '.join(NOISES)}")
+    noise = _noise(kind, len(samples), rate, seed)
     noise *= speech_rms(samples, rate) / np.sqrt((noise**2).mean()) / 10 ** (snr / 20)
     return np.clip(np.round(samples + noise), -32768, 32767).astype(np.int16)
+
+
+def alone(kind: str, seconds: float, rate: int, rms: float, seed: int = 5) -> npt.NDArray[np.int16]:
+    """``seconds`` of ``kind`` of noise with nobody talking, at ``rms`` (peaks clipped)."""
+    noise = _noise(kind, round(seconds * rate), rate, seed)
+    noise *= rms / np.sqrt((noise**2).mean())
+    return np.clip(np.round(noise), -32768, 32767).astype(np.int16)
 
 
 def mix(conv: Conversation, kind: str, snr: float, seed: int = 5) -> Conversation:

@@ -228,15 +228,13 @@ def test_the_replay_is_deterministic_and_load_only_delays_finals(
 
 def test_the_replay_sends_no_result_for_noise_as_the_pipeline_does(whisper_model: Any) -> None:
     from benchmarks import replay
-    from benchmarks.noise import typing
+    from benchmarks.noise import alone
 
     # Keystrokes with nobody talking: webrtcvad takes the bursts for speech, Whisper
     # hears them and writes nothing, and the gateway sends nothing
     # (test_no_text_for_silence_noise_or_music). The replay once sent an empty
     # speech_final for each burst, which its speech_final figures would count.
-    keys = typing(30 * replay.ASR_RATE, replay.ASR_RATE, np.random.default_rng(7))
-    keys *= 1000.0 / np.sqrt((keys**2).mean())
-    samples = np.clip(np.round(keys), -32768, 32767).astype(np.int16)
+    samples = alone("typing", 30, replay.ASR_RATE, rms=1000.0, seed=7)
     run = replay.Replay(whisper_model, samples, vad="webrtc")
     assert run.run() == []
     assert len(run.heard) > 10
