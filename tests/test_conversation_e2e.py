@@ -81,6 +81,10 @@ def finals(received: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, di
     return [(t, m) for t, m in received if m.get("type") == "Results" and m["is_final"]]
 
 
+def words_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(message["channel"]["alternatives"][0]["words"])
+
+
 async def test_a_monologue_is_final_while_the_person_still_talks(
     start_gateway: GatewayFactory, conversations: dict[str, Conversation], whisper_model: Any
 ) -> None:
@@ -100,6 +104,13 @@ async def test_a_monologue_is_final_while_the_person_still_talks(
     for arrival, m in early:
         last = m["channel"]["alternatives"][0]["words"][-1]["end"]
         assert arrival - (began + last) < 4.0
+    # The gateway measures the same wait for operators, word by word.
+    waits = [t - (began + w["end"]) for t, m in finals(received) for w in words_of(m)]
+    registry = gw.gateway.metrics.registry
+    name = "gateway_transcription_word_final_latency_seconds"
+    assert registry.get_sample_value(f"{name}_count") == len(waits)
+    measured = registry.get_sample_value(f"{name}_sum") / len(waits)
+    assert measured == pytest.approx(float(np.mean(waits)), abs=0.3)
     turns = [t for t in conv.turns if t.end <= 23.5]
     said = [
         w

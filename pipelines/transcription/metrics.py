@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: A word's wait for its final: the conversation targets are 1.5 s (p50) and 2.5 s (p95).
+_WORD_BUCKETS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
 _RTF_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 
 
@@ -87,6 +89,13 @@ class TranscriptionMetrics:
             "gateway_transcription_final_latency_seconds",
             "From the end of speech to its final being published, wall time",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.word_final_latency = Histogram(
+            "gateway_transcription_word_final_latency_seconds",
+            "From the end of each word to the final that carries it, wall time: in a "
+            "conversation, how late the transcript runs",
+            buckets=_WORD_BUCKETS,
             registry=r,
         )
         self.first_partial_latency = Histogram(

@@ -355,6 +355,8 @@ class TranscriptionPipeline(Pipeline):
             self._metrics.results.labels("final").inc()
         if words:
             self._words_in_utterance[utterance] = words[-1].end
+            for word in words:
+                self._observe(self._metrics.word_final_latency, word.end)
             if words[-1].language != self._annotated:  # /sessions: the language heard
                 self._annotated = words[-1].language
                 self._ctx.annotate("language", self._annotated)
@@ -367,8 +369,7 @@ class TranscriptionPipeline(Pipeline):
             self._first_partial.discard(utterance)
 
     def _observe(self, histogram: Histogram, seconds: float) -> None:
-        wall = self._ctx.clock.wall(round(seconds * self._rate))
-        if wall is not None:
+        if (wall := self._ctx.clock.wall(round(seconds * self._rate))) is not None:
             histogram.observe(max(0.0, time.time() - wall))
 
     def _attribute(self, words: tuple[HypWord, ...], final: bool) -> tuple[results.Word, ...]:
