@@ -38,9 +38,17 @@ def test_a_job_and_its_answer_survive_the_wire() -> None:
     assert (back.id, back.node, back.session, back.kind) == ("j1", "node-a", "s-1", "final")
     assert (back.offset, back.language, back.submitted) == (12.5, None, 1.7e9)
     assert np.abs(back.audio - audio).max() <= 1 / 32768  # 16-bit on the wire
-    h = Hypothesis((HypWord("Hello,", 12.5, 12.9, 0.93),), ("no_speech",), 1.0, 0.05, "de", 0.8)
+    said = (HypWord("cold", 12.5, 12.9, 0.93), HypWord("-hearted", 12.9, 13.2, 0.8, "", True))
+    h = Hypothesis(said, ("no_speech",), 1.0, 0.05, "de", 0.8)
     assert jobs.decode_result(jobs.encode_result("j1", h, "w")) == ("j1", h)
     assert jobs.decode_result(jobs.encode_result("j2", None, "w")) == ("j2", None)
+    # A worker of an earlier release sends four fields a word: none is attached.
+    earlier = jobs.encode_result("j3", h, "w")
+    body = json.loads(earlier["result"])
+    body["words"] = [w[:4] for w in body["words"]]
+    earlier["result"] = json.dumps(body)
+    _, back_h = jobs.decode_result(earlier)
+    assert back_h is not None and [w.attached for w in back_h.words] == [False, False]
 
 
 class Worker:

@@ -20,6 +20,7 @@ from benchmarks.noise import alone, laid_under
 from gateway.config import Settings
 from gateway.errors import ModelError
 from gateway.simulator import SimulatedBot, read_wav
+from gateway.speech.voice import synthesize
 from pipelines.transcription.engine import Engine, Request, shared_engine
 from pipelines.transcription.models import (
     BASE_SHA256,
@@ -404,6 +405,25 @@ async def test_long_utterance_split_without_loss_or_duplication(
     reference = norm_words(longest.text)
     assert wer(reference, said) <= 0.2, " ".join(said)
     assert len(said) <= len(reference) + 1  # nothing said twice across a split
+
+
+async def test_words_whisper_writes_in_pieces_reach_the_reader_whole(
+    start_gateway: GatewayFactory, whisper_model: Engine
+) -> None:
+    # Whisper writes "cold-hearted" as " cold" and "-hearted", "3.5" as " 3" and ".5": a
+    # subscriber gets each as one word, in one final, never "cold -hearted".
+    said = (
+        "He was cold-hearted and ill-disposed. The rate went up by 3.5 percent. "
+        "It was a well-known, so-called one-on-one follow-up."
+    )
+    audio = np.concatenate([*synthesize(said, 16000), np.zeros(16000, np.int16)])
+    gw = await start_gateway(pipelines="transcription")
+    messages = await stream(gw, "marks", audio, 16000)
+    written = [w["punctuated_word"] for w in final_words(messages)]
+    assert [w for w in written if "-" in w[1:]], written
+    assert not [w for w in written if not w[0].isalnum()], written
+    text = " ".join(m["channel"]["alternatives"][0]["transcript"] for m in finals(messages))
+    assert wer(norm_words(said), norm_words(text)) <= 0.25, text
 
 
 async def test_reconnect_gap_ends_the_utterance_and_transcription_goes_on(

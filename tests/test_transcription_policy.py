@@ -39,7 +39,7 @@ from pipelines.transcription.sequences import (
 )
 from pipelines.transcription.verdicts import FRAME, collect, looping, started_late
 from pipelines.transcription.window import Window
-from pipelines.transcription.words import ASR_RATE, HypWord, normalize
+from pipelines.transcription.words import ASR_RATE, HypWord, as_written, attaches, normalize
 
 
 def words(
@@ -123,6 +123,60 @@ def test_finals_split_at_sentence_ends_and_pauses() -> None:
         ["I", "think"],
         ["so", "too"],
     ]
+
+
+def decoded(said: list[tuple[str, float, float]], text: str) -> Segment:
+    """A segment as faster-whisper returns it, with ``said`` as its words."""
+    return Segment(
+        id=0,
+        seek=0,
+        start=said[0][1],
+        end=said[-1][2],
+        text=text,
+        tokens=[0] * len(said),
+        avg_logprob=-0.3,
+        compression_ratio=1.2,
+        no_speech_prob=0.05,
+        words=[Word(a, b, w, 0.9) for w, a, b in said],
+        temperature=0.0,
+    )
+
+
+def test_marks_written_onto_a_word_are_part_of_it() -> None:
+    # faster-whisper's words for "He was cold-hearted, about 3.5%.": a mark that goes
+    # onto a word comes without the space that starts one.
+    said = [(" He", 0.0, 0.3), (" was", 0.3, 0.6), (" cold", 0.6, 1.0), ("-hearted,", 1.0, 1.5)]
+    said += [(" about", 1.5, 1.8), (" 3", 1.8, 2.1), (".5", 2.1, 2.4), ("%.", 2.4, 2.6)]
+    heard, _ = collect([decoded(said, " He was cold-hearted, about 3.5%.")], 10.0)
+    assert [w.attached for w in heard] == [False, False, False, True, False, False, True, True]
+    written = as_written(heard)
+    assert [w.text for w in written] == ["He", "was", "cold-hearted,", "about", "3.5%."]
+    assert (written[2].start, written[2].end) == (10.6, 11.5)
+    assert [w.norm for w in written] == ["he", "was", "cold-hearted", "about", "3.5%"]
+    # A segment's first word starts no word before it, even without a space; words of
+    # scripts written without spaces stay words of their own.
+    (first, *_), _ = collect([decoded([("-hearted", 0.0, 0.4)], "-hearted")], 0.0)
+    assert not first.attached
+    assert not attaches("今日は") and not attaches(" cold") and attaches("'")
+    # Never split from the word it is written onto, even after a pause.
+    late = [HypWord("2", 0.0, 0.2, 0.9), HypWord(":30.", 0.6, 0.9, 0.9, "", True)]
+    assert [len(part) for part in split_sentences(late)] == [2]
+
+
+def test_a_word_is_final_with_the_marks_written_onto_it() -> None:
+    policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
+    policy.speech_started(0.5)
+    heard = words("he was not so", 0.5)  # 0.5 to 2.02 s
+    heard += [HypWord("cold", 2.1, 4.3, 0.9), HypWord("-hearted", 4.3, 4.6, 0.9, "", True)]
+    heard += [HypWord("after", 4.6, 4.8, 0.9), HypWord("all.", 4.8, 5.0, 0.9)]
+    finals: list[list[str]] = []
+    for end in (4.0, 5.0, 6.0):
+        (req,) = requests(policy.advance(end))
+        out = policy.recognized(req, [w for w in heard if w.start < end])
+        finals += [[w.text for w in d.words] for d in out if d.is_final]
+        # At 5 s "cold" is old enough but "-hearted" is not: neither is final yet.
+        assert ("cold" in [w.text for w in policy.confirmed]) == (end == 6.0)
+    assert finals == [["he", "was", "not", "so"], ["cold", "-hearted", "after", "all."]]
 
 
 def test_final_rehears_only_the_audio_after_confirmed_words() -> None:

@@ -118,7 +118,7 @@ def encode_result(job_id: str, hypothesis: Hypothesis | None, worker: str) -> di
         return {"id": job_id, "worker": worker, "skipped": "stale"}
     h = hypothesis
     body = {
-        "words": [[w.text, w.start, w.end, w.probability] for w in h.words],
+        "words": [[w.text, w.start, w.end, w.probability, w.attached] for w in h.words],
         "rejected": list(h.rejected),
         "audio_seconds": h.audio_seconds,
         "compute_seconds": h.compute_seconds,
@@ -134,7 +134,12 @@ def decode_result(fields: dict[Any, Any]) -> tuple[str, Hypothesis | None]:
     if "result" not in f:
         return f["id"], None
     body = json.loads(f["result"])
-    words = tuple(HypWord(str(t), float(s), float(e), float(p)) for t, s, e, p in body["words"])
+    # A word's fifth field, attached, is newer than the first four: a worker of an earlier
+    # release sends four.
+    words = tuple(
+        HypWord(str(t), float(s), float(e), float(p), "", bool(rest and rest[0]))
+        for t, s, e, p, *rest in body["words"]
+    )
     return f["id"], Hypothesis(
         words,
         tuple(str(r) for r in body["rejected"]),

@@ -7,9 +7,8 @@ A final that needs audio past the VAD's end (the trailing pad) waits until that 
 has arrived, or until a gap or the end of the session cuts it short. At a pause the
 final its end would bring is recognized already (:mod:`.early`).
 
-Finals are published strictly in request order, whatever order recognition finishes
-in; partials go out as soon as they are recognized and are dropped once their segment
-was finalized.
+Finals are published strictly in request order, whatever order recognition finishes in;
+partials go out once recognized and are dropped once their segment was finalized.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ from .provider import segment_result
 from .recognizer import Recognizer
 from .turns import Turns
 from .window import Window
-from .words import ASR_RATE, HypWord
+from .words import ASR_RATE, HypWord, as_written
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -373,6 +372,7 @@ class TranscriptionPipeline(Pipeline):
             histogram.observe(max(0.0, time.time() - wall))
 
     def _attribute(self, words: tuple[HypWord, ...], final: bool) -> tuple[results.Word, ...]:
+        words = tuple(as_written(words))  # "cold" "-hearted" is one word to a reader
         out = []
         spans = ((w.text, w.start, w.end) for w in words)
         speakers = self._turns.speakers(spans, self._lookup, final=final)

@@ -24,9 +24,8 @@ The rules:
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed as the latest hypothesis has
   it, agreement or not, which bounds how late any word becomes final.
-- Confirmed words are *final* at once: they are released as finals
-  (``is_final``, not ``speech_final``) as soon as they are confirmed, without waiting
-  for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
+- Confirmed words are *final* at once (``is_final``, not ``speech_final``), without
+  waiting for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
   Partials show only the words not final yet. In a conversation the VAD rarely ends,
   so this is what keeps finals a second or two behind the voice.
 - The utterance's end brings a ``speech_final``: the words not yet final, followed by
@@ -99,10 +98,9 @@ QUICK_PROBABILITY = 0.7
 #: took the errors over the four recipes from 874 to 825, most of it on the
 #: conversations; a partial of 8 s costs about twice one of 4 s.
 LONG_SPAN = 8.0
-#: The lanes' recent share of time busy (:class:`~.scheduler.LaneUse`) over which
-#: partials go back to ``PARTIAL_SPAN``, and under which they hear ``LONG_SPAN`` again:
-#: under load every partial is as cheap as before, and the gap between the two keeps
-#: the span from changing at every partial.
+#: The lanes' recent share of time busy (:class:`~.scheduler.LaneUse`) over which partials go
+#: back to ``PARTIAL_SPAN``, and under which they hear ``LONG_SPAN`` again: under load every
+#: partial is as cheap as before; the gap keeps the span from changing at every partial.
 BUSY = 0.7
 SPARE = 0.4
 #: Partials in a row that wrote none of the confirmed words in their audio
@@ -376,10 +374,12 @@ class StreamingPolicy:
             self._agreed(tail, request.end, QUICK_SPAN, QUICK_MARGIN, QUICK_PROBABILITY),
         )
         self._heard.append((request.end, tuple(words)))
-        # Hypotheses that keep disagreeing must not hold words back for long: a word with
-        # FORCE_AGE of audio after it is as good as one more hypothesis will make it.
+        # Disagreeing hypotheses must not hold words back long: a word with FORCE_AGE of audio
+        # after it is as good as one more hypothesis makes it. Its marks ("-hearted") go with it.
         while agreed < len(tail) and tail[agreed].end <= request.end - FORCE_AGE:
             agreed += 1
+        while 0 < agreed < len(tail) and tail[agreed].attached:
+            agreed -= 1
         self._confirmed.extend(tail[:agreed])
         self._previous = tail[agreed:]
         out = self._release(request) if agreed else []

@@ -87,12 +87,14 @@ def skipped_head(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord], si
 
 
 def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
-    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``."""
+    """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``, never
+    before an attached word."""
     out: list[list[HypWord]] = []
     for w in words:
         if out:
             last = out[-1][-1]
-            if not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE:
+            joined = not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE
+            if joined or w.attached:
                 out[-1].append(w)
                 continue
         out.append([w])
@@ -100,10 +102,14 @@ def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
 
 
 def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
-    """Length of the common prefix of two word sequences, compared normalized."""
+    """Length of the common prefix of two word sequences, compared normalized, that ends
+    where both end a written word: "so" of "so-called" agrees with neither "so called"
+    nor "so-called" (the first would leave "-called" to start the next final)."""
     n = 0
     for x, y in zip(a, b, strict=False):
-        if x.norm != y.norm:
+        if x.norm != y.norm or x.attached != y.attached:
             break
         n += 1
+    while n and any(n < len(s) and s[n].attached for s in (a, b)):
+        n -= 1
     return n

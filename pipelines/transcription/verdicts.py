@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .words import ASR_RATE, HypWord, normalize
+from .words import ASR_RATE, HypWord, attaches, normalize
 
 # Whisper's own thresholds for rejecting a segment (openai/whisper transcribe defaults).
 NO_SPEECH_PROB = 0.6
@@ -123,9 +123,12 @@ def collect(segments: Iterable[Any], offset: float) -> tuple[list[HypWord], list
             # displaced ("young man") lost.
             rejected.append("repetition")
             continue
-        for w, text in zip(segment.words or (), raw, strict=True):
+        for i, (w, text) in enumerate(zip(segment.words or (), raw, strict=True)):
             if normalize(text):
-                words.append(HypWord(text, offset + w.start, offset + w.end, w.probability))
+                attached = i > 0 and attaches(w.word)
+                words.append(
+                    HypWord(text, offset + w.start, offset + w.end, w.probability, "", attached)
+                )
     return words, rejected
 
 

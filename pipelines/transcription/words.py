@@ -7,7 +7,8 @@ them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 #: The recognizer's sample rate: windows hold, and jobs cut, audio at this rate.
 ASR_RATE = 16000
@@ -25,10 +26,43 @@ class HypWord:
     probability: float
     language: str = ""
     """The language it was decoded in ("" when not known)."""
+    attached: bool = False
+    """Written onto the word before it without a space: Whisper writes "cold-hearted" as
+    "cold" and "-hearted", "3.5" as "3" and ".5"."""
 
     @property
     def norm(self) -> str:
         return normalize(self.text)
+
+
+def attaches(raw: str) -> bool:
+    """Whether a word as the decoder wrote it (with its leading space, if any) goes onto
+    the word before it: it starts with a mark rather than a space or a letter. Words of
+    scripts written without spaces start with a letter and stay words of their own."""
+    return bool(raw) and not raw[0].isspace() and not raw[0].isalnum()
+
+
+def as_written(words: Sequence[HypWord]) -> list[HypWord]:
+    """``words`` as a reader sees them: each attached word joined to the one before it
+    ("cold-hearted", "2:30", "50%"), from the first's start to the last's end, as sure
+    as the less sure of the two."""
+    out: list[HypWord] = []
+    for w in words:
+        if w.attached and not out and w.text.startswith("-"):
+            # What it goes onto was final already ("so", where an earlier hypothesis did
+            # not hear "so-called"): "called" reads better than "-called".
+            w = replace(w, text=w.text.lstrip("-") or w.text, attached=False)
+        if w.attached and out:
+            last = out[-1]
+            out[-1] = replace(
+                last,
+                text=last.text + w.text,
+                end=w.end,
+                probability=min(last.probability, w.probability),
+            )
+        else:
+            out.append(w)
+    return out
 
 
 def normalize(text: str) -> str:
