@@ -56,7 +56,7 @@ from pipelines.transcription.policy import Draft, Request, StreamingPolicy
 from pipelines.transcription.scheduler import LaneUse
 from pipelines.transcription.scoring import wer
 from pipelines.transcription.turns import Turns
-from pipelines.transcription.words import ASR_RATE, HypWord
+from pipelines.transcription.words import ASR_RATE, HypWord, as_written
 
 BLOCK = 0.1  # the pipeline's audio block
 OVERHEAD = 0.05  # seconds per recognition call, besides the audio (tiny.en, one core)
@@ -114,6 +114,7 @@ class Replay:
         self.adopted: dict[int, Request] = {}
         self.early_used = self.early_wasted = 0
         self.spoke = False  # a final of the current utterance carried words
+        self.said = ""  # the last final word
 
     # -- the lanes ----------------------------------------------------------------------
 
@@ -224,16 +225,18 @@ class Replay:
     def _publish(self, draft: Draft) -> None:
         if draft.is_final:
             self.turns.finalized(((w.text, w.start, w.end) for w in draft.words), float)
-        speakers: list[Any] = [None] * len(draft.words)
+        written = as_written(draft.words, self.said)
+        speakers: list[Any] = [None] * len(written)
         if self.roster is not None:
-            spans = ((w.text, w.start, w.end) for w in draft.words)
+            spans = ((w.text, w.start, w.end) for w in written)
             speakers = self.turns.speakers(spans, self._lookup, final=draft.is_final)
         words = tuple(
             results.Word(w.norm, w.text, round(w.start, 3), round(w.end, 3), w.probability, who)
-            for w, who in zip(draft.words, speakers, strict=True)
+            for w, who in zip(written, speakers, strict=True)
         )
         if draft.is_final:
             words = self.guard.admit(words)
+            self.said = words[-1].punctuated if words else self.said
             # As the pipeline: a final with no words is sent only as the endpoint of an
             # utterance that had some (its words all final already), never for noise.
             if not words and not (draft.speech_final and self.spoke):

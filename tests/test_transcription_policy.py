@@ -163,6 +163,17 @@ def test_marks_written_onto_a_word_are_part_of_it() -> None:
     assert [len(part) for part in split_sentences(late)] == [2]
 
 
+def test_a_sentence_starts_with_a_capital_letter_across_finals() -> None:
+    # A decode that started in a turn wrote "the opening..." after the final "I agree.".
+    said = [HypWord(w, i, i + 0.5, 0.9) for i, w in enumerate(["the", "opening", "is.", "about"])]
+    assert [w.text for w in as_written(said, "agree.")] == ["The", "opening", "is.", "About"]
+    assert [w.text for w in as_written(said, "agree,")][0] == "the"
+    # Trailing off, or an abbreviation, ends no sentence.
+    assert [w.text for w in as_written(said[:1], "So...")] == ["the"]
+    assert [w.text for w in as_written(said[:1], "a.m.")] == ["the"]
+    assert [w.text for w in as_written(said[:1], "3.5%.")] == ["The"]
+
+
 def test_a_word_is_final_with_the_marks_written_onto_it() -> None:
     policy = StreamingPolicy(partial_interval=1.0, max_utterance=15.0)
     policy.speech_started(0.5)

@@ -109,6 +109,7 @@ class TranscriptionPipeline(Pipeline):
         self._words_in_utterance: dict[int, float] = {}
         self._turns = Turns()  # the roster lag, and who said each word
         self._final_words = FinalWords()
+        self._said = ""  # the last final word
         self._hold: asyncio.TimerHandle | None = None
         self._early = EarlyFinal(metrics.early_finals)
 
@@ -263,11 +264,9 @@ class TranscriptionPipeline(Pipeline):
             m = self._metrics
             m.audio_seconds.inc(hypothesis.audio_seconds)
             m.busy_seconds.inc(hypothesis.compute_seconds)
-            if hypothesis.audio_seconds > 0:
-                m.rtf.labels(request.kind).observe(
-                    hypothesis.compute_seconds / hypothesis.audio_seconds
-                )
             h = hypothesis
+            if h.audio_seconds > 0:
+                m.rtf.labels(request.kind).observe(h.compute_seconds / h.audio_seconds)
             self._language.heard(h.language, h.language_probability, h.audio_seconds)
             for reason in hypothesis.rejected:
                 m.rejected.labels(reason).inc()
@@ -325,6 +324,7 @@ class TranscriptionPipeline(Pipeline):
         words = self._attribute(draft.words, draft.is_final)
         if draft.is_final:
             words = self._final_words.admit(words)
+            self._said = words[-1].punctuated if words else self._said
         utterance = request.utterance if request is not None else self._policy.utterance
         if not draft.is_final:
             if words:
@@ -372,7 +372,7 @@ class TranscriptionPipeline(Pipeline):
             histogram.observe(max(0.0, time.time() - wall))
 
     def _attribute(self, words: tuple[HypWord, ...], final: bool) -> tuple[results.Word, ...]:
-        words = tuple(as_written(words))  # "cold" "-hearted" is one word to a reader
+        words = tuple(as_written(words, self._said))  # "cold" "-hearted" is one word
         out = []
         spans = ((w.text, w.start, w.end) for w in words)
         speakers = self._turns.speakers(spans, self._lookup, final=final)

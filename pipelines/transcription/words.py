@@ -7,6 +7,7 @@ them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -42,10 +43,14 @@ def attaches(raw: str) -> bool:
     return bool(raw) and not raw[0].isspace() and not raw[0].isalnum()
 
 
-def as_written(words: Sequence[HypWord]) -> list[HypWord]:
-    """``words`` as a reader sees them: each attached word joined to the one before it
-    ("cold-hearted", "2:30", "50%"), from the first's start to the last's end, as sure
-    as the less sure of the two."""
+def as_written(words: Sequence[HypWord], after: str = "") -> list[HypWord]:
+    """``words`` as a reader sees them, following the word ``after`` (the last final one).
+
+    Each attached word is joined to the one before it ("cold-hearted", "2:30", "50%"),
+    from the first's start to the last's end, as sure as the less sure of the two. A word
+    that starts a sentence starts with a capital letter: a decode that starts after a
+    sentence end, in a turn, writes "the opening is..." after a final "I agree."
+    """
     out: list[HypWord] = []
     for w in words:
         if w.attached and not out and w.text.startswith("-"):
@@ -60,9 +65,18 @@ def as_written(words: Sequence[HypWord]) -> list[HypWord]:
                 end=w.end,
                 probability=min(last.probability, w.probability),
             )
-        else:
-            out.append(w)
+            continue
+        if ends_sentence(out[-1].text if out else after) and w.text[:1].islower():
+            w = replace(w, text=w.text[0].upper() + w.text[1:])
+        out.append(w)
     return out
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether a word ends a sentence: not "..." (trailing off), nor "a.m." or "e.g."."""
+    if re.fullmatch(r"(?:[^\W\d_]\.){2,}", text):
+        return False
+    return text.endswith((".", "?", "!")) and not text.endswith("..")
 
 
 def normalize(text: str) -> str:
