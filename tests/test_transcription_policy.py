@@ -167,7 +167,7 @@ def test_a_sentence_starts_with_a_capital_letter_across_finals() -> None:
     # A decode that started in a turn wrote "the opening..." after the final "I agree.".
     said = [HypWord(w, i, i + 0.5, 0.9) for i, w in enumerate(["the", "opening", "is.", "about"])]
     assert [w.text for w in as_written(said, "agree.")] == ["The", "opening", "is.", "About"]
-    assert [w.text for w in as_written(said, "agree,")][0] == "the"
+    assert as_written(said, "agree,")[0].text == "the"
     # Trailing off, or an abbreviation, ends no sentence.
     assert [w.text for w in as_written(said[:1], "So...")] == ["the"]
     assert [w.text for w in as_written(said[:1], "a.m.")] == ["the"]
