@@ -123,6 +123,9 @@ def test_finals_split_at_sentence_ends_and_pauses() -> None:
         ["I", "think"],
         ["so", "too"],
     ]
+    # A title is no sentence end: "Mr. John Dashwood" stays together.
+    title = [HypWord("Mr.", 0.0, 0.3, 0.9), HypWord("John", 0.35, 0.6, 0.9)]
+    assert [len(part) for part in split_sentences(title)] == [2]
 
 
 def decoded(said: list[tuple[str, float, float]], text: str) -> Segment:
@@ -171,6 +174,7 @@ def test_a_sentence_starts_with_a_capital_letter_across_finals() -> None:
     # Trailing off, or an abbreviation, ends no sentence.
     assert [w.text for w in as_written(said[:1], "So...")] == ["the"]
     assert [w.text for w in as_written(said[:1], "a.m.")] == ["the"]
+    assert [w.text for w in as_written(said[:1], "Mr.")] == ["the"]
     assert [w.text for w in as_written(said[:1], "3.5%.")] == ["The"]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from difflib import SequenceMatcher
 
 from .finals import REPEAT_GUARD
-from .words import HypWord
+from .words import HypWord, ends_sentence
 
 #: Sequence matching trusts a match only if it lies within this many seconds of the
 #: confirmed word's own time; otherwise the split falls back to timestamps.
@@ -20,7 +20,6 @@ MATCH_SLACK = 1.0
 #: Words released together are split into separate finals where one word ends a
 #: sentence or where this much silence separates two words.
 SPLIT_PAUSE = 0.3
-SENTENCE_END = (".", "?", "!")
 #: Word times of two decodes of the same audio differ by about this much, seconds.
 SKIP_SLACK = 0.05
 
@@ -93,7 +92,7 @@ def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
     for w in words:
         if out:
             last = out[-1][-1]
-            joined = not last.text.endswith(SENTENCE_END) and w.start - last.end < SPLIT_PAUSE
+            joined = not ends_sentence(last.text) and w.start - last.end < SPLIT_PAUSE
             if joined or w.attached:
                 out[-1].append(w)
                 continue

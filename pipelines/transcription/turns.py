@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from .sequences import SENTENCE_END
+from .words import ends_sentence
 
 T = TypeVar("T")
 
@@ -163,7 +163,7 @@ class Turns:
         ``wall`` converts session seconds to wall time."""
         for text, start, end in words:
             last, self._last = self._last, (text, end)
-            if last is None or last[0].endswith(SENTENCE_END) or start - last[1] >= TURN_GAP:
+            if last is None or ends_sentence(last[0]) or start - last[1] >= TURN_GAP:
                 when = wall(start)
                 if when is not None:
                     self.lag.voice_started(when)
@@ -190,7 +190,7 @@ class Turns:
             prefer = None
             if (
                 previous is not None
-                and not previous[1].endswith(SENTENCE_END)
+                and not ends_sentence(previous[1])
                 and -TURN_GAP < start - previous[2] < TURN_GAP
             ):
                 prefer = previous[0]  # said in the same breath

@@ -72,9 +72,14 @@ def as_written(words: Sequence[HypWord], after: str = "") -> list[HypWord]:
     return out
 
 
+#: Words ending with a period that end no sentence: "Mr. John Dashwood" is one phrase.
+TITLES = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "mt.", "jr.", "sr.", "vs."})
+
+
 def ends_sentence(text: str) -> bool:
-    """Whether a word ends a sentence: not "..." (trailing off), nor "a.m." or "e.g."."""
-    if re.fullmatch(r"(?:[^\W\d_]\.){2,}", text):
+    """Whether a word ends a sentence: not "..." (trailing off), nor "a.m.", "e.g." or
+    "Mr."."""
+    if text.lower() in TITLES or re.fullmatch(r"(?:[^\W\d_]\.){2,}", text):
         return False
     return text.endswith((".", "?", "!")) and not text.endswith("..")
 
