@@ -175,6 +175,20 @@ def test_a_sentence_starts_with_a_capital_letter_across_finals() -> None:
     assert [w.text for w in as_written(said[:1], "So...")] == ["the"]
     assert [w.text for w in as_written(said[:1], "a.m.")] == ["the"]
     assert [w.text for w in as_written(said[:1], "Mr.")] == ["the"]
+    # Whisper starts each of its segments with a capital, even after a comma.
+    segment = [HypWord("Let's", 0, 0.3, 0.9), HypWord("Do", 0.3, 0.5, 0.9, "en")]
+    assert [w.text for w in as_written(segment, "everyone,")] == ["let's", "Do"]
+    assert [w.text for w in as_written(segment[1:], "Priya,")] == ["do"]
+    names = [
+        HypWord("Priya", 0, 0.3, 0.9),
+        HypWord("I'm", 0.3, 0.5, 0.9),
+        HypWord("Die", 0.5, 1, 0.9, "de"),
+    ]
+    assert [w.text for w in as_written(names[:1], "So,") + as_written(names[1:], "yes,")] == [
+        "Priya",
+        "I'm",
+        "Die",
+    ]
     assert [w.text for w in as_written(said[:1], "3.5%.")] == ["The"]
 
 

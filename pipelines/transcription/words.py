@@ -49,7 +49,8 @@ def as_written(words: Sequence[HypWord], after: str = "") -> list[HypWord]:
     Each attached word is joined to the one before it ("cold-hearted", "2:30", "50%"),
     from the first's start to the last's end, as sure as the less sure of the two. A word
     that starts a sentence starts with a capital letter: a decode that starts after a
-    sentence end, in a turn, writes "the opening is..." after a final "I agree."
+    sentence end, in a turn, writes "the opening is..." after a final "I agree." (and
+    see :func:`_cased`).
     """
     out: list[HypWord] = []
     for w in words:
@@ -66,10 +67,30 @@ def as_written(words: Sequence[HypWord], after: str = "") -> list[HypWord]:
                 probability=min(last.probability, w.probability),
             )
             continue
-        if ends_sentence(out[-1].text if out else after) and w.text[:1].islower():
-            w = replace(w, text=w.text[0].upper() + w.text[1:])
-        out.append(w)
+        out.append(_cased(w, out[-1].text if out else after))
     return out
+
+
+#: English words that are no names, and that Whisper writes capitalized where one of its
+#: segments starts, even after a comma: "Morning everyone, Let's keep this short".
+COMMON = frozenset(
+    "a an and are as at be but by can could did do does don't for "  # noqa: SIM905
+    "from had has have he her his how if in is it it's its let's my of on or our she so "
+    "that the their then there they this to was we were what when where which who why "
+    "will with would you your".split()
+)
+
+
+def _cased(w: HypWord, before: str) -> HypWord:
+    """``w`` with a capital if it starts a sentence, without one for a common English
+    word after a comma."""
+    text = w.text
+    if ends_sentence(before) and text[:1].islower():
+        return replace(w, text=text[0].upper() + text[1:])
+    common = w.language in ("", "en") and w.norm in COMMON and text[:1].isupper()
+    if common and before.endswith(",") and text[1:] == text[1:].lower():
+        return replace(w, text=text[0].lower() + text[1:])
+    return w
 
 
 #: Words ending with a period that end no sentence: "Mr. John Dashwood" is one phrase.
