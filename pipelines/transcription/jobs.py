@@ -118,7 +118,9 @@ def encode_result(job_id: str, hypothesis: Hypothesis | None, worker: str) -> di
         return {"id": job_id, "worker": worker, "skipped": "stale"}
     h = hypothesis
     body = {
-        "words": [[w.text, w.start, w.end, w.probability, w.attached] for w in h.words],
+        "words": [[w.text, w.start, w.end, w.probability] for w in h.words],
+        # Apart from the words, which a gateway of an earlier release unpacks as four.
+        "attached": [i for i, w in enumerate(h.words) if w.attached],
         "rejected": list(h.rejected),
         "audio_seconds": h.audio_seconds,
         "compute_seconds": h.compute_seconds,
@@ -134,11 +136,10 @@ def decode_result(fields: dict[Any, Any]) -> tuple[str, Hypothesis | None]:
     if "result" not in f:
         return f["id"], None
     body = json.loads(f["result"])
-    # A word's fifth field, attached, is newer than the first four: a worker of an earlier
-    # release sends four.
+    attached = set(body.get("attached", ()))  # a worker of an earlier release sends none
     words = tuple(
-        HypWord(str(t), float(s), float(e), float(p), "", bool(rest and rest[0]))
-        for t, s, e, p, *rest in body["words"]
+        HypWord(str(t), float(s), float(e), float(p), "", i in attached)
+        for i, (t, s, e, p) in enumerate(body["words"])
     )
     return f["id"], Hypothesis(
         words,
