@@ -1,4 +1,5 @@
-"""Recognized words and the rate the recognizer hears at: plain data, no model.
+"""Recognized words, the rate the recognizer hears at, and how words are written for a
+reader: plain data and pure functions, no model.
 
 The sans-I/O streaming policy and the audio window use these without importing the
 engine (and with it faster-whisper); :mod:`pipelines.transcription.engine` re-exports
@@ -71,13 +72,14 @@ def as_written(words: Sequence[HypWord], after: str = "") -> list[HypWord]:
     return out
 
 
-#: English words that are no names, and that Whisper writes capitalized where one of its
-#: segments starts, even after a comma: "Morning everyone, Let's keep this short".
+#: English words that are no names ("will" is left out: "Thanks, Will"), and that Whisper
+#: writes capitalized where one of its segments starts, even after a comma: "Morning
+#: everyone, Let's keep this short".
 COMMON = frozenset(
     "a an and are as at be but by can could did do does don't for "  # noqa: SIM905
     "from had has have he her his how if in is it it's its let's my of on or our she so "
     "that the their then there they this to was we were what when where which who why "
-    "will with would you your".split()
+    "with would you your".split()
 )
 
 
