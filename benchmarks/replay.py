@@ -49,10 +49,11 @@ from gateway.ingest.clock import AudioClock
 from gateway.ingest.protocol import Roster, parse_roster
 from gateway.ingest.speakers import SpeakerTimeline
 from pipelines.transcription import formats, policy, results
+from pipelines.transcription.drafts import Draft, Request
 from pipelines.transcription.early import serves
 from pipelines.transcription.engine import Engine, shared_engine
 from pipelines.transcription.finals import FinalWords
-from pipelines.transcription.policy import Draft, Request, StreamingPolicy
+from pipelines.transcription.policy import StreamingPolicy
 from pipelines.transcription.scheduler import LaneUse
 from pipelines.transcription.scoring import wer
 from pipelines.transcription.turns import Turns

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from gateway.audio.resample import Resampler
+from pipelines.transcription.drafts import Draft, Request
 from pipelines.transcription.early import QUIET_SLACK, EarlyFinal, serves
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.policy import (
@@ -26,8 +27,6 @@ from pipelines.transcription.policy import (
     RECHECK_CONTEXT,
     SKIP_TRIES,
     SPARE,
-    Draft,
-    Request,
     StreamingPolicy,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue, LaneUse

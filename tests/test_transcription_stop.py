@@ -25,11 +25,11 @@ from gateway.config import Settings
 from gateway.ingest.clock import AudioClock
 from gateway.ingest.speakers import SpeakerTimeline
 from gateway.pipeline import Environment
+from pipelines.transcription.drafts import Request
 from pipelines.transcription.engine import Hypothesis
 from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.outputs import TranscriptOutputs
 from pipelines.transcription.pipeline import TranscriptionPipeline
-from pipelines.transcription.policy import Request
 from pipelines.transcription.recognizer import LocalRecognizer
 from pipelines.transcription.scheduler import Scheduler
 from pipelines.transcription.words import HypWord

@@ -21,8 +21,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .drafts import Request
 from .engine import Hypothesis
-from .policy import Request
 
 if TYPE_CHECKING:
     from prometheus_client import Counter

@@ -39,11 +39,12 @@ from gateway.pipeline import (
 )
 
 from . import results
+from .drafts import Draft, Request
 from .early import QUIET_SLACK, EarlyFinal
 from .engine import Engine, Hypothesis
 from .finals import FinalWords
 from .language import LanguageChoice
-from .policy import Draft, Request, StreamingPolicy
+from .policy import StreamingPolicy
 from .provider import segment_result
 from .recognizer import Recognizer
 from .turns import Turns
@@ -60,9 +61,8 @@ Samples = npt.NDArray[np.int16]
 
 #: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
 LEAD_IN = 1.0
-#: With ``language=auto``, a final waits up to this many seconds of audio for the
-#: language to settle (:mod:`.language`): a first "Guten Morgen." alone is heard as
-#: Thai or English as often as German, the sentences after it settle it.
+#: With ``language=auto``, a final waits up to this much audio for the language to settle
+#: (:mod:`.language`): "Guten Morgen." alone is heard as Thai or English as often as German.
 LANGUAGE_WAIT = 8.0
 
 

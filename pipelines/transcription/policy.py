@@ -49,8 +49,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from .drafts import Draft, Request
 from .sequences import agreement, skipped_head, split_sentences, tail_after
 from .words import HypWord
 
@@ -107,39 +107,6 @@ SPARE = 0.4
 #: (:func:`~.sequences.skipped_head`) confirm nothing; the next is taken as going on
 #: from them: a voice Whisper keeps skipping holds words back a second and a half.
 SKIP_TRIES = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """Recognize session audio ``[start, end)`` seconds."""
-
-    id: int
-    kind: str
-    """``"partial"`` or ``"final"``."""
-    utterance: int
-    segment: int
-    start: float
-    end: float
-    confirmed: tuple[HypWord, ...]
-    """Words already confirmed in this segment: a final keeps them as they are."""
-    released: int
-    """How many of ``confirmed`` are already final (a final carries the rest)."""
-    speech_final: bool
-    speech_start: float
-    speech_end: float | None
-    """The VAD's end of speech, for finals that close an utterance."""
-    first: bool
-    """No partial of this segment has shown words yet."""
-
-
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """A result before speaker attribution."""
-
-    words: tuple[HypWord, ...]
-    is_final: bool
-    speech_final: bool
-    request: Request | None
 
 
 class StreamingPolicy:
