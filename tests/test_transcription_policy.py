@@ -27,11 +27,13 @@ from pipelines.transcription.policy import (
     RECHECK_CONTEXT,
     SKIP_TRIES,
     SPARE,
+    VOTE,
     StreamingPolicy,
 )
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue, LaneUse
 from pipelines.transcription.sequences import (
     agreement,
+    majority,
     skipped_head,
     split_sentences,
     tail_after,
@@ -696,10 +698,76 @@ def test_unsure_hypotheses_half_a_second_apart_confirm_nothing_between_them() ->
     # what has FORCE_AGE of audio after it is confirmed.
     aged = [w.text for w in words(HEARD[3.5], 1.5, step=0.35) if w.end <= 3.5 - FORCE_AGE]
     assert confirmed[3.0] == [] and confirmed[3.5] == aged
-    # 4.0 disagrees with 3.0, a second older: again only aged words are confirmed, from
-    # the latest hypothesis.
-    assert confirmed[4.5][-2:] == ["in", "his"]
+    # 4.0 disagrees with 3.0, a second older: again only aged words are confirmed, as
+    # most of the last VOTE hypotheses read them: "is" of 3.0 and 3.5 over the newest's
+    # "in", then "his" of 4.0 and 4.5. (Voting keeps the shared mistake here; over the
+    # conversations of the replay benchmark it takes 3 % of the errors away.)
+    assert confirmed[4.5][-2:] == ["is", "his"]
     assert "power" not in confirmed[4.5]
+
+
+#: When each word of "so today I finished the login changes" is said, and two readings
+#: tiny.en gives of the words after "so".
+SAID = {
+    "so": (2.0, 2.2),
+    "today": (2.3, 2.6),
+    "I": (2.6, 2.7),
+    "I'd": (2.6, 2.75),
+    "finished": (2.7, 3.1),
+    "finish": (2.75, 3.1),
+    "the": (3.1, 3.2),
+    "login": (3.2, 3.6),
+    "changes": (3.6, 4.0),
+}
+
+
+def forced_after(heard: dict[float, str]) -> list[str]:
+    """The words confirmed once partials ending at ``heard``'s keys heard its texts,
+    unsure of every word (no two of them a second apart agree past "so")."""
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+    policy.speech_started(0.0)
+    for end in np.arange(0.5, min(heard) - 0.25, 0.5):
+        (req,) = requests(policy.advance(float(end)))
+        policy.recognized(req, [])
+    for end, text in heard.items():
+        (req,) = requests(policy.advance(end))
+        said = [HypWord(w, *SAID[w], 0.5) for w in text.split() if SAID[w][1] <= end]
+        policy.recognized(req, said)
+    return [w.text for w in policy.confirmed]
+
+
+def test_words_forced_go_as_most_of_the_last_hypotheses_heard_them() -> None:
+    assert VOTE == 3
+    # At 4.5 s "today" and "I" have FORCE_AGE of audio after them, and no hypothesis a
+    # second older agrees with the newest on them. The two before it heard "I", not
+    # "today I": that is what becomes final.
+    heard = {
+        2.5: "so",
+        3.0: "so I'd finish",
+        3.5: "so I finished the",
+        4.0: "so I finished the login",
+        4.5: "so today I finished the login changes",
+    }
+    assert SAID["I"][1] <= 4.5 - FORCE_AGE and SAID["I"][1] > 4.0 - FORCE_AGE
+    assert forced_after(heard) == ["so", "I"]
+    # Where the older two read them differently from each other, the newest is taken.
+    heard |= {3.0: "so", 4.0: "so I'd finish the login"}
+    assert forced_after(heard) == ["so", "today", "I"]
+
+
+def test_a_majority_reading_keeps_the_newest_hypothesis_times() -> None:
+    head = words("well so", 1.0)
+    newest = [HypWord("today", 1.9, 2.1, 0.5), HypWord("I", 2.1, 2.2, 0.5)]
+    older = [
+        [*head, HypWord("I", 2.0, 2.15, 0.5), HypWord("finished", 2.15, 2.5, 0.5)],
+        [*head, HypWord("I,", 2.05, 2.2, 0.5)],
+    ]
+    # Read up to the end of the newest one's words, "I" is the older ones' reading,
+    # timed as the newest hypothesis heard it.
+    assert majority(head, newest, older) == [newest[1]]
+    # One older hypothesis against the newest is no majority, nor is an empty one.
+    assert majority(head, newest, older[:1]) is None
+    assert majority(head, newest, []) is None
 
 
 def test_sure_words_with_right_context_are_confirmed_by_the_previous_partial() -> None:

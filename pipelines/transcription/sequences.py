@@ -2,8 +2,9 @@
 
 :func:`tail_after` finds where a new hypothesis continues the words already confirmed,
 :func:`skipped_head` tells when it cannot be known (the decode skipped them),
-:func:`agreement` how far two hypotheses agree, and :func:`split_sentences` where words
-released together become separate finals.
+:func:`agreement` how far two hypotheses agree, :func:`majority` which reading of words
+they disagree on most of them share, and :func:`split_sentences` where words released
+together become separate finals.
 """
 
 from __future__ import annotations
@@ -112,3 +113,33 @@ def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
     while n and any(n < len(s) and s[n].attached for s in (a, b)):
         n -= 1
     return n
+
+
+def majority(
+    head: Sequence[HypWord], first: Sequence[HypWord], older: Sequence[Sequence[HypWord]]
+) -> list[HypWord] | None:
+    """How more of the hypotheses ``older`` read the words ``first`` (of the newest one,
+    after the words ``head``) than ``first`` does, or ``None`` if none does.
+
+    Each older hypothesis is read from the words after ``head`` to the end of ``first``'s
+    last one, and compared as :func:`agreement` compares. The words it shares with
+    ``first`` keep ``first``'s times: the newest hypothesis heard them with the most
+    audio after them.
+    """
+
+    def key(s: Sequence[HypWord]) -> tuple[tuple[str, bool], ...]:
+        return tuple((w.norm, w.attached) for w in s)
+
+    until = first[-1].end
+    readings = [[w for w in tail_after(head, h) if (w.start + w.end) / 2 <= until] for h in older]
+    counts: dict[tuple[tuple[str, bool], ...], int] = {}
+    for s in (first, *readings):
+        counts[key(s)] = counts.get(key(s), 0) + 1
+    best = max(readings, key=lambda s: counts[key(s)], default=first)
+    if counts[key(best)] <= counts[key(first)]:
+        return None
+    out = list(best)
+    matcher = SequenceMatcher(None, key(best), key(first), autojunk=False)
+    for m in matcher.get_matching_blocks():
+        out[m.a : m.a + m.size] = first[m.b : m.b + m.size]
+    return out
