@@ -118,11 +118,12 @@ def agreement(a: Sequence[HypWord], b: Sequence[HypWord]) -> int:
 def majority(
     head: Sequence[HypWord], first: Sequence[HypWord], older: Sequence[Sequence[HypWord]]
 ) -> list[HypWord] | None:
-    """How more of the hypotheses ``older`` read the words ``first`` (of the newest one,
-    after the words ``head``) than ``first`` does, or ``None`` if none does.
+    """Another reading of the words ``first`` (the newest hypothesis' words after the
+    words ``head``) if more of the hypotheses ``older`` give it than give ``first``'s
+    own, counting ``first``; ``None`` if none does.
 
     Each older hypothesis is read from the words after ``head`` to the end of ``first``'s
-    last one, and compared as :func:`agreement` compares. The words it shares with
+    last one, and compared as :func:`agreement` compares. The words a reading shares with
     ``first`` keep ``first``'s times: the newest hypothesis heard them with the most
     audio after them.
     """
