@@ -327,6 +327,30 @@ def test_a_final_over_overlapping_voices_keeps_its_words(
     assert short > 0
 
 
+def test_a_final_that_stops_within_an_overlap_hears_the_last_words(
+    conversation_cache: Path, whisper_model: Any
+) -> None:
+    # The end of the ninth meeting as the benchmark plays 12 at once: Tom's "That is not
+    # much time at all." said over the end of Joe's "...gets a short slot to present."
+    # From some starts the compact window stops within the overlap, with a quarter to
+    # three quarters of a second of voice after its last word, and a final of that audio
+    # (no later decode hears it again) left "at all" without any final.
+    from benchmarks.transcription import GOLDEN, meeting_audio
+    from pipelines.transcription.words import ASR_RATE
+
+    recipe = build("standup", conversation_cache)
+    conv = meeting_audio(recipe, 60, 2 * GOLDEN % 1.0, 8 * GOLDEN % 1.0 * 5)
+    last = conv.turns[-1]
+    assert last.text == "That is not much time at all."
+    audio = conv.at_rate(ASR_RATE).astype(np.float32) / 32768
+    for start in np.arange(56.9, 57.61, 0.05):
+        tail = audio[round(start * ASR_RATE) :]
+        final = whisper_model.transcribe(tail, start, whole=True)
+        said = norm_words(" ".join(w.text for w in final.words))
+        # Heard to the end of the voice ("at all", or as tiny.en hears it: "my tall").
+        assert final.words[-1].end > last.end - 0.3, (start, said)
+
+
 def test_a_final_that_starts_late_hears_the_voice_before_its_first_word(
     conversation_cache: Path, whisper_model: Any
 ) -> None:

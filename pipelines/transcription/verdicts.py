@@ -52,7 +52,10 @@ LONG_PHRASE = 5
 RETRY = frozenset({"repetition", "low_logprob"})
 #: A decode stopped short when this many seconds of voice follow its last word (after
 #: :data:`AFTER_WORD` of slack for the word's own tail and a word Whisper holds back).
-SHORT_VOICE = 0.8
+#: It applies to finals, which no later decode hears again: at 0.8 s, a final that
+#: stopped within an overlap lost the "at all" of "that is not much time at all" (0.78 s
+#: of voice after its last word); continuing costs a decode of the last second or so.
+SHORT_VOICE = 0.25
 AFTER_WORD = 0.3
 #: ... and a partial when this many seconds follow: partials are not final, but the
 #: window of the next starts where this one's words were confirmed, and a decode that
