@@ -706,24 +706,6 @@ def test_unsure_hypotheses_half_a_second_apart_confirm_nothing_between_them() ->
     assert "power" not in confirmed[4.5]
 
 
-def test_partials_further_apart_than_the_cadence_confirm_with_the_one_before() -> None:
-    # On a loaded machine partials come 0.7 s apart instead of 0.5: the one before is
-    # audio enough apart to confirm unsure words, without waiting for the one before it
-    # (1.4 s older): every word the two agree on with CONFIRM_MARGIN after it, not only
-    # those FORCE_AGE old.
-    policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
-    policy.speech_started(0.0)
-    (first,) = requests(policy.advance(0.5))
-    policy.recognized(first, words("and", 0.1))
-    said = words("prudently in his power to do for them", 0.5, 0.35, QUICK_PROBABILITY - 0.1)
-    for end in (2.8, 3.5):
-        (req,) = requests(policy.advance(end))
-        policy.recognized(req, [w for w in said if w.end <= end])
-    agreed = [w.text for w in said if w.end <= 2.8]
-    assert len(agreed) == 6 and [w.text for w in said if w.end <= 3.5 - FORCE_AGE] != agreed
-    assert [w.text for w in policy.confirmed] == agreed
-
-
 #: When each word of "so today I finished the login changes" is said, and two readings
 #: tiny.en gives of the words after "so".
 SAID = {

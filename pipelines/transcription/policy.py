@@ -18,9 +18,8 @@ The rules:
   hypothesis and the newest one of audio ending ``AGREE_SPAN`` or more earlier (after
   the words already confirmed) is confirmed, and a confirmed word is never changed or
   dropped afterwards (LocalAgreement-2, with partials every half second compared a
-  second apart, and ones further apart under load with the one before). Words heard
-  surely (``QUICK_PROBABILITY``) with ``QUICK_MARGIN`` of audio after them need only
-  agree with the previous hypothesis. Words within
+  second apart). Words heard surely (``QUICK_PROBABILITY``) with ``QUICK_MARGIN`` of
+  audio after them need only agree with the previous hypothesis. Words within
   ``CONFIRM_MARGIN`` of the end of the audio heard wait for more context, and
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed, agreement or not, which
@@ -83,12 +82,8 @@ FORCE_AGE = 1.7
 CONFIRM_CONTEXT = 2.5
 #: Words are confirmed by two hypotheses that agree and are this much audio apart (or
 #: more): hypotheses of nearly the same audio share their mistakes ("and is" for
-#: "prudently in his" in both of two hypotheses 0.5 s apart), ones further apart less so.
-#: Partials on their half-second cadence are compared with the one before last, a second
-#: apart; on a loaded machine, where they come 0.7 s apart or more, with the one before.
-#: With 12 live meetings, 0.65 rather than 0.9 took the median word's final from 2.36 to
-#: 2.19 s (four and six runs) at the same WER; one meeting is compared as before.
-AGREE_SPAN = 0.65
+#: "prudently in his" in both of two hypotheses 0.5 s apart), ones a second apart less so.
+AGREE_SPAN = 0.9
 #: Words with this much audio after them in the newest hypothesis, and heard with at
 #: least ``QUICK_PROBABILITY``, are confirmed by agreement with a hypothesis only
 #: ``QUICK_SPAN`` older (the previous partial): with right context and confidence,
