@@ -19,7 +19,9 @@ from pipelines.transcription.metrics import TranscriptionMetrics
 from pipelines.transcription.policy import (
     BUSY,
     CONFIRM_CONTEXT,
+    CONFIRM_MARGIN,
     FORCE_AGE,
+    GAP_TRIES,
     LONG_SPAN,
     PARTIAL_SPAN,
     QUICK_MARGIN,
@@ -33,6 +35,7 @@ from pipelines.transcription.policy import (
 from pipelines.transcription.scheduler import FINAL, PARTIAL, Job, JobQueue, LaneUse
 from pipelines.transcription.sequences import (
     agreement,
+    gap_in,
     majority,
     skipped_head,
     split_sentences,
@@ -918,3 +921,34 @@ def test_partials_keep_their_cadence_whatever_the_audio_blocks() -> None:
     # After the late one, the next comes when it is back and not sooner than 0.25 s later.
     assert gaps.min() >= 0.25 - 1e-9
     assert gaps.max() >= 0.8
+
+
+def test_a_phrase_two_partials_left_out_is_not_lost_to_the_words_after_it() -> None:
+    # Under load: one partial hears "let's plan a quick check in on", the next two
+    # leave the phrase out and agree on "in on friday morning" after it.
+    said = words("let's plan a quick check in on friday morning", 2.6, step=0.25)
+    rest = said[5:]
+
+    def confirmed(heard: dict[float, list[HypWord]]) -> list[str]:
+        policy = StreamingPolicy(partial_interval=0.5, max_utterance=30.0)
+        policy.speech_started(0.0)
+        (req,) = requests(policy.advance(0.5))
+        policy.recognized(req, [])
+        for end, ws in heard.items():
+            (req,) = requests(policy.advance(end))
+            policy.recognized(req, ws)
+        return [w.text for w in policy.confirmed]
+
+    skipping = {4.4: said[:7], 4.9: rest, 5.4: rest}
+    assert gap_in(rest, -0.2, [(4.4, said[:7])], CONFIRM_MARGIN) == 0
+    # The words after the phrase wait: confirmed, they would leave it without a final.
+    assert confirmed(skipping) == []
+    # The next partial that writes the phrase gets it confirmed, though the two before
+    # it read "in" there: a reading that leaves words out is no vote against them.
+    assert confirmed(skipping | {5.9: said}) == [w.text for w in said[:6]]
+    # Partials that go on leaving it out hold the words after it back only a few times.
+    assert GAP_TRIES == 2
+    assert confirmed(skipping | {5.9: rest}) == []
+    assert confirmed(skipping | {5.9: rest, 6.4: rest}) == [w.text for w in rest]
+    # A single word left out (a guess at a breath) holds nothing back.
+    assert gap_in(rest, -0.2, [(4.4, said[4:7])], CONFIRM_MARGIN) == len(rest)

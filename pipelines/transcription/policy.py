@@ -24,7 +24,10 @@ The rules:
   hypotheses of less than ``CONFIRM_CONTEXT`` seconds of audio confirm nothing. A word
   with ``FORCE_AGE`` seconds of audio after it is confirmed, agreement or not, which
   bounds how late any word becomes final; such words go as most of the last ``VOTE``
-  hypotheses read them (:func:`~.sequences.majority`), the latest one on a tie.
+  hypotheses read them (:func:`~.sequences.majority`), the latest one on a tie. Words
+  after a silence of the newest hypothesis in which an older one wrote a phrase
+  (:func:`~.sequences.gap_in`) wait, for up to ``GAP_TRIES`` partials in a row: once
+  they are confirmed, the phrase could never be.
 - Confirmed words are *final* at once (``is_final``, not ``speech_final``), without
   waiting for the speaker to pause, split at sentence ends and at pauses of ``SPLIT_PAUSE``.
   Partials show only the words not final yet. In a conversation the VAD rarely ends,
@@ -52,7 +55,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from .drafts import Draft, Request
-from .sequences import agreement, majority, skipped_head, split_sentences, tail_after
+from .sequences import agreement, gap_in, majority, skipped_head, split_sentences, tail_after
 from .words import HypWord
 
 #: Audio kept before the VAD's start and after its end: soft onsets and trailing
@@ -115,6 +118,9 @@ SKIP_TRIES = 2
 #: words. On the replay: 312 errors against 321 over three conversations; counting only
 #: older readings with 0.8 or 1 s after the words, 319 and 324.
 VOTE = 3
+#: Partials in a row whose words after a silence are held back because an older
+#: hypothesis wrote words in it (:func:`~.sequences.gap_in`); the next confirms them.
+GAP_TRIES = 2
 
 
 class StreamingPolicy:
@@ -144,6 +150,7 @@ class StreamingPolicy:
         self._released = 0  # confirmed words of the segment already final
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._skips = 0  # partials in a row that skipped the confirmed words
+        self._gaps = 0  # partials in a row held back at words older ones wrote
         self._heard: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
         self._partial_pending = False
         self._shown = False
@@ -176,6 +183,7 @@ class StreamingPolicy:
         self._released = 0
         self._previous = []
         self._skips = 0
+        self._gaps = 0
         self._heard.clear()
         self._partial_pending = False
         self._shown = False
@@ -360,7 +368,14 @@ class StreamingPolicy:
             if (chosen := majority(head, tail[agreed:forced], older)) is not None:
                 tail = [*tail[:agreed], *chosen, *tail_after([*head, *chosen], words)]
                 forced = agreed + len(chosen)
-        agreed = forced
+        # Nothing is confirmed past a silence of this hypothesis in which older ones wrote
+        # words, for a few partials: the words after it would be final and those never.
+        held = len(tail)
+        if self._gaps < GAP_TRIES:
+            after = self._confirmed[-1].end if self._confirmed else self._seg_start
+            held = gap_in(tail, after, list(self._heard)[:-1], CONFIRM_MARGIN)
+        self._gaps = self._gaps + 1 if held < forced else 0
+        agreed = min(forced, held)
         while 0 < agreed < len(tail) and tail[agreed].attached:
             agreed -= 1
         self._confirmed.extend(tail[:agreed])

@@ -2,7 +2,8 @@
 
 :func:`tail_after` finds where a new hypothesis continues the words already confirmed,
 :func:`skipped_head` tells when it cannot be known (the decode skipped them),
-:func:`agreement` how far two hypotheses agree, :func:`majority` which reading of words
+:func:`agreement` how far two hypotheses agree, :func:`gap_in` where a hypothesis left out
+words older ones wrote, :func:`majority` which reading of words
 they disagree on most of them share, and :func:`split_sentences` where words released
 together become separate finals.
 """
@@ -23,6 +24,9 @@ MATCH_SLACK = 1.0
 SPLIT_PAUSE = 0.3
 #: Word times of two decodes of the same audio differ by about this much, seconds.
 SKIP_SLACK = 0.05
+#: Words an older hypothesis wrote count as left out of a silence if they lie within it,
+#: give or take this much (times of words next to a phrase left out drift further).
+GAP_SLACK = 0.2
 
 
 def tail_after(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord]) -> list[HypWord]:
@@ -86,6 +90,39 @@ def skipped_head(confirmed: Sequence[HypWord], hypothesis: Sequence[HypWord], si
     return _anchor(confirmed, hypothesis) is None
 
 
+def gap_in(
+    tail: Sequence[HypWord],
+    after: float,
+    older: Sequence[tuple[float, Sequence[HypWord]]],
+    margin: float,
+    least: int = 2,
+) -> int:
+    """The index of the first word of ``tail`` (a hypothesis' words after the confirmed
+    ones, which end at ``after``) before which it left out ``least`` or more words in a
+    row that one of the ``older`` hypotheses, ``(heard until, words)``, wrote in the
+    silence it has there; ``len(tail)`` if there is none.
+
+    Only words an older hypothesis heard with ``margin`` of audio after them count.
+    Whisper leaves out a phrase at times ("then let's plan a quick check" of a sentence
+    another voice talks over), and two decodes of nearly the same audio can both leave
+    it out: agreeing on the words after it, they would confirm them, and the phrase
+    could never be final.
+    """
+    keys = [w.norm for w in tail]
+    first = len(tail)
+    for until, words in older:
+        heard = [w for w in words if (w.start + w.end) / 2 > after]
+        matcher = SequenceMatcher(None, [w.norm for w in heard], keys, autojunk=False)
+        for op, i1, i2, j1, _j2 in matcher.get_opcodes():
+            if op not in ("delete", "replace") or j1 >= first:
+                continue
+            lo = (tail[j1 - 1].end if j1 else after) - GAP_SLACK
+            hi = min(tail[j1].start + GAP_SLACK, until - margin)
+            if sum(lo <= w.start and w.end <= hi for w in heard[i1:i2]) >= least:
+                first = j1
+    return first
+
+
 def split_sentences(words: Sequence[HypWord]) -> list[list[HypWord]]:
     """``words`` cut after each sentence end and at each pause of ``SPLIT_PAUSE``, never
     before an attached word."""
@@ -120,7 +157,8 @@ def majority(
 ) -> list[HypWord] | None:
     """Another reading of the words ``first`` (the newest hypothesis' words after the
     words ``head``) if more of the hypotheses ``older`` give it than give ``first``'s
-    own, counting ``first``; ``None`` if none does.
+    own, counting ``first``; ``None`` if none does. A reading that left out words ``first``
+    wrote (:func:`gap_in`) is not counted.
 
     Each older hypothesis is read from the words after ``head`` to the end of ``first``'s
     last one, and compared as :func:`agreement` compares. The words a reading shares with
@@ -132,7 +170,10 @@ def majority(
         return tuple((w.norm, w.attached) for w in s)
 
     until = first[-1].end
+    after = head[-1].end if head else float("-inf")
     readings = [[w for w in tail_after(head, h) if (w.start + w.end) / 2 <= until] for h in older]
+    # One that leaves out a phrase ``first`` wrote is no other reading of the same words.
+    readings = [r for r in readings if gap_in(r, after, [(until, first)], 0.0) == len(r)]
     counts: dict[tuple[tuple[str, bool], ...], int] = {}
     for s in (first, *readings):
         counts[key(s)] = counts.get(key(s), 0) + 1
