@@ -952,3 +952,28 @@ def test_a_phrase_two_partials_left_out_is_not_lost_to_the_words_after_it() -> N
     assert confirmed(skipping | {5.9: rest, 6.4: rest}) == [w.text for w in rest]
     # A single word left out (a guess at a breath) holds nothing back.
     assert gap_in(rest, -0.2, [(4.4, said[4:7])], CONFIRM_MARGIN) == len(rest)
+
+
+def test_a_phrase_heard_before_a_split_is_not_lost_to_the_next_segment() -> None:
+    # Under load a partial's answer comes after its segment was split at the maximum
+    # length; the next segment's first partial leaves "share the" out, and its words
+    # after them are old enough to be confirmed without agreement.
+    said = words("we met on monday and can you share the updated plan with the group", 0.2)
+    policy = StreamingPolicy(partial_interval=0.5, max_utterance=6.0)
+    policy.speech_started(0.0)
+    for end in (0.5, 3.0, 3.5):
+        (req,) = requests(policy.advance(end))
+        policy.recognized(req, [w for w in said if w.end <= end])
+    (late,) = requests(policy.advance(5.5))
+    (first,) = requests(policy.advance(6.0))
+    assert first.segment == late.segment + 1
+    assert policy.recognized(late, [w for w in said if w.end <= 5.5]) == []
+    skipping = [w for w in said if w.text not in ("share", "the")]
+    policy.recognized(first, skipping)
+    confirmed = [w.text for w in policy.confirmed]
+    assert "updated" not in confirmed and confirmed[-1] == "you"
+    # A partial that writes them again gets them confirmed, in order.
+    (req,) = requests(policy.advance(6.5))
+    policy.recognized(req, said)
+    confirmed = [w.text for w in policy.confirmed]
+    assert confirmed[confirmed.index("you") :][:4] == ["you", "share", "the", "updated"]

@@ -152,6 +152,8 @@ class StreamingPolicy:
         self._skips = 0  # partials in a row that skipped the confirmed words
         self._gaps = 0  # partials in a row held back at words older ones wrote
         self._heard: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
+        # The utterance's recent hypotheses, of every segment: what gap_in compares with.
+        self._witness: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
         self._partial_pending = False
         self._shown = False
         self._cadence = 0.0  # when the last partial was due
@@ -222,6 +224,7 @@ class StreamingPolicy:
         self.speaking = True
         self.utterance += 1
         self._speech_start = t
+        self._witness.clear()
         self._new_segment(t - PAD)
         self._cadence = t  # the first partial waits for speech, not the pad
 
@@ -265,10 +268,9 @@ class StreamingPolicy:
         out: list[Request | Draft] = [*self._release(None)]
         resume = self._resume_at()
         if resume > self._seg_start:
-            # The next segment starts on the last confirmed words, already final: they
-            # give Whisper its left context and anchor the words after them, where audio
-            # cut right before an unconfirmed word loses or mishears its start ("and is"
-            # for "prudently in his").
+            # The next segment starts on the last confirmed words, already final: left
+            # context and an anchor for the words after them, where audio cut right before
+            # a word loses or mishears its start ("and is" for "prudently in his").
             carried = [w for w in self._confirmed if w.start >= resume]
             self._floor = resume
             self._new_segment(resume)
@@ -277,8 +279,7 @@ class StreamingPolicy:
             self._shown = True
             return out
         # Nothing confirmed to resume at past the segment's start: the rest of it is
-        # finalized as it is. Starting the next segment at the last partial's words lost
-        # what it did not hear ("morning works for me, and could you share", under load).
+        # finalized as it is (starting the next at the last partial's words lost some).
         out.append(self._request("final", t, speech_final=False))
         self._floor = t
         self._new_segment(t)
@@ -334,15 +335,15 @@ class StreamingPolicy:
             final = (*request.confirmed[request.released :], *tail)
             self.emitted_words += len(final)
             return [Draft(final, is_final=True, speech_final=request.speech_final, request=request)]
-        if not self._current(request):
-            return []  # the segment it belonged to was finalized meanwhile
+        if not self._current(request):  # its segment was finalized meanwhile
+            if self.speaking and request.utterance == self.utterance and sure:
+                self._witness.append((request.end, tuple(words)))
+            return []
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
-        # Whisper skips the same words again if the next partial starts where this one
-        # did: a question's "... for us?" before another voice reads on went unwritten
-        # by every partial from the same word boundary, and nothing was confirmed until
-        # the segment's split, 9 s later. More context before them gets them written,
-        # where the segment has it (not for words carried into it, at its start).
+        # Whisper skips the same words again from the same start ("... for us?" before
+        # another voice reads on, unwritten until a split 9 s later). More context before
+        # them gets them written, where the segment has it.
         skipped = skipped_head(self._confirmed, words, request.start)
         self._skips = self._skips + 1 if skipped else 0
         if self._skips > SKIP_TRIES:
@@ -368,12 +369,13 @@ class StreamingPolicy:
             if (chosen := majority(head, tail[agreed:forced], older)) is not None:
                 tail = [*tail[:agreed], *chosen, *tail_after([*head, *chosen], words)]
                 forced = agreed + len(chosen)
-        # Nothing is confirmed past a silence of this hypothesis in which older ones wrote
-        # words, for a few partials: the words after it would be final and those never.
+        # Nothing is confirmed past a silence of this hypothesis where older ones (of any
+        # segment) wrote words, for a few partials: the words would be final and those never.
         held = len(tail)
         if self._gaps < GAP_TRIES:
             after = self._confirmed[-1].end if self._confirmed else self._seg_start
-            held = gap_in(tail, after, list(self._heard)[:-1], CONFIRM_MARGIN)
+            held = gap_in(tail, after, self._witness, CONFIRM_MARGIN)
+        self._witness.append((request.end, tuple(words)))
         self._gaps = self._gaps + 1 if held < forced else 0
         agreed = min(forced, held)
         while 0 < agreed < len(tail) and tail[agreed].attached:
