@@ -2,10 +2,10 @@
 
 :func:`tail_after` finds where a new hypothesis continues the words already confirmed,
 :func:`skipped_head` tells when it cannot be known (the decode skipped them),
-:func:`agreement` how far two hypotheses agree, :func:`gap_in` where a hypothesis left out
-words older ones wrote, :func:`majority` which reading of words
-they disagree on most of them share, and :func:`split_sentences` where words released
-together become separate finals.
+:func:`agreement` how far two hypotheses agree, :func:`gap_in` where a hypothesis left
+out words older ones wrote, :func:`majority` which reading of words they disagree on
+most of them share, and :func:`split_sentences` where words released together become
+separate finals.
 """
 
 from __future__ import annotations
