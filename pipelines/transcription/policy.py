@@ -151,9 +151,8 @@ class StreamingPolicy:
         self._previous: list[HypWord] = []  # last partial's words after the confirmed
         self._skips = 0  # partials in a row that skipped the confirmed words
         self._gaps = 0  # partials in a row held back at words older ones wrote
-        self._heard: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
-        # The utterance's recent hypotheses, of every segment: what gap_in compares with.
-        self._witness: deque[tuple[float, tuple[HypWord, ...]]] = deque(maxlen=8)
+        # The utterance's hypotheses (segment, heard until, words); gap_in reads all of them.
+        self._heard: deque[tuple[int, float, tuple[HypWord, ...]]] = deque(maxlen=8)
         self._partial_pending = False
         self._shown = False
         self._cadence = 0.0  # when the last partial was due
@@ -186,7 +185,6 @@ class StreamingPolicy:
         self._previous = []
         self._skips = 0
         self._gaps = 0
-        self._heard.clear()
         self._partial_pending = False
         self._shown = False
         self._cadence = self._seg_start
@@ -224,7 +222,7 @@ class StreamingPolicy:
         self.speaking = True
         self.utterance += 1
         self._speech_start = t
-        self._witness.clear()
+        self._heard.clear()
         self._new_segment(t - PAD)
         self._cadence = t  # the first partial waits for speech, not the pad
 
@@ -292,10 +290,13 @@ class StreamingPolicy:
         self.emitted_words += len(words)
         return [Draft(tuple(w), True, False, request) for w in split_sentences(words)]
 
+    def _segment_heard(self) -> list[tuple[float, tuple[HypWord, ...]]]:
+        return [(end, words) for seg, end, words in self._heard if seg == self.segment]
+
     def _earlier(self, end: float, span: float) -> list[HypWord]:
         """What the newest hypothesis of audio ending ``span`` or more before ``end``
         heard after the confirmed words (nothing if there is none)."""
-        for heard_until, words in reversed(self._heard):
+        for heard_until, words in reversed(self._segment_heard()):
             if heard_until <= end - span + 1e-6:
                 return tail_after(self._confirmed, words)
         return []
@@ -337,7 +338,7 @@ class StreamingPolicy:
             return [Draft(final, is_final=True, speech_final=request.speech_final, request=request)]
         if not self._current(request):  # its segment was finalized meanwhile
             if self.speaking and request.utterance == self.utterance and sure:
-                self._witness.append((request.end, tuple(words)))
+                self._heard.append((request.segment, request.end, tuple(words)))
             return []
         self._partial_pending = False
         tail = tail_after(self._confirmed, words)
@@ -357,25 +358,24 @@ class StreamingPolicy:
             self._agreed(tail, request.end, AGREE_SPAN, CONFIRM_MARGIN),
             self._agreed(tail, request.end, QUICK_SPAN, QUICK_MARGIN, QUICK_PROBABILITY),
         )
-        self._heard.append((request.end, tuple(words)))
+        self._heard.append((self.segment, request.end, tuple(words)))
         # Disagreeing hypotheses must not hold words back long: a word with FORCE_AGE of audio
         # after it is as good as one more hypothesis makes it. Its marks ("-hearted") go with it.
         forced = agreed
         while forced < len(tail) and tail[forced].end <= request.end - FORCE_AGE:
             forced += 1
         if forced > agreed:  # unless the hypotheses before it read them otherwise
-            head, until = [*self._confirmed, *tail[:agreed]], tail[forced - 1].end
-            older = [h for end, h in list(self._heard)[-VOTE:-1] if end >= until + CONFIRM_MARGIN]
+            head, enough = [*self._confirmed, *tail[:agreed]], tail[forced - 1].end + CONFIRM_MARGIN
+            older = [h for end, h in self._segment_heard()[-VOTE:-1] if end >= enough]
             if (chosen := majority(head, tail[agreed:forced], older)) is not None:
                 tail = [*tail[:agreed], *chosen, *tail_after([*head, *chosen], words)]
                 forced = agreed + len(chosen)
-        # Nothing is confirmed past a silence of this hypothesis where older ones (of any
-        # segment) wrote words, for a few partials: the words would be final and those never.
+        # Nothing past a phrase this hypothesis left out is confirmed, for a few partials.
         held = len(tail)
         if self._gaps < GAP_TRIES:
             after = self._confirmed[-1].end if self._confirmed else self._seg_start
-            held = gap_in(tail, after, self._witness, CONFIRM_MARGIN)
-        self._witness.append((request.end, tuple(words)))
+            older_all = [(end, h) for _, end, h in list(self._heard)[:-1]]
+            held = gap_in(tail, after, older_all, CONFIRM_MARGIN)
         self._gaps = self._gaps + 1 if held < forced else 0
         agreed = min(forced, held)
         while 0 < agreed < len(tail) and tail[agreed].attached:
