@@ -16,11 +16,14 @@ what only some show (a lost word).
 It scores as :mod:`benchmarks.transcript_metrics` does live runs, on the virtual clock.
 With ``--lags``, each run is replayed again with the roster the bot would send that many
 seconds late (negative: early), words attributed and finals held as the pipeline does.
+``--offset``, ``--seconds`` and ``--lead`` cut the conversation as the live benchmark cuts
+its meetings (:func:`benchmarks.transcription.meeting_audio`), to replay one of them.
 It prints one JSON document on stdout, a line per run on stderr::
 
     .venv/bin/python benchmarks/replay.py --cache ~/.cache/meeting-gateway/conversations
     .venv/bin/python benchmarks/replay.py --conversations dialogue --loads 1,2,4
     .venv/bin/python benchmarks/replay.py --conversations meeting --lags 0,1,2,-0.5
+    .venv/bin/python benchmarks/replay.py --conversations meeting --offset 0.854 --seconds 60
     .venv/bin/python benchmarks/replay.py --conversations standup --noise typing:20 --vad silero
 """
 
@@ -43,6 +46,7 @@ from benchmarks import transcript_metrics as tm
 from benchmarks.conversations import build, recognize
 from benchmarks.noise import mix
 from benchmarks.noise import parse as parse_noise
+from benchmarks.transcription import meeting_audio
 from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.config import Settings
 from gateway.ingest.clock import AudioClock
@@ -336,6 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lags: list[float | None] = list(args.lags) or [None]
     for name in args.conversations.split(","):
         conv = build(name, args.cache, ASR_RATE)
+        if args.offset or args.seconds or args.lead:  # as a meeting of the live benchmark
+            conv = meeting_audio(conv, args.seconds, args.offset, args.lead)
         if noise := parse_noise(args.noise):
             conv = mix(conv, *noise)
         reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
@@ -388,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache/meeting-gateway/conversations"
     )
+    parser.add_argument("--offset", type=float, default=0.0, help="start this fraction in")
+    parser.add_argument("--seconds", type=float, default=0.0, help="loop to this length")
+    parser.add_argument("--lead", type=float, default=0.0, help="seconds of silence first")
     parser.add_argument("--model", default=Settings().model)
     parser.add_argument("--lanes", type=int, default=LANES, help="recognition lanes")
     parser.add_argument("--vad", default=defaults.vad, help="voice activity model")
