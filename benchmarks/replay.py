@@ -276,8 +276,10 @@ class Replay:
             elif kind == 1:
                 at, roster = self.rosters.popleft()
                 for change in self.timeline.update(roster, at):
-                    if change.speaking and not change.speaker.is_bot:
-                        self.turns.lag.roster_started(change.time)
+                    if not change.speaker.is_bot:
+                        self.turns.lag.roster_changed(
+                            change.time, change.speaker.key, change.speaking
+                        )
             else:
                 self.held = None
                 self._flush()
@@ -294,7 +296,7 @@ class Replay:
             for event in self.vad_events.feed(fed):
                 if isinstance(event, SpeechStarted):
                     self.policy.speech_started(event.sample / ASR_RATE)
-                    self.turns.lag.voice_started(event.sample / ASR_RATE)
+                    self.turns.lag.voice_started(event.sample / ASR_RATE, silence=True)
                 elif isinstance(event, SpeechPaused):
                     self._paused(event.sample / ASR_RATE)
                 elif isinstance(event, SpeechEnded):

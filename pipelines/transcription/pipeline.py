@@ -138,10 +138,10 @@ class TranscriptionPipeline(Pipeline):
             self._out.publish(results.SpeechStarted(round(t, 3)))
             wall = self._ctx.clock.wall(event.sample)
             if wall is not None:
-                self._turns.lag.voice_started(wall)
-        elif isinstance(event, SpeakerChange):
-            if event.speaking and not event.speaker.is_bot:
-                self._turns.lag.roster_started(event.time)
+                self._turns.lag.voice_started(wall, silence=True)
+        elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
+            self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
+            if event.speaking:
                 self._language.speaker(event.speaker.key)
         elif isinstance(event, SpeechPaused):
             self._paused(event.sample / self._rate)
