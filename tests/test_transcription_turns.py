@@ -170,7 +170,7 @@ def test_a_voice_after_silence_and_a_roster_start_after_quiet_outweigh_coinciden
         kind = event[0]
         key, _, t = event[1:].rpartition(":")
         if kind == "S":
-            lag.voice_started(float(t), silence=True)
+            lag.voice_started(float(t), quiet=0.5)
         elif kind == "v":
             lag.voice_started(float(t))
         elif kind == "r":

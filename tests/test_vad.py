@@ -10,6 +10,7 @@ from gateway.audio.resample import Resampler
 from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.config import VAD_MODELS
 from gateway.simulator import read_wav
+from pipelines.transcription.turns import QUIET
 
 from .conftest import Utterance
 from .sounds import voiced_part
@@ -38,6 +39,31 @@ def test_speech_between_silences(librivox: list[Utterance], rate: int, model: st
     assert rate * 0.9 <= starts[0].sample <= rate * 1.6
     assert ends[-1].sample <= rate + len(speech) + rate // 10
     assert ends[-1].sample >= rate + len(speech) - rate // 2
+
+
+@pytest.mark.parametrize("model", VAD_MODELS)
+def test_a_speech_start_tells_the_silence_heard_before_it(
+    librivox: list[Utterance], model: str
+) -> None:
+    speech, rate = read_wav(librivox[1].path, 24000)
+    voice = voiced_part(speech, rate)
+    audio = np.concatenate([np.zeros(rate, np.int16), voice, np.zeros(rate, np.int16), voice])
+    starts = [
+        e for e in run(VoiceActivity(rate, model=model), audio, 240) if type(e) is SpeechStarted
+    ]
+    assert starts[0].quiet == pytest.approx(starts[0].sample, abs=rate // 50)  # all of it
+    assert starts[0].quiet >= 0.9 * rate
+    after = next(s for s in starts if s.sample >= rate + len(voice))
+    assert 0.8 * rate <= after.quiet <= 1.6 * rate  # the VAD hears the voice end early
+    # A stream that starts (or resumes) in the middle of a voice: what the detector takes
+    # for quiet is its own start (Silero's first frames), under the 0.3 s of quiet after
+    # which the roster lag takes a start for a voice after silence (turns.QUIET).
+    vad = VoiceActivity(rate, model=model)
+    first = next(e for e in run(vad, voice, 240) if type(e) is SpeechStarted)
+    assert first.quiet < QUIET * rate
+    vad.interrupt(rate * 30)
+    first = next(e for e in run(vad, voice, 240) if type(e) is SpeechStarted)
+    assert first.sample >= rate * 30 and first.quiet < QUIET * rate
 
 
 def test_silence_and_noise_floor_have_no_speech() -> None:

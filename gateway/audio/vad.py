@@ -117,6 +117,9 @@ GO_ON_PROBABILITY = 0.35
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
     sample: int
+    quiet: int = 0
+    """Samples of silence the detector heard right before it (since it started, for the
+    first speech of a stream: 0 when the stream starts in the middle of a voice)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,7 @@ class VoiceActivity:
         self._run_start = 0  # 16 kHz index where that run began
         self._speech_start = 0
         self._last_voiced_end = 0
+        self._quiet_from = 0  # 16 kHz index where the silence before the next speech began
 
     def _native(self, pos16: int) -> int:
         return self._origin + pos16 * self.rate // VAD_RATE
@@ -238,7 +242,8 @@ class VoiceActivity:
         if not self._speaking and self._run >= self._min_voiced:
             self._speaking, self._run = True, 0
             self._speech_start = self._run_start
-            events.append(SpeechStarted(self._native(self._speech_start)))
+            quiet = (self._speech_start - self._quiet_from) * self.rate // VAD_RATE
+            events.append(SpeechStarted(self._native(self._speech_start), quiet))
         elif self._speaking and self._run >= self._min_unvoiced:
             events.append(self._end())
         elif self._speaking and self._pause and self._run == self._pause:
@@ -247,6 +252,7 @@ class VoiceActivity:
 
     def _end(self) -> SpeechEnded:
         self._speaking, self._run = False, 0
+        self._quiet_from = self._last_voiced_end
         start, end = self._native(self._speech_start), self._native(self._last_voiced_end)
         self.speech_samples += end - start
         return SpeechEnded(end, start)

@@ -138,7 +138,7 @@ class TranscriptionPipeline(Pipeline):
             self._out.publish(results.SpeechStarted(round(t, 3)))
             wall = self._ctx.clock.wall(event.sample)
             if wall is not None:
-                self._turns.lag.voice_started(wall, silence=True)
+                self._turns.lag.voice_started(wall, quiet=event.quiet / self._rate)
         elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
             self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
             if event.speaking:

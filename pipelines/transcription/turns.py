@@ -28,12 +28,14 @@ sentence starts cannot carry an offset alone, and the width matches how far word
 are off.
 
 Onsets weigh more. A roster start after the roster marked nobody for :data:`QUIET` that
-lands on a VAD speech start (a voice after silence) counts :data:`ONSET_WEIGHT` votes:
+lands on a VAD speech start after as much silence counts :data:`ONSET_WEIGHT` votes:
 both sides saw the same silence end, which a sentence start inside a turn cannot
-imitate. Without it, a meeting joined in the middle of quick turns (the benchmark's
-four-person meeting started 85 % of the way in) settled on -0.3 s with the roster 2 s
-late, on two sentence starts and on a VAD start whose own roster start had not come
-yet, and kept it for 20 s (73-78 % of words on the right speaker; 98 % with it).
+imitate (the VAD's start where a stream starts or resumes in the middle of a voice, or
+at a keystroke it takes for speech, comes after less). Without it, a meeting joined in
+the middle of quick turns (the benchmark's four-person meeting started 85 % of the way
+in) settled on -0.3 s with the roster 2 s late, on two sentence starts and on a VAD
+start whose own roster start had not come yet, and kept it for 20 s (73-78 % of words
+on the right speaker; 98 % with it).
 
 All times are wall seconds (epoch).
 """
@@ -107,9 +109,10 @@ class RosterLag:
         self.settled = False
         """Whether the estimate rests on the meeting's evidence (not the default)."""
 
-    def voice_started(self, wall: float, silence: bool = False) -> None:
-        """A voice started at ``wall``: a VAD speech start (after ``silence``), or a word
-        that starts a turn."""
+    def voice_started(self, wall: float, quiet: float = 0.0) -> None:
+        """A voice started at ``wall``: a VAD speech start (after ``quiet`` seconds of
+        silence), or a word that starts a turn."""
+        silence = quiet >= QUIET
         _prune(self._voices, wall - self.horizon)
         for i, (v, after) in enumerate(self._voices):
             if abs(v - wall) < SAME_START:  # the VAD and the words saw the same start
