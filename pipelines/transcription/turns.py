@@ -61,7 +61,8 @@ AGREE = 0.2
 SAME_START = 0.05
 #: Resolution of the search for the peak, seconds.
 STEP = 0.05
-#: A roster start after nobody was marked speaking for this long is an onset, seconds.
+#: A roster start after nobody was marked speaking for this long, or a VAD speech start
+#: after this much silence, is an onset, seconds.
 QUIET = 0.3
 #: Votes of an onset that lands on a VAD speech start.
 ONSET_WEIGHT = 2
@@ -187,8 +188,8 @@ class Turns:
 
     The pipeline (and the replay benchmark) drive it: the VAD's speech starts and the
     roster's starts and stops go to :attr:`lag`; every final's words go to
-    :meth:`finalized`, whose sentence starts are voice starts too; :meth:`speakers` names who said
-    each published word. Sans-I/O: times in, seconds out.
+    :meth:`finalized`, whose sentence starts are voice starts too; :meth:`speakers`
+    names who said each published word. Sans-I/O: times in, seconds out.
     """
 
     def __init__(self) -> None:
