@@ -254,3 +254,16 @@ def test_words_in_the_same_breath_keep_their_speaker_through_an_interruption() -
     assert alone is not None and alone.name == "Bob"
     # After her sentence end, the words under both marks go to Bob, the later start.
     assert names([("Sure", 3.65, 3.75)], True) == ["Bob"]
+
+
+def test_a_pause_inside_a_sentence_is_no_voice_start() -> None:
+    # Three turns, the roster 1.9 s late, each speaker pausing mid-sentence 0.9 s in. The
+    # words after those pauses (13 of 82 such words in the conversations started a turn)
+    # voted for 1.0 s as often as the turns' first words did for 1.9 s: nothing settled.
+    turns = Turns()
+    for t in (10.0, 20.0, 30.0):
+        turns.finalized(
+            [("So", t, t + 0.2), ("I", t + 0.2, t + 0.4), ("think.", t + 0.9, t + 1.2)], float
+        )
+        turns.lag.roster_started(t + 1.9)
+    assert turns.lag.settled and turns.lag.seconds == pytest.approx(1.9)
