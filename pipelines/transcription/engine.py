@@ -31,6 +31,8 @@ from .models import resolve_model
 from .verdicts import (
     CONTINUATIONS,
     CONTINUE_BACK,
+    CONTINUE_BACKS,
+    LATE_VOICE,
     RETRY,
     SHORT_VOICE,
     STUCK_VOICE,
@@ -159,12 +161,11 @@ class Engine:
         A compact decode that stops while the voice goes on (:mod:`.verdicts`) is
         continued from its last word, as Whisper's own long-form loop seeks past what it
         has written; one that loops, or heard no word of it, is done again in a wider
-        window (``RETRY_MARGIN``), then if need be in the standard one;
-        one whose first word comes after voice it did not write has the audio before that
-        word decoded on its own.
-        ``whole`` (a final: words not heard now are lost) looks for that after
-        :data:`~.verdicts.SHORT_VOICE` s of voice, a partial after
-        :data:`~.verdicts.STUCK_VOICE` s.
+        window (``RETRY_MARGIN``), then if need be in the standard one; one whose first
+        word comes after voice it did not write has the audio before it decoded on its own.
+        ``whole`` (a final: words not heard now are lost) looks for these after
+        :data:`~.verdicts.SHORT_VOICE` and :data:`~.verdicts.LATE_VOICE` s of voice, a
+        partial after :data:`~.verdicts.STUCK_VOICE` s.
         """
         began = time.perf_counter()
         model = self.models[lane]
@@ -269,7 +270,7 @@ class Engine:
             if not more:
                 break
             words.extend(more)
-        if started_late(frames, offset, words, voice):
+        if started_late(frames, offset, words, LATE_VOICE if whole else STUCK_VOICE):
             words[:0] = self._head(model, audio, offset, words, language)
         return words, rejected, info
 
@@ -289,13 +290,15 @@ class Engine:
         after: float,
         language: str | None,
     ) -> list[HypWord]:
-        """The words after ``after`` (seconds, session clock): ``audio`` decoded again
-        from a little before it, so the first word heard is not cut."""
-        start = max(0.0, after - offset - CONTINUE_BACK)
-        words, _, _ = self._decode(
-            model, audio[round(start * ASR_RATE) :], offset + start, None, WINDOW_MARGIN, language
-        )
-        return [w for w in words if w.start >= after - 0.02]
+        """The words after ``after`` (session clock): ``audio`` decoded again from a little
+        before it, not to cut the first word, or further back if that hears none."""
+        for back in CONTINUE_BACKS:
+            start = max(0.0, after - offset - back)
+            rest = audio[round(start * ASR_RATE) :]
+            words, _, _ = self._decode(model, rest, offset + start, None, WINDOW_MARGIN, language)
+            if more := [w for w in words if w.start >= after - 0.02]:
+                return more
+        return []
 
     def _head(
         self,

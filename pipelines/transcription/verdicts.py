@@ -54,17 +54,28 @@ RETRY = frozenset({"repetition", "low_logprob"})
 #: :data:`AFTER_WORD` of slack for the word's own tail and a word Whisper holds back).
 #: It applies to finals, which no later decode hears again: at 0.8 s, a final that
 #: stopped within an overlap lost the "at all" of "that is not much time at all" (0.78 s
-#: of voice after its last word); continuing costs a decode of the last second or so.
-SHORT_VOICE = 0.25
-AFTER_WORD = 0.3
+#: of voice after its last word); at 0.25 s with 0.3 s of slack, one that stopped at
+#: "in the same time." (timed 0.4 s before the voice ended) lost it too. Continuing costs
+#: a decode of the last second or so, and finals are few.
+SHORT_VOICE = 0.1
+AFTER_WORD = 0.2
 #: ... and a partial when this many seconds follow: partials are not final, but the
 #: window of the next starts where this one's words were confirmed, and a decode that
 #: keeps stopping at the same sentence keeps the words after it from ever being heard.
 STUCK_VOICE = 2.0
+#: A final's decode started late when this many seconds of voice come before its first
+#: word (after :data:`BEFORE_WORD` of slack for that word's own onset; a partial's after
+#: ``STUCK_VOICE``).
+LATE_VOICE = 0.25
+BEFORE_WORD = 0.3
 #: A decode that stopped short is continued from its last word this many times at most,
-#: each time from this many seconds before that word's end.
+#: each time from the first of these many seconds before that word's end that hears a
+#: word after it. From 0.2 s back tiny.en can write nothing again where one voice ends
+#: over another: "...gets a short slot." then nothing of "not much time at all", which
+#: a decode from a second back hears.
 CONTINUATIONS = 2
-CONTINUE_BACK = 0.2
+CONTINUE_BACKS = (0.2, 1.0)
+CONTINUE_BACK = CONTINUE_BACKS[0]
 #: Voice: a 20 ms frame within this many dB of the audio's speech level (its loudest
 #: frames, 95th percentile).
 VOICED_BELOW_DB = 20.0
@@ -188,11 +199,11 @@ def started_late(
     frames: npt.NDArray[np.bool_],
     offset: float,
     words: Sequence[HypWord],
-    voice: float = SHORT_VOICE,
+    voice: float = LATE_VOICE,
 ) -> bool:
     """Whether ``voice`` seconds of voice come before the first of ``words`` (less
-    :data:`AFTER_WORD` of slack for that word's own onset)."""
+    :data:`BEFORE_WORD` of slack for that word's own onset)."""
     if not words:
         return False
-    first = int((words[0].start - offset - AFTER_WORD) / FRAME)
+    first = int((words[0].start - offset - BEFORE_WORD) / FRAME)
     return first > 0 and bool(np.count_nonzero(frames[:first]) * FRAME >= voice)
