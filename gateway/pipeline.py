@@ -158,7 +158,14 @@ class SessionContext(Protocol):
 
     def annotate(self, name: str, value: str | None) -> None:
         """Show ``name: value`` in ``GET /sessions`` and ``session.json`` (``annotations``),
-        e.g. the language being heard; ``None`` removes it. Names and values are short."""
+        e.g. the language being heard; ``None`` removes it. Names and values are short.
+        They are journaled: a session a new process resumes starts with them."""
+        ...
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        """The notes :meth:`annotate` made, the last process's included (a pipeline of a
+        resumed session reads what it had learnt here, e.g. the roster's lag)."""
         ...
 
     def speak(self, samples: Samples, rate: int) -> str:

@@ -270,10 +270,18 @@ class Session(SpeechOut):
 
     def annotate(self, name: str, value: str | None) -> None:
         """A pipeline's note on the session (see :class:`gateway.pipeline.SessionContext`)."""
+        name = clip(name, 64)
+        if value is not None:
+            value = clip(value, 256)
+        if self.annotations.get(name) == value:
+            return
         if value is None:
-            self.annotations.pop(name, None)
+            del self.annotations[name]
         elif name in self.annotations or len(self.annotations) < MAX_ANNOTATIONS:
-            self.annotations[clip(name, 64)] = clip(value, 256)
+            self.annotations[name] = value
+        else:
+            return
+        self.journal.append("annotation", name=name, value=value)
 
     def flush(self) -> None:
         """Finalize what was heard so far now (a client's ``Finalize``)."""

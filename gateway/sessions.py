@@ -171,6 +171,7 @@ class SessionManager:
         self._mirrored(session)
         session.parts = list(state.parts)
         session.speakers.restore(state.speakers)
+        session.annotations.update(state.annotations)
         session.speakers.take_learnt()  # already in the journal
         gaps = [
             GapRecord(g["sample"], g["seconds"], g["wall_start"], g["wall_end"]) for g in state.gaps

@@ -229,3 +229,9 @@ def test_sessions_that_start_together_tick_apart() -> None:
         blocks = [b for b in blocks if b <= 5.0]  # the audio ends at 5 s
         assert offsets == [round(b, 2) for b in blocks], offsets
     assert len({sink.ticks[1] for _, sink in cores}) == 4
+
+
+def test_the_pipelines_notes_are_folded_back_from_the_journal() -> None:
+    notes = [("language", "en"), ("roster_lag", "1.0"), ("roster_lag", "1.1"), ("language", None)]
+    lines = [json.dumps({"t": "annotation", "name": n, "value": v}) for n, v in notes]
+    assert journal.fold("k", Path("."), lines).annotations == {"roster_lag": "1.1"}

@@ -65,6 +65,7 @@ class Context:
     sample_rate: int = RATE
     params: dict[str, str] = field(default_factory=dict)
     suspending: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
     clock: AudioClock = field(default_factory=lambda: AudioClock(RATE))
     log: logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.LoggerAdapter(logging.getLogger("test"), {})
@@ -74,7 +75,8 @@ class Context:
         self.speakers = SpeakerTimeline(self.clock)
 
     def annotate(self, name: str, value: str | None) -> None:
-        pass
+        if value is not None:
+            self.annotations[name] = value
 
     def speak(self, samples: Any, rate: int) -> str:
         raise NotImplementedError

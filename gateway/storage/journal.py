@@ -3,11 +3,11 @@
 A gateway is restarted for every deploy and crashes now and then; a meeting lasts an
 hour. Each session appends one short JSON line per fact worth keeping to its directory's
 journal: who it is (key, bot_id, rate, URL parameters), where its clock is anchored,
-every gap, every speaker learnt, where the audio stood whenever the bot left and every
-few seconds while it streams, and whether it was suspended (the gateway stopped with
-the meeting still going) or ended. Nothing is rewritten, so a line costs one ``write``
-of a few dozen bytes, and a process killed at any moment leaves every line before the
-last one intact.
+every gap, every speaker learnt, the pipelines' notes (annotations), where the audio
+stood whenever the bot left and every few seconds while it streams, and whether it was
+suspended (the gateway stopped with the meeting still going) or ended. Nothing is
+rewritten, so a line costs one ``write`` of a few dozen bytes, and a process killed at
+any moment leaves every line before the last one intact.
 
 At start-up the gateway reads the journals of sessions that did not end
 (:func:`unfinished`) and folds each into a :class:`Resume`: the session comes back as
@@ -54,6 +54,8 @@ class Resume:
     """Wall time of the last sign of the bot (its leaving, or the last position line)."""
     gaps: list[dict[str, Any]] = field(default_factory=list)
     speakers: list[dict[str, Any]] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+    """The pipelines' notes on the session (``SessionContext.annotate``)."""
     connections: list[dict[str, Any]] = field(default_factory=list)
     reconnects: int = 0
     suspended: bool = False
@@ -99,6 +101,11 @@ def _apply(state: Resume, r: dict[str, Any]) -> None:
         state.reconnects = int(r.get("reconnects", state.reconnects))
     elif kind == "speaker":
         state.speakers.append(r["speaker"])
+    elif kind == "annotation":
+        if r["value"] is None:
+            state.annotations.pop(str(r["name"]), None)
+        else:
+            state.annotations[str(r["name"])] = str(r["value"])
     elif kind == "connection":
         state.connections.append(r["connection"])
     elif kind == "reconnect":
