@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,11 @@ class BackoffBot:
     frame_ms: int = 10
     stop_after: float | None = None
     """Leave the meeting (close) after this many seconds of meeting time."""
+    roster: list[dict[str, Any]] = field(default_factory=list)
+    """Roster events ``{"at": seconds, "roster": [...]}`` (as
+    :meth:`~benchmarks.conversations.Conversation.roster_script` makes them), each sent
+    at its meeting time while connected; one due while away is lost, as the real
+    client's are."""
 
     attempts: list[float] = field(default_factory=list)
     """Monotonic time of every connection attempt."""
@@ -48,10 +54,20 @@ class BackoffBot:
             frames = min(frames, int(self.stop_after * 1000 / self.frame_ms))
         t0 = time.monotonic()
         connector = asyncio.create_task(self._keep_connected())
+        rosters = iter(self.roster)
+        due = next(rosters, None)
         try:
             for k in range(frames):
                 await asyncio.sleep(max(0.0, t0 + k * self.frame_ms / 1000 - time.monotonic()))
                 ws = self._ws
+                while due is not None and due["at"] <= k * self.frame_ms / 1000:
+                    if ws is not None:
+                        stamped = [
+                            {**p, "timestamp": int(time.time() * 1000)} for p in due["roster"]
+                        ]
+                        with contextlib.suppress(ConnectionClosed):
+                            await ws.send(json.dumps(stamped))
+                    due = next(rosters, None)
                 if ws is None:
                     continue  # away: the bot drops what it captures
                 chunk = self.samples[k * frame : (k + 1) * frame]

@@ -5,6 +5,8 @@ the real client's backoff."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import os
 import re
@@ -17,7 +19,10 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from benchmarks import transcript_metrics as tm
+from benchmarks.conversations import build
 from gateway.config import Settings
 from gateway.simulator import read_wav
 
@@ -197,6 +202,94 @@ async def test_a_bot_that_never_returns_is_finalized_after_the_linger_across_a_r
     assert pcm == audio[s0:s1].tobytes()
     assert await second.stop() == 0
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["gone"]
+
+
+Received = list[tuple[float, dict[str, Any]]]
+
+
+async def follow(url: str, connections: list[Received], done: asyncio.Event) -> None:
+    """A transcript reader that reconnects, as a captions page does, until ``done``: what
+    each connection received, in ``connections``."""
+    while not done.is_set():
+        try:
+            async with connect(url, open_timeout=2) as ws:
+                connections.append(received := [])
+                async for text in ws:
+                    received.append((time.time(), json.loads(text)))  # noqa: PERF401
+        except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError):
+            pass
+        await asyncio.sleep(0.2)
+
+
+def final_words(received: Received) -> list[dict[str, Any]]:
+    return [
+        w
+        for _, m in received
+        if m.get("type") == "Results" and m["is_final"]
+        for w in m["channel"]["alternatives"][0]["words"]
+    ]
+
+
+async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcribes_on(
+    tmp_path: Path, serves: list[Serve]
+) -> None:
+    # A dialogue with its roster a second late; the gateway is stopped by SIGTERM 26 s
+    # in, in the middle of a turn, and started again on the same directory and port.
+    conv = build("dialogue", tmp_path / "conversations", RATE)
+    # The second process loads the model before it listens: the bot is away ~15 s.
+    env = {"GATEWAY_PIPELINES": "recording,transcription", "GATEWAY_LINGER": "20"}
+    first = await Serve.start(tmp_path, **env)
+    serves.append(first)
+    key = "talk"
+    connections: list[Received] = []
+    done = asyncio.Event()
+    reader = asyncio.create_task(follow(first.url(f"/bots/{key}/transcripts"), connections, done))
+    roster = conv.roster_script(1.0)
+    bot = BackoffBot(first.url(f"/bots/{key}"), conv.samples, RATE, roster=roster, stop_after=60.0)
+    meeting = asyncio.create_task(bot.run())
+    await asyncio.sleep(26.0)
+    assert await first.stop() == 0
+    second = await Serve.start(tmp_path, first.port, **env)
+    serves.append(second)
+    await asyncio.wait_for(meeting, scaled(60))
+    directory = tmp_path / "sessions" / key
+    meta = await wait_for(lambda: ended_metadata(directory), within=scaled(40))
+    done.set()
+    await asyncio.wait_for(reader, scaled(10))
+    assert await second.stop() == 0
+    assert bot.opens == 2 and meta["reconnects"] == 1
+    # The session's clock starts at the first sample received, and counts the outage.
+    (a0, a1), (b0, b1) = bot.sent
+    away, back, left = (a1 - a0) / RATE, (b0 - a0) / RATE, (b1 - a0) / RATE
+    shift = a0 / RATE
+    turns = [dataclasses.replace(t, start=t.start - shift, end=t.end - shift) for t in conv.turns]
+    # What was heard before the stop was final before the first process exited.
+    before = final_words(connections[0])
+    assert before and before[-1]["end"] > away - 1.5, (away, before[-3:])
+    # The finals kept on disk: both processes', in order, none in the outage.
+    lines = (directory / "transcript.jsonl").read_text().splitlines()
+    finals: Received = [(0.0, json.loads(line)) for line in lines]
+    words = final_words(finals)
+    said = [(w["word"], w["start"]) for w in words]
+    assert all(b["start"] >= a["end"] - 1e-6 for a, b in itertools.pairwise(words)), said
+    assert not [w for w in words if away + 0.3 < w["start"] < back - 0.3], said
+    # A reader that reconnected got them all, those before the restart included.
+    assert final_words(connections[-1]) == words
+    heard = [t for t in turns if t.end < away - 0.3 or back + 0.3 < t.start < t.end < left - 0.3]
+    s = tm.score(heard, finals, lambda t: t)
+    assert s["words_matched"] >= 0.75 * s["words_expected"], said
+    assert s["without_final"] == [] and s["duplicates"] == [] and s["repeats"] == [], said
+    # Speakers on both sides of the restart: the second process learns the roster's lag
+    # again, from rosters sent only on change.
+    for side in ([t for t in heard if t.end < away], [t for t in heard if t.start > back]):
+        part = tm.score(side, finals, lambda t: t)
+        attribution = part["attributed"] / part["words_matched"]
+        print(f"{side[0].start:.1f}-{side[-1].end:.1f} s: attribution {attribution:.3f}")
+        assert attribution >= 0.9, (side[0].start, part["confusions"])
+    # transcript.json holds them all, word for word.
+    transcript = json.loads((directory / "transcript.json").read_text())
+    written = [w for seg in transcript["transcript"] for w in seg["words"]]
+    assert [round(w["start"], 2) for w in written] == [round(w["start"], 2) for w in words]
 
 
 # -- in one process -------------------------------------------------------------------------

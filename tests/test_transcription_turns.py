@@ -183,6 +183,22 @@ def test_a_voice_after_silence_and_a_roster_start_after_quiet_outweigh_coinciden
     assert len(settled) > 20 and all(s == pytest.approx(2.0, abs=0.1) for s in settled), seen
 
 
+def test_a_lag_resumed_after_a_restart_holds_until_the_meeting_settles_its_own() -> None:
+    lag = RosterLag()
+    lag.resume(1.0)  # what the previous process had learnt
+    assert lag.seconds == 1.0 and not lag.settled
+    lag.voice_started(10.0)
+    lag.roster_started(11.3)  # one pair: not enough to settle on anything
+    assert lag.seconds == 1.0
+    feed(lag, conversation(2.0, turns=12, seed=2))  # the platform's delay changed
+    assert lag.settled and lag.seconds == pytest.approx(2.0, abs=0.1)
+    far = RosterLag()
+    far.resume(9.0)  # out of the range searched
+    assert far.seconds == far.late
+    far.resume(float("nan"))  # a journal edited by hand
+    assert far.seconds == far.late
+
+
 def test_a_final_waits_for_a_late_roster_to_mark_its_last_word() -> None:
     turns = Turns()
     feed(turns.lag, conversation(1.0, turns=12, seed=3))

@@ -14,6 +14,7 @@ partials go out once recognized and are dropped once their segment was finalized
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import time
@@ -61,6 +62,8 @@ Samples = npt.NDArray[np.int16]
 
 #: Lead-in kept while nobody speaks: the VAD reports a start after the fact.
 LEAD_IN = 1.0
+#: The annotation that shows the roster's lag (seconds) and keeps it across a restart.
+LAG_NOTE = "roster_lag"
 #: With ``language=auto``, a final waits up to this much audio for the language to settle
 #: (:mod:`.language`): "Guten Morgen." alone is heard as Thai or English as often as German.
 LANGUAGE_WAIT = 8.0
@@ -119,6 +122,8 @@ class TranscriptionPipeline(Pipeline):
         self._language = LanguageChoice.checked(asked, self._engine)
         self._annotated = self._language.current
         ctx.annotate("language", self._annotated)
+        with contextlib.suppress(KeyError, ValueError):  # learnt before a restart
+            self._turns.lag.resume(float(ctx.annotations[LAG_NOTE]))
         self._rate = ctx.sample_rate
         self._resampler = Resampler(ctx.sample_rate, ASR_RATE)
         self._out: SessionOutputs = self._hub.open(ctx)
@@ -321,6 +326,8 @@ class TranscriptionPipeline(Pipeline):
         request = draft.request
         if draft.is_final:
             self._turns.finalized(((w.text, w.start, w.end) for w in draft.words), self._wall)
+            if self._turns.lag.settled:  # for /sessions, and the next process after a restart
+                self._ctx.annotate(LAG_NOTE, f"{self._turns.lag.seconds:.1f}")
         words = self._attribute(draft.words, draft.is_final)
         if draft.is_final:
             words = self._final_words.admit(words)
@@ -380,17 +387,8 @@ class TranscriptionPipeline(Pipeline):
             if speaker is not None and speaker.is_bot and self._bot_speech == "drop":
                 self._metrics.bot_words_dropped.inc()
                 continue
-            out.append(
-                results.Word(
-                    w.norm,
-                    w.text,
-                    round(w.start, 3),
-                    round(w.end, 3),
-                    round(w.probability, 4),
-                    speaker,
-                    w.language or self._language.current,
-                )
-            )
+            lang, at = w.language or self._language.current, (round(w.start, 3), round(w.end, 3))
+            out.append(results.Word(w.norm, w.text, *at, round(w.probability, 4), speaker, lang))
         return tuple(out)
 
     def _lookup(
