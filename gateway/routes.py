@@ -1,9 +1,11 @@
-"""Routes and plain HTTP answers: what a request target means, before any upgrade."""
+"""Routes and plain HTTP answers: what a request target means, before any upgrade; and
+which open connections read transcripts, closed last when the gateway drains."""
 
 from __future__ import annotations
 
+import asyncio
 import http
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -74,3 +76,26 @@ def url_rate(params: Mapping[str, str]) -> int | None:
         if value.isdigit() and int(value) in SUPPORTED_RATES:
             return int(value)
     return None
+
+
+def reads(ws: Any, routes: Mapping[str, tuple[str, Any]]) -> bool:
+    """Whether connection ``ws`` reads transcripts (an endpoint of the ``read`` role)."""
+    try:
+        kind = parse_route(ws.request.path).kind if ws.request is not None else ""
+    except RouteError:
+        return False
+    return kind in routes and routes[kind][0] == "read"
+
+
+async def close_all(
+    connections: Iterable[Any], but_readers_of: Mapping[str, tuple[str, Any]] | None = None
+) -> None:
+    """Close ``connections`` (1001, going away) and wait for their closing handshakes; all
+    but the transcript readers when given the extra endpoints (``but_readers_of``)."""
+    closing = [
+        asyncio.create_task(ws.close(1001))
+        for ws in connections
+        if but_readers_of is None or not reads(ws, but_readers_of)
+    ]
+    if closing:
+        await asyncio.wait(closing)

@@ -32,7 +32,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import http, listen, tokens
+from . import http, listen, routes, tokens
 from .admission import Admission
 from .config import KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Settings
 from .errors import AuthError, OverloadError, ProtocolError, RouteError
@@ -133,20 +133,23 @@ class Gateway:
         return host, port
 
     async def stop(self) -> None:
-        """Drain: refuse new work, close every socket (a bot retries after 1 s), then
-        suspend every session for the next process to resume (``resume``, the default)
-        or finalize them all. Idempotent."""
+        """Drain: refuse new work, close every socket but transcript readers (a bot retries
+        after 1 s), suspend every session for the next process to resume (``resume``, the
+        default) or finalize them all, then close the readers, sent the last finals first."""
         if self._stopped:
             return
         self._stopped = True
         self.ready = False
         if self._server is not None:
-            self._server.close(close_connections=True)
-            await self._server.wait_closed()
+            self._server.close(close_connections=False)
+            await routes.close_all(self._server.connections, but_readers_of=self.routes)
         if self.settings.resume:
             await self.sessions.suspend_all()
         else:
             await self.sessions.finalize_all()
+        if self._server is not None:
+            await routes.close_all(self._server.connections)  # readers of every session
+            await self._server.wait_closed()
         if self.cluster is not None:
             await self.cluster.stop()
         for factory in self.factories.values():

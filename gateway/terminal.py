@@ -4,7 +4,9 @@
 session's (``/transcripts``): finals become lines (``12:03  Alice  Hello there.``), the
 partial still forming is rewritten in place under them, each speaker in a colour of
 their own. Written to a pipe or a file, or with ``NO_COLOR`` set, it prints finals only
-and no escape codes, so ``watch KEY > meeting.txt`` is a plain transcript.
+and no escape codes, so ``watch KEY > meeting.txt`` is a plain transcript. When the
+gateway restarts with the meeting on (close code 1012), it reconnects and goes on
+without printing a final twice.
 
 ``sessions`` prints ``GET /sessions`` as a table.
 
@@ -13,15 +15,21 @@ and no escape codes, so ``watch KEY > meeting.txt`` is a plain transcript.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import time
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
+#: The close code of a gateway restarting with the meeting on, and how long ``watch``
+#: tries to reconnect after it, seconds.
+RESTART = 1012
+RESTART_WAIT = 120.0
 #: ANSI colours for speakers (no red: it reads as an error).
 COLOURS = (32, 33, 34, 35, 36, 92, 93, 94, 95, 96)
 CLEAR_LINE = "\r\x1b[2K"
@@ -43,6 +51,13 @@ class Renderer:
         self.sessions = sessions
         """Prefix each line with its session (watching every session)."""
         self._partial = False
+        self._finals: dict[str, int] = {}  # printed, per session
+        self._skip: dict[str, int] = {}
+
+    def reconnected(self) -> None:
+        """A new connection replays each session's finals from its first: the ones
+        printed already are not printed again."""
+        self._skip = dict(self._finals)
 
     def _speaker(self, name: str) -> str:
         if not self.colour:
@@ -68,6 +83,11 @@ class Renderer:
             return ""
         erase = CLEAR_LINE if self._partial else ""
         if message.get("is_final"):
+            session = str(message.get("session", ""))
+            if self._skip.get(session, 0) > 0:
+                self._skip[session] -= 1
+                return ""
+            self._finals[session] = self._finals.get(session, 0) + 1
             self._partial = False
             return f"{erase}{self._line(message)}\n"
         if not self.live:
@@ -88,25 +108,43 @@ def transcripts_url(base: str, key: str | None, token: str | None) -> str:
 
 
 async def watch(url: str, out: TextIO = sys.stdout, *, sessions: bool) -> int:
-    """Print the transcript stream at ``url`` until it ends; returns the exit code."""
+    """Print the transcript stream at ``url`` until it ends; returns the exit code.
+
+    Closed with 1012 (the gateway restarts with the meeting on), it reconnects, retrying
+    for up to :data:`RESTART_WAIT` seconds, and goes on where it was."""
     from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
     tty = out.isatty()
     renderer = Renderer(live=tty, colour=tty and not os.environ.get("NO_COLOR"), sessions=sessions)
-    async with connect(url, max_size=None) as ws:
+    restarting: float | None = None
+    while True:
         try:
-            async for message in ws:
-                text = renderer.feed(json.loads(message))
-                if text:
-                    out.write(text)
-                    out.flush()
-        except ConnectionClosed:
-            pass
+            ws = await connect(url, max_size=None)
+        except (OSError, InvalidHandshake, TimeoutError):
+            if restarting is None or time.monotonic() - restarting > RESTART_WAIT:
+                raise
+            await asyncio.sleep(1.0)
+            continue
+        async with ws:
+            try:
+                async for message in ws:
+                    text = renderer.feed(json.loads(message))
+                    if text:
+                        out.write(text)
+                        out.flush()
+            except ConnectionClosed:
+                pass
+        if ws.close_code == RESTART:
+            print("the gateway is restarting: reconnecting", file=sys.stderr)
+            restarting = time.monotonic()
+            renderer.reconnected()
+            await asyncio.sleep(1.0)
+            continue
         if ws.close_code not in (1000, None):
             print(f"closed by the gateway: {ws.close_code} {ws.close_reason}", file=sys.stderr)
             return 1
-    return 0
+        return 0
 
 
 def sessions_table(rows: Sequence[Mapping[str, Any]]) -> str:

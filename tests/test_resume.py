@@ -5,6 +5,7 @@ the real client's backoff."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -207,18 +208,19 @@ async def test_a_bot_that_never_returns_is_finalized_after_the_linger_across_a_r
 Received = list[tuple[float, dict[str, Any]]]
 
 
-async def follow(url: str, connections: list[Received], done: asyncio.Event) -> None:
-    """A transcript reader that reconnects, as a captions page does, until ``done``: what
-    each connection received, in ``connections``."""
-    while not done.is_set():
+async def follow(url: str, connections: list[Received], closes: list[int | None]) -> None:
+    """A transcript reader that reconnects, as a captions page does, until the session
+    ends: what each connection received, in ``connections``, and how it was closed."""
+    while not closes or closes[-1] != 1000:
         try:
             async with connect(url, open_timeout=2) as ws:
                 connections.append(received := [])
-                async for text in ws:
-                    received.append((time.time(), json.loads(text)))  # noqa: PERF401
-        except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError):
-            pass
-        await asyncio.sleep(0.2)
+                with contextlib.suppress(ConnectionClosed):
+                    async for text in ws:
+                        received.append((time.time(), json.loads(text)))  # noqa: PERF401
+            closes.append(ws.close_code)
+        except (OSError, InvalidHandshake, TimeoutError):
+            await asyncio.sleep(0.2)
 
 
 def final_words(received: Received) -> list[dict[str, Any]]:
@@ -242,8 +244,16 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     serves.append(first)
     key = "talk"
     connections: list[Received] = []
-    done = asyncio.Event()
-    reader = asyncio.create_task(follow(first.url(f"/bots/{key}/transcripts"), connections, done))
+    closes: list[int | None] = []
+    url = first.url(f"/bots/{key}/transcripts")
+    reader = asyncio.create_task(follow(url, connections, closes))
+    # And the terminal view, which must go on through the restart without repeating.
+    watcher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "gateway", "watch", key, "--url", f"http://127.0.0.1:{first.port}"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     roster = conv.roster_script(1.0)
     bot = BackoffBot(first.url(f"/bots/{key}"), conv.samples, RATE, roster=roster, stop_after=60.0)
     meeting = asyncio.create_task(bot.run())
@@ -254,7 +264,6 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     await asyncio.wait_for(meeting, scaled(60))
     directory = tmp_path / "sessions" / key
     meta = await wait_for(lambda: ended_metadata(directory), within=scaled(40))
-    done.set()
     await asyncio.wait_for(reader, scaled(10))
     assert await second.stop() == 0
     assert bot.opens == 2 and meta["reconnects"] == 1
@@ -263,9 +272,11 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     away, back, left = (a1 - a0) / RATE, (b0 - a0) / RATE, (b1 - a0) / RATE
     shift = a0 / RATE
     turns = [dataclasses.replace(t, start=t.start - shift, end=t.end - shift) for t in conv.turns]
-    # What was heard before the stop was final before the first process exited.
+    # What was heard before the stop was final before the first process exited, and
+    # the reader was told to reconnect, not that the meeting ended.
     before = final_words(connections[0])
     assert before and before[-1]["end"] > away - 1.5, (away, before[-3:])
+    assert closes[0] == 1012 and closes[-1] == 1000, closes
     # The finals kept on disk: both processes', in order, none in the outage.
     lines = (directory / "transcript.jsonl").read_text().splitlines()
     finals: Received = [(0.0, json.loads(line)) for line in lines]
@@ -273,8 +284,21 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     said = [(w["word"], w["start"]) for w in words]
     assert all(b["start"] >= a["end"] - 1e-6 for a, b in itertools.pairwise(words)), said
     assert not [w for w in words if away + 0.3 < w["start"] < back - 0.3], said
-    # A reader that reconnected got them all, those before the restart included.
+    # A reader that reconnected got them all again, those before the restart included,
+    # as they were sent the first time.
     assert final_words(connections[-1]) == words
+
+    def ids(received: Received) -> list[str]:
+        return [m["metadata"]["request_id"] for _, m in received if m.get("is_final")]
+
+    assert ids(connections[-1]) == ids(finals)
+    assert ids(finals)[: len(ids(connections[0]))] == ids(connections[0])
+    # The terminal printed each final once, through the restart.
+    out, err = await asyncio.wait_for(watcher.communicate(), scaled(30))
+    assert watcher.returncode == 0, err
+    printed = [line.split("  ", 2)[2] for line in out.decode().splitlines()]
+    shown = [m["channel"]["alternatives"][0]["transcript"] for _, m in finals]
+    assert printed == [t for t in shown if t], err
     heard = [t for t in turns if t.end < away - 0.3 or back + 0.3 < t.start < t.end < left - 0.3]
     s = tm.score(heard, finals, lambda t: t)
     assert s["words_matched"] >= 0.75 * s["words_expected"], said

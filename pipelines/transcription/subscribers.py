@@ -27,8 +27,8 @@ loop, tested synchronously), find it:
 A connection the keepalive fails anyway (it sends close code 1011) is counted as
 ``keepalive``. A dropped subscriber that does not complete the closing handshake within
 the connection's close timeout is cut off (TCP abort), even when its socket is too full
-to take the close frame. When its session ends a subscriber is closed with 1000,
-``session ended``; a subscriber to every session stays.
+to take the close frame. A subscriber is closed with 1000 when its session ends, with
+1012 when it is suspended for a restart (come back); one to every session stays.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ logger = logging.getLogger("pipelines.transcription.subscribers")
 
 TOO_SLOW = (1008, "too slow")
 ENDED = (1000, "session ended")
+RESTART = (1012, "service restart")
 #: The subscriber closed or vanished: nothing more to send, nobody to close.
 GONE = (1000, "")
 
@@ -202,7 +203,7 @@ class SubscriberHub:
         channel.live = False
         for sub in channel.subscribers:
             if sub.close is None:
-                sub.close = ENDED
+                sub.close = ENDED if ended else RESTART
                 sub.wake.set()
         if not channel.subscribers and self._channels.get(channel.key) is channel:
             del self._channels[channel.key]
@@ -337,7 +338,7 @@ class SubscriberHub:
         lag = sub.lag
         pings: set[asyncio.Task[None]] = set()
         try:
-            while sub.close is None or sub.close is ENDED:
+            while sub.close is None or sub.close in (ENDED, RESTART):
                 now = _now()
                 if lag.lagging(now):
                     self._drop(sub, "lagging")
