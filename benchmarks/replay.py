@@ -216,7 +216,9 @@ class Replay:
         while self.finals and self.finals[0][1] is not None:
             draft = self.finals[0][1]
             if hold and self.roster is not None and draft.words:
-                wait = self.turns.hold(draft.words[-1].end, self.now)
+                w = draft.words[-1]
+                said = self.turns.speakers([(w.text, w.start, w.end)], self._lookup, final=False)
+                wait = self.turns.hold(w.end, self.now, named=said[0] is not None)
                 if wait > 0:
                     if self.held is None:
                         self.held = self.now + wait

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gateway.ingest.clock import AudioClock
 from gateway.ingest.protocol import Roster, RosterEntry
 from gateway.ingest.speakers import Speaker, SpeakerTimeline
-from pipelines.transcription.turns import ROSTER_SLACK, RosterLag, Turns
+from pipelines.transcription.turns import ROSTER_LAG, ROSTER_SLACK, RosterLag, Turns
 
 
 def conversation(lag: float, turns: int, seed: int) -> list[tuple[str, float]]:
@@ -212,6 +212,18 @@ def test_a_final_waits_for_a_late_roster_to_mark_its_last_word() -> None:
     early = Turns()
     feed(early.lag, conversation(-0.5, turns=12, seed=3))
     assert early.hold(500.0, now=500.3, queued=500.25) == 0.0
+
+
+def test_a_final_nobody_is_named_for_waits_for_a_late_roster_until_the_lag_is_learnt() -> None:
+    # The first words of a meeting with the roster 2 s late: no roster names anyone yet.
+    turns = Turns()
+    assert turns.hold(500.0, now=500.3) == 0.0  # named: nothing to wait for
+    wait = 2 * ROSTER_LAG + ROSTER_SLACK - 0.3  # as far as words are looked up
+    assert turns.hold(500.0, now=500.3, named=False) == pytest.approx(wait)
+    assert turns.hold(500.0, now=500.3, heard=502.0, named=False) == 0.0  # the roster is in
+    feed(turns.lag, conversation(-0.5, turns=12, seed=3))
+    assert turns.lag.settled  # the roster is early: nobody named is nobody speaking
+    assert turns.hold(500.0, now=500.3, named=False) == 0.0
 
 
 def test_a_final_of_audio_sent_faster_than_real_time_waits_the_lag_at_most() -> None:

@@ -141,8 +141,7 @@ class TranscriptionPipeline(Pipeline):
             t = event.sample / self._rate
             self._policy.speech_started(t)
             self._out.publish(results.SpeechStarted(round(t, 3)))
-            wall = self._ctx.clock.wall(event.sample)
-            if wall is not None:
+            if (wall := self._ctx.clock.wall(event.sample)) is not None:
                 self._turns.lag.voice_started(wall, quiet=event.quiet / self._rate)
         elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
             self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
@@ -315,9 +314,13 @@ class TranscriptionPipeline(Pipeline):
 
     def _roster_wait(self, draft: Draft, queued: float) -> float:
         """Seconds until the roster can have marked who said ``draft``'s last word."""
-        end = self._wall(draft.words[-1].end) if draft.words else None
+        if not draft.words:
+            return 0.0
+        w = draft.words[-1]
+        said = self._turns.speakers([(w.text, w.start, w.end)], self._lookup, final=False)
+        named = said[0] is not None or not self._ctx.speakers.roster_size  # no roster at all
         heard = self._wall(self._window.end / ASR_RATE)
-        return self._turns.hold(end, time.time(), queued, heard)
+        return self._turns.hold(self._wall(w.end), time.time(), queued, heard, named)
 
     def _wall(self, seconds: float) -> float | None:
         return self._ctx.clock.wall(round(seconds * self._rate))
@@ -369,8 +372,7 @@ class TranscriptionPipeline(Pipeline):
         if draft.speech_final and request is not None:
             if request.speech_end is not None:
                 self._observe(self._metrics.final_latency, request.speech_end)
-            last_end = self._words_in_utterance.pop(utterance, None)
-            if last_end is not None:
+            if (last_end := self._words_in_utterance.pop(utterance, None)) is not None:
                 self._out.publish(results.UtteranceEnd(round(last_end, 3)))
             self._first_partial.discard(utterance)
 

@@ -264,6 +264,7 @@ class Turns:
         now: float,
         queued: float | None = None,
         heard: float | None = None,
+        named: bool = True,
     ) -> float:
         """Seconds a final whose last word ended at wall ``last_word_end`` waits for
         the roster to have marked who said it.
@@ -276,12 +277,20 @@ class Turns:
         its finals wait no longer than that. Without newer audio (a bot gone quiet), a
         final waits the lag from when it was queued (``queued``, all its audio in) at
         most: it once waited for the wall clock to catch up with the audio instead, 14 s
-        for words 28 s into a meeting played at 2x, half an hour at the end of an hour."""
-        if last_word_end is None or self.lag.seconds <= 0:
+        for words 28 s into a meeting played at 2x, half an hour at the end of an hour.
+
+        Before the lag is learnt, a final whose last word the roster names nobody for
+        (``named`` False: the first words of a meeting, with the roster late) waits as
+        far as words are looked up, ``2 * ROSTER_LAG``: published at once, they went
+        out with no speaker."""
+        lag = self.lag.seconds
+        if not named and not self.lag.settled:
+            lag = max(lag, 2 * ROSTER_LAG)
+        if last_word_end is None or lag <= 0:
             return 0.0
-        due = last_word_end + self.lag.seconds + ROSTER_SLACK
+        due = last_word_end + lag + ROSTER_SLACK
         if heard is not None and heard >= due:
             return 0.0
         if queued is not None:
-            due = min(due, queued + self.lag.seconds + ROSTER_SLACK)
+            due = min(due, queued + lag + ROSTER_SLACK)
         return due - now
