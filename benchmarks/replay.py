@@ -217,8 +217,8 @@ class Replay:
             draft = self.finals[0][1]
             if hold and self.roster is not None and draft.words:
                 w = draft.words[-1]
-                said = self.turns.speakers([(w.text, w.start, w.end)], self._lookup, final=False)
-                wait = self.turns.hold(w.end, self.now, named=said[0] is not None)
+                named = self.turns.named((w.text, w.start, w.end), self._lookup)
+                wait = self.turns.hold(w.end, self.now, named=named)
                 if wait > 0:
                     if self.held is None:
                         self.held = self.now + wait

@@ -317,8 +317,8 @@ class TranscriptionPipeline(Pipeline):
         if not draft.words:
             return 0.0
         w = draft.words[-1]
-        said = self._turns.speakers([(w.text, w.start, w.end)], self._lookup, final=False)
-        named = said[0] is not None or not self._ctx.speakers.roster_size  # no roster at all
+        word = (w.text, w.start, w.end)
+        named = not self._ctx.speakers.roster_size or self._turns.named(word, self._lookup)
         heard = self._wall(self._window.end / ASR_RATE)
         return self._turns.hold(self._wall(w.end), time.time(), queued, heard, named)
 

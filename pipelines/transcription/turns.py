@@ -258,6 +258,15 @@ class Turns:
             self._said = previous
         return out
 
+    def named(
+        self,
+        word: tuple[str, float, float],
+        lookup: Callable[[float, float, float, T | None], T | None],
+    ) -> bool:
+        """Whether :meth:`hold` may take ``word`` as named by the roster: once the lag is
+        learnt always, before that if :meth:`speakers` finds who said it now."""
+        return self.lag.settled or self.speakers([word], lookup, final=False)[0] is not None
+
     def hold(
         self,
         last_word_end: float | None,
