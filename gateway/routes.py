@@ -18,6 +18,11 @@ from .config import SUPPORTED_RATES
 from .errors import RouteError
 from .keys import valid_key
 
+#: Close codes of a draining gateway: the meetings go on in the next process (come
+#: back), or the gateway is going away.
+RESTART = (1012, "service restart")
+GOING_AWAY = (1001, "")
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -79,21 +84,25 @@ def url_rate(params: Mapping[str, str]) -> int | None:
 
 
 def reads(ws: Any, routes: Mapping[str, tuple[str, Any]]) -> bool:
-    """Whether connection ``ws`` reads transcripts (an endpoint of the ``read`` role)."""
+    """Whether connection ``ws`` reads transcripts: an endpoint of the ``read`` role, or
+    a Deepgram client (``/v1/listen``: its transcript comes back on the same socket)."""
     try:
         kind = parse_route(ws.request.path).kind if ws.request is not None else ""
     except RouteError:
         return False
-    return kind in routes and routes[kind][0] == "read"
+    return kind == "listen" or (kind in routes and routes[kind][0] == "read")
 
 
 async def close_all(
-    connections: Iterable[Any], but_readers_of: Mapping[str, tuple[str, Any]] | None = None
+    connections: Iterable[Any],
+    but_readers_of: Mapping[str, tuple[str, Any]] | None = None,
+    close: tuple[int, str] = GOING_AWAY,
 ) -> None:
-    """Close ``connections`` (1001, going away) and wait for their closing handshakes; all
-    but the transcript readers when given the extra endpoints (``but_readers_of``)."""
+    """Close ``connections`` (1001 unless ``close`` says otherwise) and wait for their
+    closing handshakes; all but the transcript readers when given the extra endpoints
+    (``but_readers_of``)."""
     closing = [
-        asyncio.create_task(ws.close(1001))
+        asyncio.create_task(ws.close(*close))
         for ws in connections
         if but_readers_of is None or not reads(ws, but_readers_of)
     ]

@@ -108,8 +108,7 @@ class Gateway:
         elif s.resume:
             # Meetings an earlier process left unfinished linger again for their bots.
             self.sessions.recover()
-        # The voice loads in a thread alongside the pipelines: the first ``say`` of the
-        # first meeting should not pay for it.
+        # The voice loads alongside the pipelines: the first ``say`` should not wait for it.
         await voice.preload()
         self._server = await serve(
             self._handle,
@@ -133,22 +132,23 @@ class Gateway:
         return host, port
 
     async def stop(self) -> None:
-        """Drain: refuse new work, close every socket but transcript readers (a bot retries
-        after 1 s), suspend every session for the next process to resume (``resume``, the
-        default) or finalize them all, then close the readers, sent the last finals first."""
+        """Drain: close all but readers (bots retry), end Deepgram clients' streams, suspend
+        (``resume``) or finalize every session, then close the readers, last finals first."""
         if self._stopped:
             return
         self._stopped = True
         self.ready = False
         if self._server is not None:
             self._server.close(close_connections=False)
-            await routes.close_all(self._server.connections, but_readers_of=self.routes)
+            bots = routes.close_all(self._server.connections, but_readers_of=self.routes)
+            await asyncio.gather(bots, self.listen.drain())
         if self.settings.resume:
             await self.sessions.suspend_all()
         else:
             await self.sessions.finalize_all()
         if self._server is not None:
-            await routes.close_all(self._server.connections)  # readers of every session
+            last = routes.RESTART if self.settings.resume else routes.GOING_AWAY
+            await routes.close_all(self._server.connections, close=last)
             await self._server.wait_closed()
         if self.cluster is not None:
             await self.cluster.stop()

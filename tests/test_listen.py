@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from gateway import tokens
 from gateway.simulator import SimulatedBot, read_wav
 
-from .conftest import GatewayFactory, RunningGateway, Utterance, refused_with, wait_for
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Utterance,
+    ended_metadata,
+    refused_with,
+    wait_for,
+)
 from .timing import scaled
 
 SECRET = "dg-secret"
@@ -205,6 +213,63 @@ async def test_follow_a_bots_meeting_with_speaker_names(
     assert similarity(text, words) > 0.8
     assert {m["metadata"]["extra"]["speaker_name"] for m in finals} == {"Alice"}
     assert {m["metadata"]["extra"]["speaker_names"] for m in finals} == {"7=Alice"}
+
+
+async def read_until_closed(ws: Any, into: list[dict[str, Any]]) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        async for text in ws:
+            into.append(json.loads(text))  # noqa: PERF401 - live
+
+
+async def send_live(ws: Any, audio: np.ndarray, frame: int = RATE // 50) -> None:
+    began = asyncio.get_running_loop().time()
+    for k in range(0, len(audio), frame):
+        await asyncio.sleep(max(0.0, began + k / RATE - asyncio.get_running_loop().time()))
+        await ws.send(audio[k : k + frame].tobytes())
+
+
+@pytest.mark.model
+async def test_a_drain_mid_sentence_sends_every_client_its_last_finals_then_1012(
+    start_gateway: GatewayFactory, librivox: list[Utterance]
+) -> None:
+    # A Deepgram client streaming its own audio and one following a bot's meeting, both
+    # mid-sentence (no pause, no Finalize, no CloseStream) when the gateway is stopped.
+    running = await start_gateway(pipelines="transcription", secret=SECRET, linger=30)
+    audio, text = speech(librivox, 1)
+    voiced = audio[: len(audio) - RATE]
+    auth = {"Authorization": f"Token {SECRET}"}
+    own: list[dict[str, Any]] = []
+    followed: list[dict[str, Any]] = []
+    url = running.url(f"/v1/listen?encoding=linear16&sample_rate={RATE}")
+    async with (
+        connect(url, additional_headers=auth) as streaming,
+        connect(running.url("/v1/listen?session=meet"), additional_headers=auth) as following,
+        connect(
+            running.url(f"/bots/meet?token={tokens.mint(SECRET, 'output', 'meet', 60)}")
+        ) as bot,
+    ):
+        readers = [
+            asyncio.create_task(read_until_closed(streaming, own)),
+            asyncio.create_task(read_until_closed(following, followed)),
+        ]
+        await bot.send(json.dumps({"protocol_version": 1, "bot_id": "b", "sample_rate": RATE}))
+        await asyncio.gather(send_live(streaming, voiced), send_live(bot, voiced))
+        await running.gateway.stop()
+        await asyncio.wait_for(asyncio.gather(*readers), scaled(30))
+        # Both clients are told to come back, not that the stream ended normally.
+        assert (streaming.close_code, following.close_code) == (1012, 1012)
+    assert own[-1]["type"] == "Metadata"
+    for received in (own, followed):
+        finals = [m for m in received if m["type"] == "Results" and m["is_final"]]
+        words = [w["word"] for m in finals for w in m["channel"]["alternatives"][0]["words"]]
+        # Every word, the last ones (still open at the stop) included.
+        assert similarity(text, words) > 0.8, words
+        assert similarity(" ".join(text.split()[-3:]), words[-3:]) > 0.6, words
+    # The client's own session ended; the bot's is kept for the next process.
+    sessions = running.data_dir / "sessions"
+    (own_dir,) = [d for d in sessions.iterdir() if d.name.startswith("listen-")]
+    assert ended_metadata(own_dir) is not None
+    assert ended_metadata(sessions / "meet") is None
 
 
 def _venv_python(where: Path, requirement: str) -> Path:

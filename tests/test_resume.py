@@ -247,6 +247,10 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     closes: list[int | None] = []
     url = first.url(f"/bots/{key}/transcripts")
     reader = asyncio.create_task(follow(url, connections, closes))
+    # A reader of every session (a captions service): told to come back too.
+    everyone: list[Received] = []
+    everyone_closes: list[int | None] = []
+    every = asyncio.create_task(follow(first.url("/transcripts"), everyone, everyone_closes))
     # And the terminal view, which must go on through the restart without repeating.
     watcher = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -265,7 +269,11 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     directory = tmp_path / "sessions" / key
     meta = await wait_for(lambda: ended_metadata(directory), within=scaled(40))
     await asyncio.wait_for(reader, scaled(10))
+    everything = final_words(connections[-1])
+    await wait_for(lambda: len(final_words(everyone[-1])) >= len(everything), within=10)
+    every.cancel()
     assert await second.stop() == 0
+    assert everyone_closes[0] == 1012 and final_words(everyone[-1]) == everything
     assert bot.opens == 2 and meta["reconnects"] == 1
     # The session's clock starts at the first sample received, and counts the outage.
     (a0, a1), (b0, b1) = bot.sent

@@ -26,9 +26,9 @@ loop, tested synchronously), find it:
 
 A connection the keepalive fails anyway (it sends close code 1011) is counted as
 ``keepalive``. A dropped subscriber that does not complete the closing handshake within
-the connection's close timeout is cut off (TCP abort), even when its socket is too full
-to take the close frame. A subscriber is closed with 1000 when its session ends, with
-1012 when it is suspended for a restart (come back); one to every session stays.
+its close timeout is cut off (TCP abort), even when its socket is too full to take the
+close frame. A subscriber is closed with 1000 when its session ends, 1012 when it is
+suspended for a restart (come back); one to every session, by the server, last (1012 too).
 """
 
 from __future__ import annotations
