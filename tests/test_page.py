@@ -8,6 +8,7 @@ words as they are recognized, without a reload. A screenshot of the page is kept
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 
 from gateway.simulator import SimulatedBot, read_wav
 
-from .conftest import GatewayFactory, Utterance
+from .backoff_bot import BackoffBot
+from .conftest import GatewayFactory, Utterance, ended_metadata, session_dir, wait_for
 from .timing import scaled
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -86,3 +88,53 @@ async def test_a_bots_speaker_and_words_appear_live_in_a_real_browser(
     heard = {w.strip(".,?!").lower() for w in text.split()}
     reference = {w.lower() for w in first.text.split()}
     assert len(heard & reference) >= 0.6 * len(reference), (text, first.text)
+
+
+@pytest.mark.model
+async def test_the_page_goes_on_through_a_gateway_restart_showing_each_final_once(
+    start_gateway: GatewayFactory, librivox: list[Utterance]
+) -> None:
+    from playwright.async_api import async_playwright
+
+    # A meeting the gateway is restarted in the middle of, on the same port and data
+    # directory; the bot comes back with its backoff, the page is never reloaded.
+    first = await start_gateway(pipelines="transcription", linger=30)
+    pause = np.zeros(RATE // 2, dtype=np.int16)
+    audio = np.concatenate([p for u in librivox[:3] for p in (read_wav(u.path, RATE)[0], pause)])
+    key = "restart-demo"
+    bot = BackoffBot(first.url(f"/bots/{key}"), audio, RATE)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(first.http + "/")
+            meeting = asyncio.create_task(bot.run())
+            await page.wait_for_selector("#transcript p", timeout=scaled(60_000))
+            await first.gateway.stop()
+            shown = await page.locator("#transcript .text").all_text_contents()
+            await page.wait_for_function(
+                "document.getElementById('partial').textContent.includes('restarting')",
+                timeout=scaled(10_000),
+            )
+            # What was shown stays while the gateway is away.
+            assert await page.locator("#transcript .text").all_text_contents() == shown
+            second = await start_gateway(pipelines="transcription", linger=5, port=first.port)
+            await meeting
+            directory = session_dir(second.data_dir, key)
+            await wait_for(lambda: ended_metadata(directory), within=60)
+            lines = (directory / "transcript.jsonl").read_text().splitlines()
+            finals = [json.loads(line)["channel"]["alternatives"][0] for line in lines]
+            expected = " ".join(a["transcript"] for a in finals if a["words"])
+            await page.wait_for_function(
+                "(expected) => Array.from(document.querySelectorAll('#transcript .text'))"
+                ".map((e) => e.textContent).join(' ') === expected",
+                arg=expected,
+                timeout=scaled(20_000),
+            )
+            assert errors == []
+        finally:
+            await browser.close()
+    # Both processes' words, each shown once (the page's text is the finals' text).
+    assert bot.opens == 2 and len(expected.split()) > len(" ".join(shown).split())

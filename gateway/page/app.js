@@ -133,14 +133,26 @@ function line(message) {
   return p;
 }
 
-function follow(key) {
+// A gateway restarting with the meeting on closes readers with 1012: the page reconnects,
+// retrying for up to RESTART_WAIT ms, and keeps the transcript shown until the new
+// connection replays it from the first final.
+const RESTART = 1012;
+const RESTART_WAIT = 120000;
+
+function follow(key, restarting = null) {
   if (state.socket) state.socket.close();
-  $("transcript").replaceChildren();
-  $("partial").textContent = "";
+  if (restarting === null) $("transcript").replaceChildren();
+  $("partial").textContent = restarting === null ? "" : "(the gateway is restarting: reconnecting)";
   const socket = new WebSocket(wsUrl(`/bots/${encodeURIComponent(key)}/transcripts`, readToken));
   state.socket = socket;
+  let replayed = restarting === null;
+  socket.onopen = () => { restarting = null; };
   socket.onmessage = (event) => {
     const message = JSON.parse(event.data);
+    if (!replayed) {
+      $("transcript").replaceChildren();
+      replayed = true;
+    }
     if (message.type !== "Results" || !message.channel.alternatives[0].words.length) return;
     if (message.is_final) {
       const box = $("transcript");
@@ -164,7 +176,14 @@ function follow(key) {
     }
   };
   socket.onclose = (event) => {
-    if (state.socket === socket && event.code !== 1000) $("partial").textContent = `(transcript closed: ${event.code} ${event.reason})`;
+    if (state.socket !== socket) return;
+    const since = event.code === RESTART ? Date.now() : restarting;
+    if (since !== null && Date.now() - since < RESTART_WAIT) {
+      $("partial").textContent = "(the gateway is restarting: reconnecting)";
+      setTimeout(() => { if (state.socket === socket) follow(key, since); }, 1000);
+    } else if (event.code !== 1000) {
+      $("partial").textContent = `(transcript closed: ${event.code} ${event.reason})`;
+    }
   };
 }
 
