@@ -8,10 +8,13 @@ words as they are recognized, without a reload. A screenshot of the page is kept
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +27,22 @@ from .timing import scaled
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 RATE = 16000
+
+
+@contextlib.asynccontextmanager
+async def chromium_page() -> AsyncIterator[tuple[Any, list[str]]]:
+    """A page in Debian's Chromium, and the script errors it raises."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, errors
+        finally:
+            await browser.close()
 
 
 def test_the_page_and_its_assets_are_served_offline(tmp_path: Path) -> None:
@@ -39,8 +58,6 @@ def test_the_page_and_its_assets_are_served_offline(tmp_path: Path) -> None:
 async def test_a_bots_speaker_and_words_appear_live_in_a_real_browser(
     start_gateway: GatewayFactory, librivox: list[Utterance], tmp_path: Path
 ) -> None:
-    from playwright.async_api import async_playwright
-
     running = await start_gateway(pipelines="transcription", linger=30)
     first = librivox[0]
     audio, _ = read_wav(first.path, RATE)
@@ -55,35 +72,28 @@ async def test_a_bots_speaker_and_words_appear_live_in_a_real_browser(
     )
     artefacts = Path(os.environ.get("GATEWAY_TEST_ARTEFACTS", tmp_path))
     await asyncio.to_thread(artefacts.mkdir, parents=True, exist_ok=True)
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = await browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            config = await page.request.get(running.http + "/page/config.json")
-            assert await config.json() == {"open": True}
-            await page.goto(running.http + "/")
-            await page.wait_for_selector("#no-sessions", state="visible")
-            playing = asyncio.create_task(bot.run())
-            # The session appears, is selected, and its speaker shows as speaking.
-            await page.wait_for_selector("#sessions tr[data-key=page-demo]", timeout=scaled(20_000))
-            await page.wait_for_function(
-                "document.getElementById('speaking').textContent.includes('Alice')",
-                timeout=scaled(20_000),
-            )
-            # Words appear as they are recognized, attributed to the roster speaker.
-            await page.wait_for_selector("#transcript p", timeout=scaled(60_000))
-            await playing
-            await page.wait_for_function(
-                "document.querySelectorAll('#timeline .bar').length > 0", timeout=scaled(10_000)
-            )
-            names = await page.locator("#transcript .who").all_text_contents()
-            text = " ".join(await page.locator("#transcript .text").all_text_contents())
-            await page.screenshot(path=str(artefacts / "live-page.png"), full_page=True)
-            assert errors == []
-        finally:
-            await browser.close()
+    async with chromium_page() as (page, errors):
+        config = await page.request.get(running.http + "/page/config.json")
+        assert await config.json() == {"open": True}
+        await page.goto(running.http + "/")
+        await page.wait_for_selector("#no-sessions", state="visible")
+        playing = asyncio.create_task(bot.run())
+        # The session appears, is selected, and its speaker shows as speaking.
+        await page.wait_for_selector("#sessions tr[data-key=page-demo]", timeout=scaled(20_000))
+        await page.wait_for_function(
+            "document.getElementById('speaking').textContent.includes('Alice')",
+            timeout=scaled(20_000),
+        )
+        # Words appear as they are recognized, attributed to the roster speaker.
+        await page.wait_for_selector("#transcript p", timeout=scaled(60_000))
+        await playing
+        await page.wait_for_function(
+            "document.querySelectorAll('#timeline .bar').length > 0", timeout=scaled(10_000)
+        )
+        names = await page.locator("#transcript .who").all_text_contents()
+        text = " ".join(await page.locator("#transcript .text").all_text_contents())
+        await page.screenshot(path=str(artefacts / "live-page.png"), full_page=True)
+        assert errors == []
     assert set(names) == {"Alice"}
     heard = {w.strip(".,?!").lower() for w in text.split()}
     reference = {w.lower() for w in first.text.split()}
@@ -94,8 +104,6 @@ async def test_a_bots_speaker_and_words_appear_live_in_a_real_browser(
 async def test_the_page_goes_on_through_a_gateway_restart_showing_each_final_once(
     start_gateway: GatewayFactory, librivox: list[Utterance]
 ) -> None:
-    from playwright.async_api import async_playwright
-
     # A meeting the gateway is restarted in the middle of, on the same port and data
     # directory; the bot comes back with its backoff, the page is never reloaded.
     first = await start_gateway(pipelines="transcription", linger=30)
@@ -103,38 +111,31 @@ async def test_the_page_goes_on_through_a_gateway_restart_showing_each_final_onc
     audio = np.concatenate([p for u in librivox[:3] for p in (read_wav(u.path, RATE)[0], pause)])
     key = "restart-demo"
     bot = BackoffBot(first.url(f"/bots/{key}"), audio, RATE)
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = await browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            await page.goto(first.http + "/")
-            meeting = asyncio.create_task(bot.run())
-            await page.wait_for_selector("#transcript p", timeout=scaled(60_000))
-            await first.gateway.stop()
-            shown = await page.locator("#transcript .text").all_text_contents()
-            await page.wait_for_function(
-                "document.getElementById('partial').textContent.includes('restarting')",
-                timeout=scaled(10_000),
-            )
-            # What was shown stays while the gateway is away.
-            assert await page.locator("#transcript .text").all_text_contents() == shown
-            second = await start_gateway(pipelines="transcription", linger=5, port=first.port)
-            await meeting
-            directory = session_dir(second.data_dir, key)
-            await wait_for(lambda: ended_metadata(directory), within=60)
-            lines = (directory / "transcript.jsonl").read_text().splitlines()
-            finals = [json.loads(line)["channel"]["alternatives"][0] for line in lines]
-            expected = " ".join(a["transcript"] for a in finals if a["words"])
-            await page.wait_for_function(
-                "(expected) => Array.from(document.querySelectorAll('#transcript .text'))"
-                ".map((e) => e.textContent).join(' ') === expected",
-                arg=expected,
-                timeout=scaled(20_000),
-            )
-            assert errors == []
-        finally:
-            await browser.close()
+    async with chromium_page() as (page, errors):
+        await page.goto(first.http + "/")
+        meeting = asyncio.create_task(bot.run())
+        await page.wait_for_selector("#transcript p", timeout=scaled(60_000))
+        await first.gateway.stop()
+        shown = await page.locator("#transcript .text").all_text_contents()
+        await page.wait_for_function(
+            "document.getElementById('partial').textContent.includes('restarting')",
+            timeout=scaled(10_000),
+        )
+        # What was shown stays while the gateway is away.
+        assert await page.locator("#transcript .text").all_text_contents() == shown
+        second = await start_gateway(pipelines="transcription", linger=5, port=first.port)
+        await meeting
+        directory = session_dir(second.data_dir, key)
+        await wait_for(lambda: ended_metadata(directory), within=60)
+        lines = (directory / "transcript.jsonl").read_text().splitlines()
+        finals = [json.loads(line)["channel"]["alternatives"][0] for line in lines]
+        expected = " ".join(a["transcript"] for a in finals if a["words"])
+        await page.wait_for_function(
+            "(expected) => Array.from(document.querySelectorAll('#transcript .text'))"
+            ".map((e) => e.textContent).join(' ') === expected",
+            arg=expected,
+            timeout=scaled(20_000),
+        )
+        assert errors == []
     # Both processes' words, each shown once (the page's text is the finals' text).
     assert bot.opens == 2 and len(expected.split()) > len(" ".join(shown).split())
