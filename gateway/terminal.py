@@ -5,8 +5,8 @@ session's (``/transcripts``): finals become lines (``12:03  Alice  Hello there.`
 partial still forming is rewritten in place under them, each speaker in a colour of
 their own. Written to a pipe or a file, or with ``NO_COLOR`` set, it prints finals only
 and no escape codes, so ``watch KEY > meeting.txt`` is a plain transcript. When the
-gateway restarts with the meeting on (close code 1012), it reconnects and goes on
-without printing a final twice.
+gateway restarts with the meeting on (close code 1012) or its connection is lost (1006: the
+gateway was killed), it reconnects and goes on without printing a final twice.
 
 ``sessions`` prints ``GET /sessions`` as a table.
 
@@ -26,9 +26,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-#: The close code of a gateway restarting with the meeting on, and how long ``watch``
-#: tries to reconnect after it, seconds.
+#: The close codes after which ``watch`` reconnects (a gateway restarting with the meeting
+#: on; a connection lost, as when the gateway is killed), and for how long it tries, seconds.
 RESTART = 1012
+LOST = 1006
 RESTART_WAIT = 120.0
 #: ANSI colours for speakers (no red: it reads as an error).
 COLOURS = (32, 33, 34, 35, 36, 92, 93, 94, 95, 96)
@@ -51,13 +52,15 @@ class Renderer:
         self.sessions = sessions
         """Prefix each line with its session (watching every session)."""
         self._partial = False
-        self._finals: dict[str, int] = {}  # printed, per session
-        self._skip: dict[str, int] = {}
+        self._printed: dict[str, float] = {}  # where the last final printed ends, per session
+        self._skip: dict[str, float] = {}
 
     def reconnected(self) -> None:
         """A new connection replays each session's finals from its first: the ones
-        printed already are not printed again."""
-        self._skip = dict(self._finals)
+        printed already (ending where the last one printed ends, or before) are not
+        printed again. By time, not by count: after a kill the replay may lack the
+        last finals the killed process sent."""
+        self._skip = dict(self._printed)
 
     def _speaker(self, name: str) -> str:
         if not self.colour:
@@ -84,10 +87,11 @@ class Renderer:
         erase = CLEAR_LINE if self._partial else ""
         if message.get("is_final"):
             session = str(message.get("session", ""))
-            if self._skip.get(session, 0) > 0:
-                self._skip[session] -= 1
+            end = float(message.get("start", 0.0)) + float(message.get("duration", 0.0))
+            if end <= self._skip.get(session, -1.0) + 1e-3:
                 return ""
-            self._finals[session] = self._finals.get(session, 0) + 1
+            self._skip.pop(session, None)  # the replay is over: the rest is new
+            self._printed[session] = end
             self._partial = False
             return f"{erase}{self._line(message)}\n"
         if not self.live:
@@ -110,8 +114,9 @@ def transcripts_url(base: str, key: str | None, token: str | None) -> str:
 async def watch(url: str, out: TextIO = sys.stdout, *, sessions: bool) -> int:
     """Print the transcript stream at ``url`` until it ends; returns the exit code.
 
-    Closed with 1012 (the gateway restarts with the meeting on), it reconnects, retrying
-    for up to :data:`RESTART_WAIT` seconds, and goes on where it was."""
+    Closed with 1012 (the gateway restarts with the meeting on) or 1006 (the connection
+    lost), it reconnects, retrying for up to :data:`RESTART_WAIT` seconds, and goes on
+    where it was."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -135,8 +140,9 @@ async def watch(url: str, out: TextIO = sys.stdout, *, sessions: bool) -> int:
                         out.flush()
             except ConnectionClosed:
                 pass
-        if ws.close_code == RESTART:
-            print("the gateway is restarting: reconnecting", file=sys.stderr)
+        if ws.close_code in (RESTART, LOST):
+            what = "is restarting" if ws.close_code == RESTART else "connection was lost"
+            print(f"the gateway {what}: reconnecting", file=sys.stderr)
             restarting = time.monotonic()
             renderer.reconnected()
             await asyncio.sleep(1.0)

@@ -118,7 +118,7 @@ async def test_the_page_goes_on_through_a_gateway_restart_showing_each_final_onc
         await first.gateway.stop()
         shown = await page.locator("#transcript .text").all_text_contents()
         await page.wait_for_function(
-            "document.getElementById('partial').textContent.includes('restarting')",
+            "document.getElementById('partial').textContent.includes('reconnecting')",
             timeout=scaled(10_000),
         )
         # What was shown stays while the gateway is away.

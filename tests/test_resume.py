@@ -324,6 +324,52 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     assert [round(w["start"], 2) for w in written] == [round(w["start"], 2) for w in words]
 
 
+async def test_after_a_kill_9_the_terminal_view_reconnects_and_prints_each_final_once(
+    tmp_path: Path, serves: list[Serve]
+) -> None:
+    # A conversation whose gateway is killed 14 s in and started again; `watch` sees
+    # the connection lost (1006), not a close, and goes on with the next process.
+    conv = build("dialogue", tmp_path / "conversations", RATE)
+    env = {"GATEWAY_PIPELINES": "transcription", "GATEWAY_LINGER": "20"}
+    first = await Serve.start(tmp_path, **env)
+    serves.append(first)
+    key = "killed"
+    watcher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "gateway", "watch", key, "--url", f"http://127.0.0.1:{first.port}"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    roster = conv.roster_script(0.0)
+    bot = BackoffBot(first.url(f"/bots/{key}"), conv.samples, RATE, roster=roster, stop_after=36.0)
+    meeting = asyncio.create_task(bot.run())
+    await asyncio.sleep(14.0)
+    assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+    second = await Serve.start(tmp_path, first.port, **env)
+    serves.append(second)
+    await asyncio.wait_for(meeting, scaled(60))
+    directory = tmp_path / "sessions" / key
+    await wait_for(lambda: ended_metadata(directory), within=scaled(40))
+    out, err = await asyncio.wait_for(watcher.communicate(), scaled(30))
+    assert await second.stop() == 0
+    assert watcher.returncode == 0 and b"connection was lost" in err, err
+    lines = out.decode().splitlines()
+    assert len(lines) == len(set(lines)), lines  # nothing printed twice
+    printed = [line.split("  ", 2)[2] for line in lines]
+    finals = [
+        json.loads(line) for line in (directory / "transcript.jsonl").read_text().splitlines()
+    ]
+    shown = [m["channel"]["alternatives"][0]["transcript"] for m in finals]
+    shown = [t for t in shown if t]
+    # Every final kept on disk, both processes', in order; besides them at most the
+    # killed process's last ones, sent but never written.
+    assert [t for t in printed if t in shown] == shown, (printed, shown)
+    assert len(printed) - len(shown) <= 2, (printed, shown)
+    # And the second process's words are among them.
+    assert bot.opens == 2
+    assert [m for m in finals if m["start"] > (bot.sent[1][0] - bot.sent[0][0]) / RATE]
+
+
 # -- in one process -------------------------------------------------------------------------
 
 

@@ -37,6 +37,22 @@ def test_a_pipe_gets_plain_finals_only() -> None:
     assert r.feed(message) == "m1  01:05  Alice  W65x0. W65x1.\n"
 
 
+def test_a_reconnection_replays_nothing_twice_even_when_it_lacks_the_last_finals() -> None:
+    # After a kill the next process may not have the last finals the killed one sent:
+    # what was printed is known by where it ends, not by how many finals there were.
+    r = Renderer(live=False, colour=False, sessions=False)
+    printed = [r.feed(deepgram(final(n))) for n in (1, 2, 3)]
+    assert all(printed)
+    r.reconnected()
+    replay = [r.feed(deepgram(final(n))) for n in (1, 2)]  # final 3 never reached disk
+    assert replay == ["", ""]
+    assert r.feed(deepgram(final(4))) == "00:04  Alice  W4x0. W4x1.\n"
+    # A clean restart replays every final: none printed again, the new ones printed.
+    r.reconnected()
+    assert [r.feed(deepgram(final(n))) for n in (1, 2, 3, 4)] == ["", "", "", ""]
+    assert r.feed(deepgram(final(5))).startswith("00:05")
+
+
 async def test_watch_and_sessions_commands(start_gateway: GatewayFactory) -> None:
     running, pub = await start(start_gateway)
     async with Bot(running, "tv"):

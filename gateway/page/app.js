@@ -133,16 +133,17 @@ function line(message) {
   return p;
 }
 
-// A gateway restarting with the meeting on closes readers with 1012: the page reconnects,
-// retrying for up to RESTART_WAIT ms, and keeps the transcript shown until the new
-// connection replays it from the first final.
+// A gateway restarting with the meeting on closes readers with 1012; one killed drops the
+// connection (1006). Either way the page reconnects, retrying for up to RESTART_WAIT ms,
+// and keeps the transcript shown until the new connection replays it from the first final.
 const RESTART = 1012;
+const LOST = 1006;
 const RESTART_WAIT = 120000;
 
 function follow(key, restarting = null) {
   if (state.socket) state.socket.close();
   if (restarting === null) $("transcript").replaceChildren();
-  $("partial").textContent = restarting === null ? "" : "(the gateway is restarting: reconnecting)";
+  $("partial").textContent = restarting === null ? "" : "(away from the gateway: reconnecting)";
   const socket = new WebSocket(wsUrl(`/bots/${encodeURIComponent(key)}/transcripts`, readToken));
   state.socket = socket;
   let replayed = restarting === null;
@@ -177,9 +178,10 @@ function follow(key, restarting = null) {
   };
   socket.onclose = (event) => {
     if (state.socket !== socket) return;
-    const since = event.code === RESTART ? Date.now() : restarting;
+    // Since when it is away: a failed attempt keeps the outage's start, so retries end.
+    const since = restarting ?? (event.code === RESTART || event.code === LOST ? Date.now() : null);
     if (since !== null && Date.now() - since < RESTART_WAIT) {
-      $("partial").textContent = "(the gateway is restarting: reconnecting)";
+      $("partial").textContent = "(away from the gateway: reconnecting)";
       setTimeout(() => { if (state.socket === socket) follow(key, since); }, 1000);
     } else if (event.code !== 1000) {
       $("partial").textContent = `(transcript closed: ${event.code} ${event.reason})`;
