@@ -138,16 +138,16 @@ class Gateway:
             return
         self._stopped = True
         self.ready = False
+        last = routes.RESTART if self.settings.resume else routes.GOING_AWAY
         if self._server is not None:
             self._server.close(close_connections=False)
             bots = routes.close_all(self._server.connections, but_readers_of=self.routes)
-            await asyncio.gather(bots, self.listen.drain())
+            await asyncio.gather(bots, self.listen.drain(last))
         if self.settings.resume:
             await self.sessions.suspend_all()
         else:
             await self.sessions.finalize_all()
         if self._server is not None:
-            last = routes.RESTART if self.settings.resume else routes.GOING_AWAY
             await routes.close_all(self._server.connections, close=last)
             await self._server.wait_closed()
         if self.cluster is not None:

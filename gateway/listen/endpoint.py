@@ -22,8 +22,6 @@ from .messages import RESAMPLED_RATE, BadRequest, ListenOptions, ResultsFilter, 
 
 logger = logging.getLogger("gateway.listen")
 
-#: How an audio stream is closed when the gateway stops under it (service restart).
-RESTART = (1012, "service restart")
 #: How long the last messages (``Metadata``) may take to reach a client, seconds.
 SEND_WAIT = 5.0
 
@@ -91,13 +89,16 @@ class ListenEndpoint:
     def __init__(self, gateway: Any) -> None:
         self._gateway = gateway
         self._draining = asyncio.Event()
+        self._drain_close = (1012, "service restart")
         self._streams: set[asyncio.Event] = set()  # one per audio stream, set once closed
 
-    async def drain(self) -> None:
+    async def drain(self, close: tuple[int, str]) -> None:
         """The gateway stops: each audio stream ends as at a ``CloseStream`` (what was
-        heard is finalized and sent, then ``Metadata``) and is closed with 1012: its
-        session is not resumed, a client that reconnects starts a new one. Returns once
-        every stream is closed. Follow-mode sockets are readers: closed with the rest."""
+        heard is finalized and sent, then ``Metadata``) and is closed with ``close``
+        (1012 when the gateway restarts, 1001 when it goes away): its session is not
+        resumed, a client that reconnects starts a new one. Returns once every stream is
+        closed. Follow-mode sockets are readers: closed with the rest."""
+        self._drain_close = close
         self._draining.set()
         pending = [asyncio.create_task(done.wait()) for done in self._streams]
         if pending:
@@ -159,7 +160,7 @@ class ListenEndpoint:
         self._streams.add(closed := asyncio.Event())
         try:
             await asyncio.wait([pump, draining], return_when=asyncio.FIRST_COMPLETED)
-            close = RESTART if not pump.done() else (1000, "")
+            close = self._drain_close if not pump.done() else (1000, "")
         finally:
             for task in (pump, draining):
                 task.cancel()
