@@ -159,19 +159,19 @@ class ListenEndpoint:
         draining = asyncio.create_task(self._draining.wait())
         self._streams.add(closed := asyncio.Event())
         try:
-            await asyncio.wait([pump, draining], return_when=asyncio.FIRST_COMPLETED)
-            close = self._drain_close if not pump.done() else (1000, "")
-        finally:
-            for task in (pump, draining):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            record.closed_at = time.time()
-            session.detach_output(ws, record.closed_at)
-            await gw.sessions.finalize(session)  # drains the pipelines: every final sent
-        try:
+            try:
+                await asyncio.wait([pump, draining], return_when=asyncio.FIRST_COMPLETED)
+                close = self._drain_close if not pump.done() else (1000, "")
+            finally:
+                for task in (pump, draining):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                record.closed_at = time.time()
+                session.detach_output(ws, record.closed_at)
+                await gw.sessions.finalize(session)  # drains the pipelines: every final sent
             await self._finish(ws, outlet, sender, None, results, session.audio_seconds, close)
-        finally:
+        finally:  # whatever happened, a drain waits no longer for this stream
             closed.set()
             self._streams.discard(closed)
 
