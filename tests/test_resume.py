@@ -223,6 +223,16 @@ async def follow(url: str, connections: list[Received], closes: list[int | None]
             await asyncio.sleep(0.2)
 
 
+async def watch(serve: Serve, key: str) -> asyncio.subprocess.Process:
+    """``meeting-gateway watch KEY`` following ``serve``, its output piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "gateway", "watch", key, "--url", f"http://127.0.0.1:{serve.port}"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 def final_words(received: Received) -> list[dict[str, Any]]:
     return [
         w
@@ -252,12 +262,7 @@ async def test_a_restart_mid_conversation_finalizes_what_was_heard_and_transcrib
     everyone_closes: list[int | None] = []
     every = asyncio.create_task(follow(first.url("/transcripts"), everyone, everyone_closes))
     # And the terminal view, which must go on through the restart without repeating.
-    watcher = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "gateway", "watch", key, "--url", f"http://127.0.0.1:{first.port}"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    watcher = await watch(first, key)
     roster = conv.roster_script(1.0)
     bot = BackoffBot(first.url(f"/bots/{key}"), conv.samples, RATE, roster=roster, stop_after=60.0)
     meeting = asyncio.create_task(bot.run())
@@ -334,12 +339,7 @@ async def test_after_a_kill_9_the_terminal_view_reconnects_and_prints_each_final
     first = await Serve.start(tmp_path, **env)
     serves.append(first)
     key = "killed"
-    watcher = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "gateway", "watch", key, "--url", f"http://127.0.0.1:{first.port}"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    watcher = await watch(first, key)
     roster = conv.roster_script(0.0)
     bot = BackoffBot(first.url(f"/bots/{key}"), conv.samples, RATE, roster=roster, stop_after=36.0)
     meeting = asyncio.create_task(bot.run())
