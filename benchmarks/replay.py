@@ -298,7 +298,8 @@ class Replay:
             for event in self.vad_events.feed(fed):
                 if isinstance(event, SpeechStarted):
                     self.policy.speech_started(event.sample / ASR_RATE)
-                    self.turns.lag.voice_started(event.sample / ASR_RATE, event.quiet / ASR_RATE)
+                    t = event.sample / ASR_RATE
+                    self.turns.voice_started(t, t, event.quiet / ASR_RATE)
                 elif isinstance(event, SpeechPaused):
                     self._paused(event.sample / ASR_RATE)
                 elif isinstance(event, SpeechEnded):

@@ -199,6 +199,27 @@ def test_a_lag_resumed_after_a_restart_holds_until_the_meeting_settles_its_own()
     assert far.seconds == far.late
 
 
+def test_a_bot_back_mid_speech_after_a_restart_teaches_no_lag() -> None:
+    # As CI saw it: the gateway restarted with the lag at 0.9 s; the bot came back 7 s
+    # later in the middle of a turn. The VAD heard speech "start" where the audio
+    # resumed, after the inserted silence, and the first roster start of the new process
+    # came 1.8 s later: one strong pair, and the lag settled on 1.8 s (82 % of the
+    # words after the restart on the right speaker).
+    turns = Turns()
+    turns.lag.resume(0.9)
+    turns.resumed(33.0)  # the gap ends; session seconds are wall seconds here
+    turns.voice_started(33.02, 33.02, quiet=7.0)
+    turns.lag.roster_started(34.8, "id:2")
+    assert turns.lag.seconds == 0.9 and not turns.lag.settled
+    # The words heard first after the gap are no sentence starts either.
+    turns.finalized([("Mostly", 33.05, 33.4), ("the", 33.4, 33.5)], float)
+    turns.lag.roster_started(35.5, "id:1")
+    assert turns.lag.seconds == 0.9 and not turns.lag.settled
+    # The meeting's own evidence settles it as before.
+    feed(turns.lag, conversation(1.0, turns=12, seed=3))
+    assert turns.lag.settled and turns.lag.seconds == pytest.approx(1.0, abs=0.1)
+
+
 def test_a_final_waits_for_a_late_roster_to_mark_its_last_word() -> None:
     turns = Turns()
     feed(turns.lag, conversation(1.0, turns=12, seed=3))

@@ -141,8 +141,8 @@ class TranscriptionPipeline(Pipeline):
             t = event.sample / self._rate
             self._policy.speech_started(t)
             self._out.publish(results.SpeechStarted(round(t, 3)))
-            if (wall := self._ctx.clock.wall(event.sample)) is not None:
-                self._turns.lag.voice_started(wall, quiet=event.quiet / self._rate)
+            wall = self._ctx.clock.wall(event.sample)
+            self._turns.voice_started(t, wall, event.quiet / self._rate)
         elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
             self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
             if event.speaking:
@@ -151,11 +151,11 @@ class TranscriptionPipeline(Pipeline):
             self._paused(event.sample / self._rate)
         elif isinstance(event, SpeechEnded):
             self._pump(self._policy.speech_ended(event.sample / self._rate))
-        elif isinstance(event, Disconnected):
-            # What was heard is all there will be of it: finalize it now.
+        elif isinstance(event, Disconnected):  # what was heard is all: finalize it now
             self._restart(event.sample)
         elif isinstance(event, Gap):
             self._restart(event.sample + event.length)
+            self._turns.resumed((event.sample + event.length) / self._rate)
         elif isinstance(event, ProviderSegment):  # the vendor transcribed it already
             result = segment_result(event.data, self._language.current)
             if result is not None:

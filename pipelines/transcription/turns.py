@@ -72,6 +72,10 @@ STEP = 0.05
 QUIET = 0.3
 #: Votes of an onset that lands on a VAD speech start.
 ONSET_WEIGHT = 2
+#: Where audio resumes after a gap (the bot was away), a voice seems to start from
+#: silence: the bot came back mid-speech. Voice starts within this much of it say
+#: nothing of when anyone started speaking, seconds.
+RESUMED = 0.5
 #: Words with a gap this long between them were not said in the same breath, seconds.
 TURN_GAP = 0.15
 #: A word is looked up in the roster as it was the measured lag later; one nobody was
@@ -118,9 +122,12 @@ class RosterLag:
 
     def resume(self, seconds: float) -> None:
         """Start from the estimate the session's previous process reached (a restart):
-        words are looked up at it until this process's evidence settles its own."""
+        words are looked up at it until this process's evidence settles its own. Who
+        was marked speaking before is not known here, so the first roster start is no
+        onset: only one after somebody stops is."""
         if math.isfinite(seconds):
             self.seconds = min(max(seconds, -self.early), self.late)
+        self._quiet_since = float("inf")
 
     def voice_started(self, wall: float, quiet: float = 0.0) -> None:
         """A voice started at ``wall``: a VAD speech start (after ``quiet`` seconds of
@@ -208,6 +215,17 @@ class Turns:
         self.lag = RosterLag()
         self._last: tuple[str, float] | None = None  # text and end of the last final word
         self._said: tuple[Any, str, float] | None = None  # its speaker, text and end
+        self._resumed = float("-inf")  # where audio last resumed after a gap, session s
+
+    def resumed(self, at: float) -> None:
+        """Audio resumes at ``at`` (session seconds) after a gap: the bot was away."""
+        self._resumed = at
+
+    def voice_started(self, at: float, wall: float | None, quiet: float = 0.0) -> None:
+        """The VAD heard speech start at ``at`` (session seconds; ``wall`` time) after
+        ``quiet`` seconds of silence: a voice start, unless audio just resumed there."""
+        if wall is not None and not -0.1 <= at - self._resumed <= RESUMED:
+            self.lag.voice_started(wall, quiet)
 
     def finalized(
         self, words: Iterable[tuple[str, float, float]], wall: Callable[[float], float | None]
@@ -217,9 +235,7 @@ class Turns:
         for text, start, end in words:
             last, self._last = self._last, (text, end)
             if last is None or ends_sentence(last[0]):
-                when = wall(start)
-                if when is not None:
-                    self.lag.voice_started(when)
+                self.voice_started(start, wall(start))
 
     def speakers(
         self,
