@@ -18,6 +18,7 @@ from ..audio.resample import Resampler
 from ..config import SUPPORTED_RATES
 from ..ingest.protocol import OutputDecoder
 from ..reports import ConnectionRecord
+from ..routes import RESTART
 from .messages import RESAMPLED_RATE, BadRequest, ListenOptions, ResultsFilter, control_type
 
 logger = logging.getLogger("gateway.listen")
@@ -89,7 +90,7 @@ class ListenEndpoint:
     def __init__(self, gateway: Any) -> None:
         self._gateway = gateway
         self._draining = asyncio.Event()
-        self._drain_close = (1012, "service restart")
+        self._drain_close = RESTART
         self._streams: set[asyncio.Event] = set()  # one per audio stream, set once closed
 
     async def drain(self, close: tuple[int, str]) -> None:

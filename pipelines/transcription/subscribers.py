@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from gateway.routes import RESTART
 from gateway.storage.offload import blocking
 
 from .backpressure import DEFAULT_MAX_LAG, LagWatch, MessageQueue, Offer
@@ -57,7 +58,6 @@ logger = logging.getLogger("pipelines.transcription.subscribers")
 
 TOO_SLOW = (1008, "too slow")
 ENDED = (1000, "session ended")
-RESTART = (1012, "service restart")
 #: The subscriber closed or vanished: nothing more to send, nobody to close.
 GONE = (1000, "")
 
