@@ -52,14 +52,17 @@ class Renderer:
         self.sessions = sessions
         """Prefix each line with its session (watching every session)."""
         self._partial = False
-        self._printed: dict[str, float] = {}  # where the last final printed ends, per session
-        self._skip: dict[str, float] = {}
+        # Where the last final printed ends, per session: its key and its ``request_id``
+        # (a new session under the same key starts its clock at 0 again).
+        self._printed: dict[tuple[str, str], float] = {}
+        self._skip: dict[tuple[str, str], float] = {}
 
     def reconnected(self) -> None:
         """A new connection replays each session's finals from its first: the ones
         printed already (ending where the last one printed ends, or before) are not
         printed again. By time, not by count: after a kill the replay may lack the
-        last finals the killed process sent."""
+        last finals the killed process sent. Per session run: a session that starts again
+        under the same key (another ``request_id``) is printed from its first final."""
         self._skip = dict(self._printed)
 
     def _speaker(self, name: str) -> str:
@@ -86,7 +89,8 @@ class Renderer:
             return ""
         erase = CLEAR_LINE if self._partial else ""
         if message.get("is_final"):
-            session = str(message.get("session", ""))
+            meta = message.get("metadata") or {}
+            session = (str(message.get("session", "")), str(meta.get("request_id", "")))
             end = float(message.get("start", 0.0)) + float(message.get("duration", 0.0))
             if end <= self._skip.get(session, -1.0) + 1e-3:
                 return ""

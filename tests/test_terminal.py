@@ -53,6 +53,19 @@ def test_a_reconnection_replays_nothing_twice_even_when_it_lacks_the_last_finals
     assert r.feed(deepgram(final(5))).startswith("00:05")
 
 
+def test_a_session_started_again_under_the_same_key_is_printed_from_its_first_final() -> None:
+    # A meeting that ends and a new one under the same key (its clock from 0 again, its
+    # own request_id): after a reconnection the new one's finals are new, not a replay.
+    r = Renderer(live=False, colour=False, sessions=False)
+    first = {"request_id": "11111111-1111-4111-8111-111111111111", "model_info": {}}
+    second = {"request_id": "22222222-2222-4222-8222-222222222222", "model_info": {}}
+    assert all(r.feed(deepgram(final(n), first)) for n in (1, 2, 3))
+    r.reconnected()
+    assert r.feed(deepgram(final(1), first)) == ""  # the old run replayed: printed already
+    assert r.feed(deepgram(final(1), second)) == "00:01  Alice  W1x0. W1x1.\n"
+    assert r.feed(deepgram(final(2), second)).startswith("00:02")
+
+
 async def test_watch_and_sessions_commands(start_gateway: GatewayFactory) -> None:
     running, pub = await start(start_gateway)
     async with Bot(running, "tv"):
