@@ -1,10 +1,11 @@
 """The terminal views: ``meeting-gateway watch [KEY]`` and ``meeting-gateway sessions``.
 
 ``watch`` follows one session's live transcript (``/bots/{key}/transcripts``) or every
-session's (``/transcripts``): finals become lines (``12:03  Alice  Hello there.``), the
-partial still forming is rewritten in place under them, each speaker in a colour of
-their own. Written to a pipe or a file, or with ``NO_COLOR`` set, it prints finals only
-and no escape codes, so ``watch KEY > meeting.txt`` is a plain transcript. When the
+session's (``/transcripts``): a speaker's finals make a line (``12:03  Alice  Hello
+there. How are you?``) that grows as they come, with the partial still forming after it,
+each speaker in a colour of their own (none with ``NO_COLOR`` set). Written to a pipe or
+a file, it prints finals only, each line once it ends, and no escape codes, so ``watch KEY
+> meeting.txt`` is a plain transcript. When the
 gateway restarts with the meeting on (close code 1012) or its connection is lost (1006: the
 gateway was killed), it reconnects and goes on without printing a final twice.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -34,6 +36,11 @@ RESTART_WAIT = 120.0
 #: ANSI colours for speakers (no red: it reads as an error).
 COLOURS = (32, 33, 34, 35, 36, 92, 93, 94, 95, 96)
 CLEAR_LINE = "\r\x1b[2K"
+#: A line is ended after a sentence once it is this long, characters: a transcript reads
+#: a paragraph per turn, and a pipe gets each line a sentence or so after it was said.
+SENTENCE_LINE = 60
+#: The most a line written to a pipe or a file takes, characters (a terminal: its width).
+PIPE_WIDTH = 160
 
 
 def _clock(seconds: float) -> str:
@@ -43,27 +50,51 @@ def _clock(seconds: float) -> str:
 
 
 class Renderer:
-    """Live transcript messages in, text for a terminal out."""
+    """Live transcript messages in, text for a terminal out.
 
-    def __init__(self, *, live: bool, colour: bool, sessions: bool) -> None:
+    Finals come a few words at a time (progressive finals): a speaker's run of them is
+    one line, as on the live page, ended at the end of their speech (``speech_final``,
+    ``UtteranceEnd``), when someone else's words come, and after a sentence once the line
+    is :data:`SENTENCE_LINE` characters long; in a terminal also before it would wrap,
+    since only the last row can be rewritten. A terminal (``live``) sees the line grow
+    with each final and the partial still forming after it, dimmed; otherwise a line is
+    written whole once it ends (:meth:`flush` ends the last one)."""
+
+    def __init__(
+        self, *, live: bool, colour: bool, sessions: bool, width: int = PIPE_WIDTH
+    ) -> None:
         self.live = live
         """Rewrite partials in place (a terminal); otherwise print finals only."""
         self.colour = colour
         self.sessions = sessions
         """Prefix each line with its session (watching every session)."""
-        self._partial = False
+        self.width = max(40, width)
+        """Characters a line may take: a terminal's columns."""
         # Where the last final printed ends, per session: its key and its ``request_id``
         # (a new session under the same key starts its clock at 0 again).
         self._printed: dict[tuple[str, str], float] = {}
         self._skip: dict[tuple[str, str], float] = {}
+        # The open line: whose (session, speaker), its head (plain and as shown), its text.
+        self._open: tuple[str, str] | None = None
+        self._head = ("", "")
+        self._text = ""
 
-    def reconnected(self) -> None:
+    def reconnected(self) -> str:
         """A new connection replays each session's finals from its first: the ones
         printed already (ending where the last one printed ends, or before) are not
         printed again. By time, not by count: after a kill the replay may lack the
         last finals the killed process sent. Per session run: a session that starts again
-        under the same key (another ``request_id``) is printed from its first final."""
+        under the same key (another ``request_id``) is printed from its first final.
+        Returns the open line, ended (:meth:`flush`)."""
         self._skip = dict(self._printed)
+        return self.flush()
+
+    def flush(self) -> str:
+        """The open line, ended (the stream ends, or breaks off)."""
+        if self._open is None:
+            return ""
+        self._open = None
+        return f"{CLEAR_LINE if self.live else ''}{self._head[1]}{self._text}\n"
 
     def _speaker(self, name: str) -> str:
         if not self.colour:
@@ -71,39 +102,78 @@ class Renderer:
         code = COLOURS[zlib.crc32(name.encode()) % len(COLOURS)]
         return f"\x1b[1;{code}m{name}\x1b[0m"
 
-    def _line(self, message: Mapping[str, Any]) -> str:
-        alternative = message["channel"]["alternatives"][0]
-        text = alternative.get("transcript") or " ".join(
-            w.get("punctuated_word") or w["word"] for w in alternative.get("words", ())
-        )
+    def _line_head(self, message: Mapping[str, Any]) -> tuple[str, str]:
+        """``12:03  Alice  `` (with the session first when watching all), plain and as shown."""
         name = message.get("speaker_name") or "Unknown"
         where = f"{message.get('session', '')}  " if self.sessions else ""
-        return f"{where}{_clock(float(message.get('start', 0.0)))}  {self._speaker(name)}  {text}"
+        clock = _clock(float(message.get("start", 0.0)))
+        return f"{where}{clock}  {name}  ", f"{where}{clock}  {self._speaker(name)}  "
+
+    @staticmethod
+    def _words(message: Mapping[str, Any]) -> str:
+        alternative = message["channel"]["alternatives"][0]
+        return str(
+            alternative.get("transcript")
+            or " ".join(w.get("punctuated_word") or w["word"] for w in alternative.get("words", ()))
+        )
+
+    @staticmethod
+    def _whose(message: Mapping[str, Any]) -> tuple[str, str]:
+        return str(message.get("session", "")), str(message.get("speaker_name") or "Unknown")
 
     def feed(self, message: Mapping[str, Any]) -> str:
         """What to write for one message (may be empty)."""
-        if message.get("type") != "Results":
+        kind = message.get("type")
+        if kind == "UtteranceEnd":
+            if self._open is not None and self._open[0] == str(message.get("session", "")):
+                return self.flush()
             return ""
-        alternative = message["channel"]["alternatives"][0]
-        if not alternative.get("words"):
+        if kind != "Results" or not message["channel"]["alternatives"][0].get("words"):
             return ""
-        erase = CLEAR_LINE if self._partial else ""
         if message.get("is_final"):
-            meta = message.get("metadata") or {}
-            session = (str(message.get("session", "")), str(meta.get("request_id", "")))
-            end = float(message.get("start", 0.0)) + float(message.get("duration", 0.0))
-            if end <= self._skip.get(session, -1.0) + 1e-3:
-                return ""
-            self._skip.pop(session, None)  # the replay is over: the rest is new
-            self._printed[session] = end
-            self._partial = False
-            return f"{erase}{self._line(message)}\n"
-        if not self.live:
+            return self._final(message)
+        return self._partial(message) if self.live else ""
+
+    def _final(self, message: Mapping[str, Any]) -> str:
+        meta = message.get("metadata") or {}
+        run = (str(message.get("session", "")), str(meta.get("request_id", "")))
+        end = float(message.get("start", 0.0)) + float(message.get("duration", 0.0))
+        if end <= self._skip.get(run, -1.0) + 1e-3:
             return ""
-        self._partial = True
-        line = self._line(message)
-        dim = f"\x1b[2m{line}\x1b[0m" if self.colour else line
-        return f"{erase}{dim}"
+        self._skip.pop(run, None)  # the replay is over: the rest is new
+        self._printed[run] = end
+        text = self._words(message)
+        out = ""
+        whose = self._whose(message)
+        if self._open is not None and (
+            self._open != whose or len(self._head[0]) + len(self._text) + 1 + len(text) > self.width
+        ):
+            out = self.flush()
+        if self._open is None:
+            self._open, self._head, self._text = whose, self._line_head(message), text
+        else:
+            self._text = f"{self._text} {text}"
+        long = len(self._head[0]) + len(self._text) >= self.width
+        sentence = self._text.endswith((".", "?", "!")) and len(self._text) >= SENTENCE_LINE
+        if message.get("speech_final") or long or sentence:
+            return out + self.flush()
+        return f"{out}{CLEAR_LINE}{self._head[1]}{self._text}" if self.live else out
+
+    def _partial(self, message: Mapping[str, Any]) -> str:
+        """The row rewritten: the open line with the partial after it, dimmed, or the
+        partial on a row of its own when it is someone else's (the open line ends)."""
+        out = ""
+        if self._open is not None and self._open == self._whose(message):
+            plain, shown = f"{self._head[0]}{self._text} ", f"{self._head[1]}{self._text} "
+        else:
+            out = self.flush()
+            plain, shown = self._line_head(message)
+        text = self._words(message)
+        room = self.width - len(plain) - 1
+        if len(text) > room:  # its newest words, on the one row that can be rewritten
+            text = "…" + text[len(text) - room + 1 :] if room > 1 else ""
+        dim = f"\x1b[2m{text}\x1b[0m" if self.colour else text
+        return f"{out}{CLEAR_LINE}{shown}{dim}"
 
 
 def transcripts_url(base: str, key: str | None, token: str | None) -> str:
@@ -125,7 +195,9 @@ async def watch(url: str, out: TextIO = sys.stdout, *, sessions: bool) -> int:
     from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
     tty = out.isatty()
-    renderer = Renderer(live=tty, colour=tty and not os.environ.get("NO_COLOR"), sessions=sessions)
+    width = shutil.get_terminal_size().columns if tty else PIPE_WIDTH
+    colour = tty and not os.environ.get("NO_COLOR")
+    renderer = Renderer(live=tty, colour=colour, sessions=sessions, width=width)
     restarting: float | None = None
     while True:
         try:
@@ -144,11 +216,13 @@ async def watch(url: str, out: TextIO = sys.stdout, *, sessions: bool) -> int:
                         out.flush()
             except ConnectionClosed:
                 pass
+        out.write(renderer.flush())
+        out.flush()
         if ws.close_code in (RESTART, LOST):
             what = "is restarting" if ws.close_code == RESTART else "connection was lost"
             print(f"the gateway {what}: reconnecting", file=sys.stderr)
             restarting = time.monotonic()
-            renderer.reconnected()
+            renderer.reconnected()  # the open line was ended above
             await asyncio.sleep(1.0)
             continue
         if ws.close_code not in (1000, None):

@@ -8,7 +8,8 @@ import sys
 
 from gateway.ingest.speakers import Speaker
 from gateway.terminal import CLEAR_LINE, Renderer
-from pipelines.transcription.formats import deepgram
+from pipelines.transcription.formats import Message, deepgram
+from pipelines.transcription.results import Result, Word
 
 from .conftest import GatewayFactory, wait_for
 from .test_transcript_outputs import ALICE, Bot, final, partial, start
@@ -20,7 +21,7 @@ BOB = Speaker("id:2", 2, "Bob", False)
 def test_a_terminal_sees_partials_rewritten_and_finals_kept() -> None:
     r = Renderer(live=True, colour=True, sessions=False)
     shown = r.feed(deepgram(partial(1)))
-    assert shown.startswith("\x1b[2m") and "p1" in shown and "\n" not in shown
+    assert "\x1b[2mp1\x1b[0m" in shown and "\n" not in shown  # the partial, dimmed
     line = r.feed(deepgram(final(1)))
     assert line.startswith(CLEAR_LINE) and line.endswith("\n")
     assert "00:01" in line and "Alice" in line and "W1x0. W1x1." in line
@@ -64,6 +65,66 @@ def test_a_session_started_again_under_the_same_key_is_printed_from_its_first_fi
     assert r.feed(deepgram(final(1), first)) == ""  # the old run replayed: printed already
     assert r.feed(deepgram(final(1), second)) == "00:01  Alice  W1x0. W1x1.\n"
     assert r.feed(deepgram(final(2), second)).startswith("00:02")
+
+
+def said(
+    at: float, text: str, speaker: Speaker = ALICE, *, final: bool = True, end: bool = False
+) -> Message:
+    """A ``Results`` message of ``text`` (words 0.3 s apart from ``at``)."""
+    words = tuple(
+        Word(w.strip(".,?!").lower(), w, at + 0.3 * i, at + 0.3 * i + 0.25, 0.9, speaker)
+        for i, w in enumerate(text.split())
+    )
+    result = Result(at, words[-1].end, words, is_final=final, speech_final=end)
+    return deepgram(result)
+
+
+def test_a_pipe_gets_a_line_per_turn_once_it_ends() -> None:
+    # Progressive finals come a few words at a time: a transcript file reads a line per
+    # speaker turn, written once the turn ends (speech_final), someone else speaks, or a
+    # sentence ends a long enough line.
+    r = Renderer(live=False, colour=False, sessions=False)
+    assert r.feed(said(1.0, "Good morning,")) == ""
+    assert r.feed(said(1.6, "Sarah.")) == ""
+    assert r.feed(said(2.0, "Thanks for joining", final=False)) == ""
+    assert r.feed(said(2.0, "Thanks for joining")) == ""
+    assert r.feed(said(3.0, "on such short notice.", end=True)) == (
+        "00:01  Alice  Good morning, Sarah. Thanks for joining on such short notice.\n"
+    )
+    assert r.feed(said(4.0, "No problem")) == ""
+    assert r.feed(said(5.0, "Right,", BOB)) == "00:04  Alice  No problem\n"
+    assert r.flush() == "00:05  Bob  Right,\n"
+    assert r.flush() == ""
+    # A long turn with no pause: a line for each sentence past 60 characters.
+    long = "one two three four five six seven eight nine ten eleven twelve."
+    assert r.feed(said(10.0, long)) == f"00:10  Alice  {long}\n"
+    assert r.feed(said(14.0, "And more")) == ""
+    assert r.feed({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 15.0}) == (
+        "00:14  Alice  And more\n"
+    )
+
+
+def test_a_terminal_sees_a_turn_grow_with_its_partial_on_one_row() -> None:
+    r = Renderer(live=True, colour=False, sessions=False, width=60)
+    assert r.feed(said(1.0, "Good morning,")) == f"{CLEAR_LINE}00:01  Alice  Good morning,"
+    row = r.feed(said(1.6, "Sarah. Thanks", final=False))
+    assert row == f"{CLEAR_LINE}00:01  Alice  Good morning, Sarah. Thanks"
+    # A partial too long for the row shows its newest words: nothing wraps.
+    row = r.feed(said(1.6, "Sarah. " + "very " * 20 + "end", final=False))
+    assert row.startswith(f"{CLEAR_LINE}00:01  Alice  Good morning, …") and row.endswith("end")
+    assert len(row) - len(CLEAR_LINE) == 60 - 1
+    # Someone else's partial ends the line and takes a row of its own.
+    row = r.feed(said(3.0, "Hello", BOB, final=False))
+    assert row == f"{CLEAR_LINE}00:01  Alice  Good morning,\n{CLEAR_LINE}00:03  Bob  Hello"
+    # A final that would wrap starts a new line.
+    assert r.feed(said(3.0, "Hello there, I have a question about the launch", BOB)).endswith(
+        "launch"
+    )
+    row = r.feed(said(5.0, "date and the budget", BOB))
+    assert row == (
+        f"{CLEAR_LINE}00:03  Bob  Hello there, I have a question about the launch\n"
+        f"{CLEAR_LINE}00:05  Bob  date and the budget"
+    )
 
 
 async def test_watch_and_sessions_commands(start_gateway: GatewayFactory) -> None:
