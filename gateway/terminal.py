@@ -41,6 +41,8 @@ CLEAR_LINE = "\r\x1b[2K"
 SENTENCE_LINE = 60
 #: The most a line written to a pipe or a file takes, characters (a terminal: its width).
 PIPE_WIDTH = 160
+#: A partial is shown after the line when at least this many characters of it fit.
+MIN_PARTIAL = 8
 
 
 def _clock(seconds: float) -> str:
@@ -54,7 +56,7 @@ class Renderer:
 
     Finals come a few words at a time (progressive finals): a speaker's run of them is
     one line, as on the live page, ended at the end of their speech (``speech_final``,
-    ``UtteranceEnd``), when someone else's words come, and after a sentence once the line
+    ``UtteranceEnd``), at someone else's final, and after a sentence once the line
     is :data:`SENTENCE_LINE` characters long; in a terminal also before it would wrap,
     since only the last row can be rewritten. A terminal (``live``) sees the line grow
     with each final and the partial still forming after it, dimmed; otherwise a line is
@@ -160,20 +162,26 @@ class Renderer:
         return f"{out}{CLEAR_LINE}{self._head[1]}{self._text}" if self.live else out
 
     def _partial(self, message: Mapping[str, Any]) -> str:
-        """The row rewritten: the open line with the partial after it, dimmed, or the
-        partial on a row of its own when it is someone else's (the open line ends)."""
-        out = ""
-        if self._open is not None and self._open == self._whose(message):
+        """The row rewritten: the open line with the partial after it, dimmed, named
+        when it is someone else's (their finals often come after the next speaker's
+        first partial: the line stays open for them); with no line open, the partial on
+        a row of its own."""
+        name = str(message.get("speaker_name") or "Unknown")
+        if self._open is None:
+            plain, shown = self._line_head(message)
+        elif self._open == self._whose(message):
             plain, shown = f"{self._head[0]}{self._text} ", f"{self._head[1]}{self._text} "
         else:
-            out = self.flush()
-            plain, shown = self._line_head(message)
+            plain = f"{self._head[0]}{self._text}  {name}: "
+            shown = f"{self._head[1]}{self._text}  {self._speaker(name)}: "
         text = self._words(message)
         room = self.width - len(plain) - 1
+        if room < MIN_PARTIAL:  # no room left on the row: the line alone
+            return f"{CLEAR_LINE}{self._head[1]}{self._text}"
         if len(text) > room:  # its newest words, on the one row that can be rewritten
-            text = "…" + text[len(text) - room + 1 :] if room > 1 else ""
+            text = "…" + text[len(text) - room + 1 :]
         dim = f"\x1b[2m{text}\x1b[0m" if self.colour else text
-        return f"{out}{CLEAR_LINE}{shown}{dim}"
+        return f"{CLEAR_LINE}{shown}{dim}"
 
 
 def transcripts_url(base: str, key: str | None, token: str | None) -> str:

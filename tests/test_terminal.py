@@ -113,9 +113,20 @@ def test_a_terminal_sees_a_turn_grow_with_its_partial_on_one_row() -> None:
     row = r.feed(said(1.6, "Sarah. " + "very " * 20 + "end", final=False))
     assert row.startswith(f"{CLEAR_LINE}00:01  Alice  Good morning, …") and row.endswith("end")
     assert len(row) - len(CLEAR_LINE) == 60 - 1
-    # Someone else's partial ends the line and takes a row of its own.
+    # Someone else's partial comes after the line, named: the line stays open for the
+    # finals of its speaker, which often come after the next speaker's first partial.
     row = r.feed(said(3.0, "Hello", BOB, final=False))
-    assert row == f"{CLEAR_LINE}00:01  Alice  Good morning,\n{CLEAR_LINE}00:03  Bob  Hello"
+    assert row == f"{CLEAR_LINE}00:01  Alice  Good morning,  Bob: Hello"
+    assert r.feed(said(1.6, "Sarah.")) == f"{CLEAR_LINE}00:01  Alice  Good morning, Sarah."
+    # Someone else's final ends it.
+    assert r.feed(said(3.0, "Hello", BOB)) == (
+        f"{CLEAR_LINE}00:01  Alice  Good morning, Sarah.\n{CLEAR_LINE}00:03  Bob  Hello"
+    )
+    assert r.flush() == f"{CLEAR_LINE}00:03  Bob  Hello\n"
+    # A line that fills the row shows no partial after it, not even a name.
+    full = "I have a question about the launch"
+    assert r.feed(said(6.0, full)) == f"{CLEAR_LINE}00:06  Alice  {full}"
+    assert r.feed(said(9.0, "Sure", BOB, final=False)) == f"{CLEAR_LINE}00:06  Alice  {full}"
     # A final that would wrap starts a new line.
     assert r.feed(said(3.0, "Hello there, I have a question about the launch", BOB)).endswith(
         "launch"
