@@ -25,6 +25,7 @@ import time
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
@@ -51,6 +52,20 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes:02d}:{rest:02d}"
 
 
+@dataclass(slots=True)
+class _Line:
+    """A line being written: whose it is (session, speaker), its head (plain and as
+    shown) and its text so far."""
+
+    whose: tuple[str, str]
+    head: tuple[str, str]
+    text: str
+
+    @property
+    def length(self) -> int:
+        return len(self.head[0]) + len(self.text)
+
+
 class Renderer:
     """Live transcript messages in, text for a terminal out.
 
@@ -59,8 +74,9 @@ class Renderer:
     ``UtteranceEnd``), at someone else's final, and after a sentence once the line
     is :data:`SENTENCE_LINE` characters long; in a terminal also before it would wrap,
     since only the last row can be rewritten. A terminal (``live``) sees the line grow
-    with each final and the partial still forming after it, dimmed; otherwise a line is
-    written whole once it ends (:meth:`flush` ends the last one)."""
+    with each final and the partial still forming after it, dimmed; it has one line at a
+    time. Otherwise each session has a line of its own, written whole once it ends
+    (:meth:`flush` ends them at the end of the stream)."""
 
     def __init__(
         self, *, live: bool, colour: bool, sessions: bool, width: int = PIPE_WIDTH
@@ -76,10 +92,7 @@ class Renderer:
         # (a new session under the same key starts its clock at 0 again).
         self._printed: dict[tuple[str, str], float] = {}
         self._skip: dict[tuple[str, str], float] = {}
-        # The open line: whose (session, speaker), its head (plain and as shown), its text.
-        self._open: tuple[str, str] | None = None
-        self._head = ("", "")
-        self._text = ""
+        self._lines: dict[str, _Line] = {}  # the open lines, by session
 
     def reconnected(self) -> str:
         """A new connection replays each session's finals from its first: the ones
@@ -87,16 +100,16 @@ class Renderer:
         printed again. By time, not by count: after a kill the replay may lack the
         last finals the killed process sent. Per session run: a session that starts again
         under the same key (another ``request_id``) is printed from its first final.
-        Returns the open line, ended (:meth:`flush`)."""
+        Returns the open lines, ended (:meth:`flush`)."""
         self._skip = dict(self._printed)
         return self.flush()
 
-    def flush(self) -> str:
-        """The open line, ended (the stream ends, or breaks off)."""
-        if self._open is None:
-            return ""
-        self._open = None
-        return f"{CLEAR_LINE if self.live else ''}{self._head[1]}{self._text}\n"
+    def flush(self, session: str | None = None) -> str:
+        """The open line of ``session`` (of every session: the stream ends), ended."""
+        keys = list(self._lines) if session is None else [session]
+        lines = [line for key in keys if (line := self._lines.pop(key, None)) is not None]
+        clear = CLEAR_LINE if self.live else ""
+        return "".join(f"{clear}{line.head[1]}{line.text}\n" for line in lines)
 
     def _speaker(self, name: str) -> str:
         if not self.colour:
@@ -127,9 +140,7 @@ class Renderer:
         """What to write for one message (may be empty)."""
         kind = message.get("type")
         if kind == "UtteranceEnd":
-            if self._open is not None and self._open[0] == str(message.get("session", "")):
-                return self.flush()
-            return ""
+            return self.flush(str(message.get("session", "")))
         if kind != "Results" or not message["channel"]["alternatives"][0].get("words"):
             return ""
         if message.get("is_final"):
@@ -145,39 +156,42 @@ class Renderer:
         self._skip.pop(run, None)  # the replay is over: the rest is new
         self._printed[run] = end
         text = self._words(message)
-        out = ""
         whose = self._whose(message)
-        if self._open is not None and (
-            self._open != whose or len(self._head[0]) + len(self._text) + 1 + len(text) > self.width
-        ):
-            out = self.flush()
-        if self._open is None:
-            self._open, self._head, self._text = whose, self._line_head(message), text
+        session = whose[0]
+        # A terminal rewrites one row: another session's line ends first.
+        out = "".join(self.flush(key) for key in list(self._lines) if self.live and key != session)
+        line = self._lines.get(session)
+        if line is not None and (line.whose != whose or line.length + 1 + len(text) > self.width):
+            out += self.flush(session)
+            line = None
+        if line is None:
+            line = self._lines[session] = _Line(whose, self._line_head(message), text)
         else:
-            self._text = f"{self._text} {text}"
-        long = len(self._head[0]) + len(self._text) >= self.width
-        sentence = self._text.endswith((".", "?", "!")) and len(self._text) >= SENTENCE_LINE
-        if message.get("speech_final") or long or sentence:
-            return out + self.flush()
-        return f"{out}{CLEAR_LINE}{self._head[1]}{self._text}" if self.live else out
+            line.text = f"{line.text} {text}"
+        sentence = line.text.endswith((".", "?", "!")) and len(line.text) >= SENTENCE_LINE
+        if message.get("speech_final") or line.length >= self.width or sentence:
+            return out + self.flush(session)
+        return f"{out}{CLEAR_LINE}{line.head[1]}{line.text}" if self.live else out
 
     def _partial(self, message: Mapping[str, Any]) -> str:
         """The row rewritten: the open line with the partial after it, dimmed, named
         when it is someone else's (their finals often come after the next speaker's
         first partial: the line stays open for them); with no line open, the partial on
         a row of its own."""
-        name = str(message.get("speaker_name") or "Unknown")
-        if self._open is None:
+        line = next(iter(self._lines.values()), None)
+        whose = self._whose(message)
+        if line is None:
             plain, shown = self._line_head(message)
-        elif self._open == self._whose(message):
-            plain, shown = f"{self._head[0]}{self._text} ", f"{self._head[1]}{self._text} "
+        elif line.whose == whose:
+            plain, shown = f"{line.head[0]}{line.text} ", f"{line.head[1]}{line.text} "
         else:
-            plain = f"{self._head[0]}{self._text}  {name}: "
-            shown = f"{self._head[1]}{self._text}  {self._speaker(name)}: "
+            where = f"{whose[0]} " if self.sessions else ""
+            plain = f"{line.head[0]}{line.text}  {where}{whose[1]}: "
+            shown = f"{line.head[1]}{line.text}  {where}{self._speaker(whose[1])}: "
         text = self._words(message)
         room = self.width - len(plain) - 1
-        if room < MIN_PARTIAL:  # no room left on the row: the line alone
-            return f"{CLEAR_LINE}{self._head[1]}{self._text}"
+        if line is not None and room < MIN_PARTIAL:  # no room left on the row: the line alone
+            return f"{CLEAR_LINE}{line.head[1]}{line.text}"
         if len(text) > room:  # its newest words, on the one row that can be rewritten
             text = "…" + text[len(text) - room + 1 :]
         dim = f"\x1b[2m{text}\x1b[0m" if self.colour else text

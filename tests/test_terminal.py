@@ -104,6 +104,24 @@ def test_a_pipe_gets_a_line_per_turn_once_it_ends() -> None:
     )
 
 
+def test_every_session_into_a_pipe_gets_each_session_a_line_per_turn() -> None:
+    r = Renderer(live=False, colour=False, sessions=True)
+
+    def of(session: str, message: Message) -> Message:
+        return {**message, "session": session}
+
+    assert r.feed(of("m1", said(1.0, "Good morning,"))) == ""
+    assert r.feed(of("m2", said(1.2, "Can you hear"))) == ""
+    assert (
+        r.feed(of("m1", said(1.6, "Sarah.", end=True)))
+        == "m1  00:01  Alice  Good morning, Sarah.\n"
+    )
+    assert r.feed(of("m2", said(2.0, "me?", BOB))) == "m2  00:01  Alice  Can you hear\n"
+    end = {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 2.5, "session": "m1"}
+    assert r.feed(end) == ""  # m1 has no line open; m2's stays open
+    assert r.flush() == "m2  00:02  Bob  me?\n"
+
+
 def test_a_terminal_sees_a_turn_grow_with_its_partial_on_one_row() -> None:
     r = Renderer(live=True, colour=False, sessions=False, width=60)
     assert r.feed(said(1.0, "Good morning,")) == f"{CLEAR_LINE}00:01  Alice  Good morning,"
