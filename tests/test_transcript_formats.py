@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from gateway.ingest.speakers import Speaker
 from pipelines.transcription.backpressure import MessageQueue, Offer
-from pipelines.transcription.formats import UNKNOWN_SPEAKER, deepgram, meeting_baas, metadata
+from pipelines.transcription.formats import (
+    UNKNOWN_SPEAKER,
+    deepgram,
+    meeting_baas,
+    metadata,
+    webvtt,
+)
 from pipelines.transcription.results import Result, SpeechStarted, UtteranceEnd, Word
 
 ALICE = Speaker("id:1", 1, "Alice", is_bot=False)
@@ -179,6 +185,54 @@ def test_every_word_lands_once_in_order(shape: list[list[Speaker | None]]) -> No
     for s in segments:
         assert s["start_time"] == s["words"][0]["start"]
         assert s["end_time"] == s["words"][-1]["end"]
+
+
+def test_captions_are_sentences_in_cues_named_by_speaker() -> None:
+    # A cue ends at a sentence of 4 words or more (shorter ones join the next), where the
+    # speaker changes or pauses a second, and at 14 words.
+    said = [
+        result(word("Good", 0.5), word("morning,", 0.9), word("Sarah.", 1.3)),
+        result(word("Thanks", 1.8), word("for", 2.2), word("joining.", 2.6)),
+        result(word("No", 3.4, BOB), word("problem", 3.8, BOB), word("<at> & all.", 4.2, BOB)),
+        result(word("So,", 6.0, BOB)),  # after a pause of 1.5 s
+    ]
+    segments = meeting_baas([deepgram(r) for r in said])["transcript"]
+    assert webvtt(segments) == (
+        "WEBVTT\n\n"
+        "00:00:00.500 --> 00:00:02.900\n<v Alice>Good morning, Sarah. Thanks for joining.\n\n"
+        "00:00:03.400 --> 00:00:04.500\n<v Bob>No problem &lt;at&gt; &amp; all.\n\n"
+        "00:00:06.000 --> 00:00:06.300\n<v Bob>So,\n\n"
+    )
+    # An hour in, and a long run without a sentence end: cues of 14 words at most.
+    run = [word(f"w{i}", 3725.0 + 0.4 * i) for i in range(30)]
+    cues = webvtt(meeting_baas([deepgram(result(*run))])["transcript"]).split("\n\n")[1:-1]
+    assert [len(c.split("\n")[1].partition(">")[2].split()) for c in cues] == [14, 14, 2]
+    assert cues[0].startswith("01:02:05.000 --> 01:02:10.500")
+    # ... but a sentence that ends two words past them stays whole.
+    run = [word(f"w{i}{'.' if i == 15 else ''}", 0.4 * i) for i in range(20)]
+    cues = webvtt(meeting_baas([deepgram(result(*run))])["transcript"]).split("\n\n")[1:-1]
+    assert [len(c.split("\n")[1].partition(">")[2].split()) for c in cues] == [16, 4]
+
+
+@given(st.lists(st.lists(speakers, min_size=1, max_size=6), max_size=12))
+def test_captions_carry_every_word_once_in_order(shape: list[list[Speaker | None]]) -> None:
+    finals, t0, spoken = [], 0.0, []
+    for who in shape:
+        words = []
+        for s in who:
+            words.append(word(f"w{len(spoken)}.", t0, s))
+            spoken.append((f"w{len(spoken)}.", s.name if s else UNKNOWN_SPEAKER))
+            t0 += 0.5
+        finals.append(deepgram(result(*words)))
+    captions = webvtt(meeting_baas(finals)["transcript"])
+    cues = [c.split("\n") for c in captions.split("\n\n")[1:-1]]
+    heard = []
+    for timing, text in cues:
+        voice, _, words = text.removeprefix("<v ").partition(">")
+        heard += [(w, voice) for w in words.split()]
+        start, _, end = timing.partition(" --> ")
+        assert start < end
+    assert heard == spoken
 
 
 # -- subscriber queue ------------------------------------------------------------------

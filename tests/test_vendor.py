@@ -92,6 +92,8 @@ async def test_a_v2_transcription_mode_bot_gets_every_output(start_gateway: Gate
     assert (seg["speaker"], seg["start_time"]) == ("Alice", 1.0)
     assert transcript["started_at"] == START_MS / 1000
     assert seg["wall_start"] == round(START_MS / 1000 + 1.0, 3)
+    captions = (directory / "transcript.vtt").read_text()
+    assert captions == "WEBVTT\n\n00:00:01.000 --> 00:00:01.900\n<v Alice>Hello team.\n\n"
     v2 = json.loads((directory / "transcript.v2.json").read_text())
     assert v2 == {
         "result": {

@@ -170,3 +170,63 @@ def meeting_baas(finals: Iterable[Message], speakers: Sequence[str] = ()) -> Mes
             current["words"].append(entry)
             current["end_time"] = max(current["end_time"], word["end"])
     return {"transcript": segments, "speakers": names}
+
+
+#: A caption (a WebVTT cue) ends after a sentence once it has this many words, after
+#: ``CUE_WORDS`` otherwise (up to ``CUE_TAIL`` more to end with its sentence rather than
+#: leave a scrap of it for the next cue), and where the speaker paused ``CUE_PAUSE``
+#: seconds: two lines of a player's captions, read in the time they are shown.
+CUE_SENTENCE_WORDS = 4
+CUE_WORDS = 14
+CUE_TAIL = 3
+CUE_PAUSE = 1.0
+
+
+def _cue_time(seconds: float) -> str:
+    ms = max(0, round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{ms // 1000:02d}.{ms % 1000:03d}"
+
+
+def _vtt_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _ends_sentence(word: Message) -> bool:
+    return str(word["word"]).endswith((".", "?", "!"))
+
+
+def _cue_ends(words: Sequence[Message], i: int, length: int) -> bool:
+    """Whether a cue of ``length`` words ends at ``words[i]``, a segment's words."""
+    if i + 1 == len(words) or words[i + 1]["start"] - words[i]["end"] >= CUE_PAUSE:
+        return True
+    if _ends_sentence(words[i]):
+        return length >= CUE_SENTENCE_WORDS
+    if length < CUE_WORDS:
+        return False
+    # At the length: on to the sentence's end if it comes within CUE_TAIL words.
+    ahead = words[i + 1 : i + 1 + CUE_TAIL]
+    close = next((j for j, w in enumerate(ahead) if _ends_sentence(w)), None)
+    return close is None or length >= CUE_WORDS + CUE_TAIL
+
+
+def webvtt(segments: Iterable[Message]) -> str:
+    """Captions for the recording (``transcript.vtt``) from :func:`meeting_baas` segments:
+    each speaker's words in cues of a sentence or so (``CUE_*``), timed by the words, the
+    speaker named in a voice tag (``<v Alice>``), so that a player shows them with
+    ``audio.wav``."""
+    cues: list[str] = []
+    for segment in segments:
+        voice = _vtt_text(str(segment["speaker"]))
+        words: list[Message] = segment["words"]
+        first = 0
+        for i in range(len(words)):
+            if _cue_ends(words, i, i + 1 - first):
+                cue = words[first : i + 1]
+                start, end = cue[0]["start"], max(w["end"] for w in cue)
+                text = _vtt_text(" ".join(str(w["word"]) for w in cue))
+                timing = f"{_cue_time(start)} --> {_cue_time(max(end, start + 0.1))}"
+                cues.append(f"{timing}\n<v {voice}>{text}")
+                first = i + 1
+    return "WEBVTT\n\n" + "".join(f"{cue}\n\n" for cue in cues)

@@ -14,8 +14,10 @@ Files in the session directory:
     flushed as it is published, so a crash of the process loses none already written.
 ``transcript.json``
     Written atomically when the session is finalized, in the Meeting BaaS ``complete``
-    shape ``{"transcript": [segments], "speakers": [names]}``. At start-up, a session
-    left without one by a crash gets it rebuilt from its ``transcript.jsonl``.
+    shape ``{"transcript": [segments], "speakers": [names]}``, beside
+    ``transcript.v2.json`` (the vendor's v2 shape) and ``transcript.vtt`` (WebVTT
+    captions of ``audio.wav``, each cue naming its speaker). At start-up, a session
+    left without them by a crash gets them rebuilt from its ``transcript.jsonl``.
 ``webhook_undelivered.jsonl``
     Webhook bodies that could not be delivered.
 
@@ -47,7 +49,7 @@ from gateway.storage.files import FileStatus, disk_watch, write_atomically
 from gateway.storage.held import HeldAppender
 from gateway.storage.offload import blocking
 
-from .formats import deepgram, meeting_baas, metadata
+from .formats import deepgram, meeting_baas, metadata, webvtt
 from .provider import v2_transcript
 from .relayed import RelayedHub
 from .results import Result, TranscriptEvent
@@ -59,6 +61,7 @@ logger = logging.getLogger("pipelines.transcription.outputs")
 JSONL = "transcript.jsonl"
 TRANSCRIPT = "transcript.json"
 TRANSCRIPT_V2 = "transcript.v2.json"
+CAPTIONS = "transcript.vtt"
 #: Finals per session kept in memory for late subscribers; older ones are read from disk.
 MEMORY = 1000
 #: Longest wait at shutdown for webhook bodies still being delivered.
@@ -256,7 +259,8 @@ def _build_transcript(
 ) -> dict[str, Any]:
     """``transcript.json`` (Meeting BaaS v1 ``complete`` shape, with ``started_at`` and
     each segment's ``wall_start`` when the session's wall-clock start is known) and
-    ``transcript.v2.json`` (the vendor's v2 stored shape) from ``transcript.jsonl``."""
+    ``transcript.v2.json`` (the vendor's v2 stored shape) and ``transcript.vtt``
+    (captions for the recording) from ``transcript.jsonl``."""
     finals = []
     with open(directory / JSONL, encoding="utf-8") as f:
         for line in f:
@@ -270,6 +274,7 @@ def _build_transcript(
             segment["wall_start"] = round(started + segment["start_time"], 3)
     v2 = v2_transcript(transcript["transcript"])
     _write_atomically(directory / TRANSCRIPT_V2, json.dumps(v2, indent=1) + "\n")
+    _write_atomically(directory / CAPTIONS, webvtt(transcript["transcript"]))
     _write_atomically(directory / TRANSCRIPT, json.dumps(transcript, indent=1) + "\n")
     return transcript
 
