@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -167,16 +168,33 @@ def test_empty_transcript() -> None:
 speakers = st.sampled_from([ALICE, BOB, NAMELESS, None])
 
 
-@given(st.lists(st.lists(speakers, min_size=1, max_size=6), max_size=12))
-def test_every_word_lands_once_in_order(shape: list[list[Speaker | None]]) -> None:
+def conversation(
+    shape: list[list[Speaker | None]], mark: str = ""
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Finals of words 0.5 s apart, one final per list of speakers in ``shape``, as read
+    back from JSON, and each word with its speaker's name. Every third word ends in
+    ``mark``."""
     finals, t0, spoken = [], 0.0, []
     for who in shape:
         words = []
         for s in who:
-            words.append(word(f"w{len(spoken)}", t0, s))
-            spoken.append((f"w{len(spoken)}", s.name if s else UNKNOWN_SPEAKER))
+            text = f"w{len(spoken)}{mark if len(spoken) % 3 == 2 else ''}"
+            words.append(word(text, t0, s))
+            spoken.append((text, s.name if s else UNKNOWN_SPEAKER))
             t0 += 0.5
         finals.append(json.loads(json.dumps(deepgram(result(*words)))))
+    return finals, spoken
+
+
+def cue_lengths(captions: str) -> list[int]:
+    """How many words each cue of WebVTT ``captions`` has."""
+    cues = captions.split("\n\n")[1:-1]
+    return [len(c.split("\n")[1].partition(">")[2].split()) for c in cues]
+
+
+@given(st.lists(st.lists(speakers, min_size=1, max_size=6), max_size=12))
+def test_every_word_lands_once_in_order(shape: list[list[Speaker | None]]) -> None:
+    finals, spoken = conversation(shape)
     segments = meeting_baas(finals)["transcript"]
     flat = [(w["word"], s["speaker"]) for s in segments for w in s["words"]]
     assert flat == spoken
@@ -205,25 +223,17 @@ def test_captions_are_sentences_in_cues_named_by_speaker() -> None:
     )
     # An hour in, and a long run without a sentence end: cues of 14 words at most.
     run = [word(f"w{i}", 3725.0 + 0.4 * i) for i in range(30)]
-    cues = webvtt(meeting_baas([deepgram(result(*run))])["transcript"]).split("\n\n")[1:-1]
-    assert [len(c.split("\n")[1].partition(">")[2].split()) for c in cues] == [14, 14, 2]
-    assert cues[0].startswith("01:02:05.000 --> 01:02:10.500")
+    captions = webvtt(meeting_baas([deepgram(result(*run))])["transcript"])
+    assert cue_lengths(captions) == [14, 14, 2]
+    assert captions.split("\n\n")[1].startswith("01:02:05.000 --> 01:02:10.500")
     # ... but a sentence that ends two words past them stays whole.
     run = [word(f"w{i}{'.' if i == 15 else ''}", 0.4 * i) for i in range(20)]
-    cues = webvtt(meeting_baas([deepgram(result(*run))])["transcript"]).split("\n\n")[1:-1]
-    assert [len(c.split("\n")[1].partition(">")[2].split()) for c in cues] == [16, 4]
+    assert cue_lengths(webvtt(meeting_baas([deepgram(result(*run))])["transcript"])) == [16, 4]
 
 
 @given(st.lists(st.lists(speakers, min_size=1, max_size=6), max_size=12))
 def test_captions_carry_every_word_once_in_order(shape: list[list[Speaker | None]]) -> None:
-    finals, t0, spoken = [], 0.0, []
-    for who in shape:
-        words = []
-        for s in who:
-            words.append(word(f"w{len(spoken)}.", t0, s))
-            spoken.append((f"w{len(spoken)}.", s.name if s else UNKNOWN_SPEAKER))
-            t0 += 0.5
-        finals.append(deepgram(result(*words)))
+    finals, spoken = conversation(shape, mark=".")
     captions = webvtt(meeting_baas(finals)["transcript"])
     cues = [c.split("\n") for c in captions.split("\n\n")[1:-1]]
     heard = []
