@@ -94,15 +94,13 @@ class Renderer:
         self._skip: dict[tuple[str, str], float] = {}
         self._lines: dict[str, _Line] = {}  # the open lines, by session
 
-    def reconnected(self) -> str:
+    def reconnected(self) -> None:
         """A new connection replays each session's finals from its first: the ones
         printed already (ending where the last one printed ends, or before) are not
         printed again. By time, not by count: after a kill the replay may lack the
         last finals the killed process sent. Per session run: a session that starts again
-        under the same key (another ``request_id``) is printed from its first final.
-        Returns the open lines, ended (:meth:`flush`)."""
+        under the same key (another ``request_id``) is printed from its first final."""
         self._skip = dict(self._printed)
-        return self.flush()
 
     def flush(self, session: str | None = None) -> str:
         """The open line of ``session`` (of every session: the stream ends), ended."""
@@ -244,7 +242,7 @@ async def watch(url: str, out: TextIO = sys.stdout, *, sessions: bool) -> int:
             what = "is restarting" if ws.close_code == RESTART else "connection was lost"
             print(f"the gateway {what}: reconnecting", file=sys.stderr)
             restarting = time.monotonic()
-            renderer.reconnected()  # the open line was ended above
+            renderer.reconnected()
             await asyncio.sleep(1.0)
             continue
         if ws.close_code not in (1000, None):

@@ -206,9 +206,8 @@ def _cue_ends(words: Sequence[Message], i: int, length: int) -> bool:
     if length < CUE_WORDS:
         return False
     # At the length: on to the sentence's end if it comes within CUE_TAIL words.
-    ahead = words[i + 1 : i + 1 + CUE_TAIL]
-    close = next((j for j, w in enumerate(ahead) if _ends_sentence(w)), None)
-    return close is None or length >= CUE_WORDS + CUE_TAIL
+    ends_soon = any(_ends_sentence(w) for w in words[i + 1 : i + 1 + CUE_TAIL])
+    return not ends_soon or length >= CUE_WORDS + CUE_TAIL
 
 
 def webvtt(segments: Iterable[Message]) -> str:
