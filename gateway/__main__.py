@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from . import __version__, logs, memory, tokens
 from .config import SUPPORTED_RATES, Settings
@@ -158,7 +158,9 @@ def bot_config(
     http = base.replace("wss://", "https://").replace("ws://", "http://")
     config["transcripts_url"] = url(f"/bots/{key}/transcripts", "read")
     config["control_url"] = url(f"/bots/{key}/control", "control")
-    config["sessions_url"] = f"{http}/sessions"
+    # The session's row in GET /sessions: with a secret, the read token lists it alone.
+    read = urlsplit(config["transcripts_url"]).query
+    config["sessions_url"] = f"{http}/sessions" + (f"?{read}" if read else "")
     return config
 
 
@@ -237,8 +239,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_sessions(args: argparse.Namespace) -> int:
     from .terminal import fetch_sessions, sessions_table
 
+    settings = Settings.from_sources(args)
+    token = args.token or (
+        tokens.mint(settings.secret, "read", tokens.ANY_KEY, 300) if settings.secret else None
+    )
     try:
-        rows = fetch_sessions(args.url)
+        rows = fetch_sessions(args.url, token)
     except (OSError, ValueError) as exc:
         raise GatewayError(f"cannot list sessions at {args.url}: {exc}") from None
     print(json.dumps(rows, indent=1) if args.json else sessions_table(rows))
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("sessions", help="list the gateway's sessions as a table")
     listing.add_argument("--url", default="http://localhost:8080", help="the gateway")
     listing.add_argument("--json", action="store_true", help="print the JSON instead")
+    listing.add_argument("--token", help="read token (default: minted from GATEWAY_SECRET if set)")
+    Settings.add_arguments(listing, ["secret"])
     listing.set_defaults(func=cmd_sessions)
     return parser
 

@@ -12,19 +12,28 @@
 
 Every answer is built from memory and is cheap; nothing here blocks the loop. In cluster
 mode ``/sessions`` lists every node's sessions (one Redis round trip).
+
+With a secret set, ``/sessions`` and the timelines name the people in every meeting, so
+they need a ``read`` token (``Authorization: Bearer <token>`` or ``?token=``): one bound
+to ``*`` (or the secret itself) sees every session, one bound to a key sees that session.
+A request without one is refused with 401 before anything is looked up. Health, metrics
+(no session keys or names in them) and the page's static files stay open.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.http11 import Request, Response
 
-from . import reports
+from . import reports, tokens
+from .errors import AuthError
 from .routes import response
 from .storage.files import disk_watch
 
@@ -47,11 +56,28 @@ def _json(data: object) -> Response:
     return response(200, "application/json", json.dumps(data, indent=1).encode())
 
 
+def readable(gateway: Gateway, request: Request) -> Callable[[str], bool]:
+    """The session keys this request may read about; :class:`AuthError` if none at all."""
+    secret = gateway.settings.secret
+    if gateway.settings.open:
+        return lambda key: True
+    params = dict(parse_qsl(urlsplit(request.path).query))
+    token = tokens.presented(request.headers, params)
+    if token is not None and hmac.compare_digest(token.encode(), secret.encode()):
+        return lambda key: True  # the operator's own key, as /v1/listen takes it
+    return tokens.scope(secret, token, "read")
+
+
 async def answer(gateway: Gateway, request: Request) -> Response | None:
-    """The response to a plain HTTP request, or None if it is not one of ours."""
+    """The response to a plain HTTP request, or None if it is not one of ours.
+
+    Raises :class:`AuthError` for a session listing the request may not read.
+    """
     path = urlsplit(request.path).path
     if path == "/sessions" and gateway.cluster is not None:
-        return _json(await gateway.cluster.sessions())  # every node's, from Redis
+        allowed = readable(gateway, request)
+        rows = await gateway.cluster.sessions()  # every node's, from Redis
+        return _json([row for row in rows if allowed(str(row.get("key")))])
     return _answer(gateway, request, path)
 
 
@@ -71,9 +97,12 @@ def _answer(gateway: Gateway, request: Request, path: str) -> Response | None:
         gateway.sessions.refresh()  # states change on every connect; count them now
         return response(200, CONTENT_TYPE_LATEST, generate_latest(gateway.metrics.registry))
     if path == "/sessions":
-        return _json([reports.summary(s) for s in gateway.sessions])
+        allowed = readable(gateway, request)
+        return _json([reports.summary(s) for s in gateway.sessions if allowed(s.key)])
     parts = [unquote(p) for p in path.split("/") if p]
     if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "timeline":
+        if not readable(gateway, request)(parts[1]):
+            raise AuthError("token does not grant read on this session", status=403)
         session = gateway.sessions.get(parts[1])
         if session is None:
             return response(404, "text/plain", b"no such session\n")

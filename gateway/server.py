@@ -170,10 +170,10 @@ class Gateway:
     # -- HTTP -----------------------------------------------------------------------------
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        plain = await http.answer(self, request)
-        if plain is not None:
-            return plain
         try:
+            plain = await http.answer(self, request)  # may refuse: a read token is missing
+            if plain is not None:
+                return plain
             route = parse_route(request.path)
             self._check(route, remote_ip(ws), request.headers)
         except ProtocolError as exc:
@@ -207,7 +207,7 @@ class Gateway:
                 raise RouteError("/v1/listen needs the transcription pipeline")
             options = listen.ListenOptions.parse(route.params)
             if not s.open:
-                listen.authorize(s.secret, listen.credential(headers, route.params), options)
+                listen.authorize(s.secret, tokens.presented(headers, route.params), options)
         elif route.kind in self.routes:
             token_role = self.routes[route.kind][0]
             if token_role not in tokens.ROLES:

@@ -273,11 +273,16 @@ def sessions_table(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def fetch_sessions(base: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+def fetch_sessions(
+    base: str, token: str | None = None, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """``GET /sessions``, with a read token when the gateway has a secret."""
     parts = urlsplit(base)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme or "http")
     if scheme not in ("http", "https"):
         raise ValueError(f"not a gateway URL: {base!r}")
-    with urllib.request.urlopen(f"{scheme}://{parts.netloc}/sessions", timeout=timeout) as r:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{scheme}://{parts.netloc}/sessions", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as r:
         rows: list[dict[str, Any]] = json.loads(r.read())
     return rows

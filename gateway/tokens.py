@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from .errors import AuthError
@@ -41,18 +42,58 @@ def mint(secret: str, role: Role, key: str, ttl: float, now: float | None = None
 def verify(secret: str, token: str | None, role: Role, key: str, now: float | None = None) -> None:
     """Raise :class:`AuthError` unless ``token`` grants ``role`` on ``key`` now.
 
-    A token bound to :data:`ANY_KEY` grants ``role`` on every key.
+    A token bound to :data:`ANY_KEY` grants ``role`` on every key. Missing, malformed and
+    expired tokens are 401; a valid token for another role or key is 403.
     """
+    expiry, mac = _parse(token, now)
+    # Compare both candidates every time so timing does not say which key matched.
+    ok_key = hmac.compare_digest(mac, _mac(secret, role, key, expiry))
+    ok_any = hmac.compare_digest(mac, _mac(secret, role, ANY_KEY, expiry))
+    if not (ok_key or ok_any):
+        raise AuthError(f"token does not grant {role} on this session", status=403)
+
+
+def scope(
+    secret: str, token: str | None, role: Role, now: float | None = None
+) -> Callable[[str], bool]:
+    """Which keys ``token`` grants ``role`` on, for a request that spans sessions.
+
+    Raises :class:`AuthError` (401) for a missing, malformed or expired token. A token
+    bound to :data:`ANY_KEY` grants every key; any other grants the one it was minted for
+    (and nothing, if it is for another role).
+    """
+    expiry, mac = _parse(token, now)
+    if hmac.compare_digest(mac, _mac(secret, role, ANY_KEY, expiry)):
+        return lambda key: True
+    return lambda key: hmac.compare_digest(mac, _mac(secret, role, key, expiry))
+
+
+def presented(headers: Mapping[str, str], params: Mapping[str, str]) -> str | None:
+    """The token or key a request presents, wherever a client can put it.
+
+    ``Authorization: Bearer <t>`` (or Deepgram's ``Token <t>``), the WebSocket
+    subprotocols ``token, <t>`` (browsers cannot set headers on a WebSocket), or
+    ``?token=<t>`` (bots cannot set either).
+    """
+    auth = headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() in ("token", "bearer") and value.strip():
+        return value.strip()
+    protocols = headers.get("Sec-WebSocket-Protocol", "")
+    offered = [p.strip() for p in protocols.split(",")]
+    if len(offered) >= 2 and offered[0].lower() == "token" and offered[1]:
+        return offered[1]
+    return params.get("token") or None
+
+
+def _parse(token: str | None, now: float | None) -> tuple[int, str]:
     if not token:
         raise AuthError("missing token")
     expiry_text, _, mac = token.partition(".")
     if not expiry_text.isdigit() or not mac:
         raise AuthError("malformed token")
     expiry = int(expiry_text)
-    # Compare both candidates every time so timing does not say which key matched.
-    ok_key = hmac.compare_digest(mac, _mac(secret, role, key, expiry))
-    ok_any = hmac.compare_digest(mac, _mac(secret, role, ANY_KEY, expiry))
-    if not (ok_key or ok_any):
-        raise AuthError(f"token does not grant {role} on this session", status=403)
+    # The expiry is in the clear, so checking it before the MAC tells nothing secret.
     if expiry < (time.time() if now is None else now):
         raise AuthError("token expired")
+    return expiry, mac

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -186,8 +190,77 @@ class TestTokens:
         gw = await start_gateway(secret=self.SECRET)
         assert (await refused_with(gw.url("/")))[0] == 401
 
+    async def test_session_listings_need_a_read_token(self, start_gateway: GatewayFactory) -> None:
+        """With a secret, who is in which meeting is not for anyone who can reach the port."""
+        gw = await start_gateway(secret=self.SECRET)
+        bots = []
+        for key in ("k1", "k2"):
+            bots.append(
+                ws := await connect(
+                    gw.url(f"/bots/{key}?token={tokens.mint(self.SECRET, 'output', key, 60)}")
+                )
+            )
+            await hello(ws)
+            await ws.send(json.dumps([{"name": f"Person of {key}", "id": 1, "isSpeaking": True}]))
+            await ws.send(PCM)
+        await wait_for(lambda: len(gw.gateway.sessions) == 2)
+
+        def read(key: str, **kw: float) -> str:
+            return tokens.mint(self.SECRET, "read", key, 60, **kw)
+
+        async def get(path: str, token: str | None = None) -> tuple[int, object]:
+            status, body = await asyncio.to_thread(_get, gw.http + path, token)
+            return status, json.loads(body) if status == 200 else body
+
+        def keys(body: object) -> list[str]:
+            assert isinstance(body, list)
+            return [row["key"] for row in body]
+
+        assert await get("/sessions") == (401, "unauthorized\n")
+        assert (await get("/sessions", read("*", now=time.time() - 3600)))[0] == 401
+        forged = tokens.mint("not the secret", "read", "*", 60)
+        assert await get("/sessions", forged) == (200, [])  # a MAC for no session: none
+        assert keys((await get("/sessions", read("*")))[1]) == ["k1", "k2"]
+        assert keys((await get("/sessions", self.SECRET))[1]) == ["k1", "k2"]
+        status, body = await get(f"/sessions?token={read('k2')}")
+        assert status == 200 and keys(body) == ["k2"]
+        assert body[0]["speakers"] == ["Person of k2"]  # type: ignore[index]
+        control = tokens.mint(self.SECRET, "control", "*", 60)
+        assert keys((await get("/sessions", control))[1]) == []
+        assert (await get("/sessions/k1/timeline"))[0] == 401
+        assert (await get("/sessions/k1/timeline", read("k2")))[0] == 403
+        status, body = await get("/sessions/k1/timeline", read("k1"))
+        assert status == 200 and body["speakers"][0]["name"] == "Person of k1"  # type: ignore[index]
+        assert (await get("/sessions/nobody/timeline", read("*")))[0] == 404
+        for open_path in ("/healthz", "/readyz", "/metrics", "/page/config.json"):
+            assert (await asyncio.to_thread(_get, gw.http + open_path, None))[0] == 200
+        refused = gw.gateway.metrics.registry.get_sample_value(
+            "gateway_connections_refused_total", {"reason": "auth"}
+        )
+        assert refused == 4  # missing, expired, missing, another key
+        # The command line mints its own read token from the secret, as `watch` does.
+        listing = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway", "sessions", "--url", gw.http, "--json"),
+            *("--secret", self.SECRET),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(listing.communicate(), 30)
+        assert listing.returncode == 0 and keys(json.loads(out)) == ["k1", "k2"]
+        for ws in bots:
+            await ws.close()
+
     def test_tokens_verify_in_process(self) -> None:
         token = tokens.mint(self.SECRET, "read", tokens.ANY_KEY, 60)
         tokens.verify(self.SECRET, token, "read", "any-session")
         with pytest.raises(tokens.AuthError):
             tokens.verify(self.SECRET, token, "control", "any-session")
+
+
+def _get(url: str, token: str | None) -> tuple[int, str]:
+    """GET from a thread (the gateway runs on the test's loop), bearing ``token``."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

@@ -87,6 +87,14 @@ class TestBotConfig:
         tokens.verify(secret, parse_qs(inp.query)["token"][0], "input", key)
         with pytest.raises(tokens.AuthError):
             tokens.verify(secret, parse_qs(inp.query)["token"][0], "output", key)
+        # The session's row in GET /sessions, readable with the token it carries.
+        sessions = urlsplit(config["sessions_url"])  # type: ignore[arg-type]
+        assert (sessions.scheme, sessions.netloc, sessions.path) == (
+            "https",
+            "gw.example",
+            "/sessions",
+        )
+        tokens.verify(secret, parse_qs(sessions.query)["token"][0], "read", key)
 
     def test_dual_socket_and_v2_only_rates(self, capsys: pytest.CaptureFixture[str]) -> None:
         config = self.run(capsys, "--public-url", "ws://h:1", "--dual", "--rate", "48000")

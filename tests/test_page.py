@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gateway import tokens
 from gateway.simulator import SimulatedBot, read_wav
 
 from .backoff_bot import BackoffBot
@@ -98,6 +99,43 @@ async def test_a_bots_speaker_and_words_appear_live_in_a_real_browser(
     heard = {w.strip(".,?!").lower() for w in text.split()}
     reference = {w.lower() for w in first.text.split()}
     assert len(heard & reference) >= 0.6 * len(reference), (text, first.text)
+
+
+async def test_with_a_secret_the_page_lists_sessions_only_for_its_read_token(
+    start_gateway: GatewayFactory,
+) -> None:
+    """The page sends its read token with every listing; without one it says what it needs."""
+    secret = "page-secret"
+    running = await start_gateway(secret=secret, linger=30)
+    bob = [{"name": "Bob", "id": 1, "isSpeaking": True}]
+    bot = SimulatedBot(
+        url=running.url(f"/bots/guarded?token={tokens.mint(secret, 'output', 'guarded', 60)}"),
+        samples=np.zeros(3 * RATE, dtype=np.int16),
+        rate=RATE,
+        speed=1.0,
+        roster=[{"at": 0.0, "roster": bob}],
+    )
+    playing = asyncio.create_task(bot.run())
+    async with chromium_page() as (page, errors):
+        await page.goto(running.http + "/")
+        await page.wait_for_function(
+            "document.getElementById('status').textContent.includes('read token')",
+            timeout=scaled(10_000),
+        )
+        assert await page.locator("#sessions tr[data-key]").count() == 0
+        read = tokens.mint(secret, "read", "*", 60)
+        await page.goto(f"{running.http}/#token={read}")
+        await page.reload()  # a new fragment alone does not load the page again
+        await page.wait_for_selector("#sessions tr[data-key=guarded]", timeout=scaled(10_000))
+        await page.wait_for_function(
+            "document.getElementById('speaking').textContent.includes('Bob')",
+            timeout=scaled(10_000),
+        )
+        await page.wait_for_function(
+            "document.querySelectorAll('#timeline .bar').length > 0", timeout=scaled(10_000)
+        )
+        assert errors == []
+    await playing
 
 
 @pytest.mark.model

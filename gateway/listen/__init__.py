@@ -38,7 +38,6 @@ from .messages import (
     ListenOptions,
     ResultsFilter,
     authorize,
-    credential,
     model_uuid,
 )
 
@@ -50,6 +49,5 @@ __all__ = [
     "Outlet",
     "ResultsFilter",
     "authorize",
-    "credential",
     "model_uuid",
 ]

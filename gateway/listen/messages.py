@@ -10,7 +10,6 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import tokens
 from ..errors import AuthError, ProtocolError
@@ -84,19 +83,6 @@ class ListenOptions:
             utterance_end=bool(params.get("utterance_end_ms")),
             extra=extra,
         )
-
-
-def credential(headers: Any, params: Mapping[str, str]) -> str | None:
-    """The key a Deepgram client presents, wherever it put it."""
-    auth: str = headers.get("Authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() in ("token", "bearer") and value.strip():
-        return value.strip()
-    protocols: str = headers.get("Sec-WebSocket-Protocol", "")
-    offered = [p.strip() for p in protocols.split(",")]
-    if len(offered) >= 2 and offered[0].lower() == "token" and offered[1]:
-        return offered[1]
-    return params.get("token") or None
 
 
 def authorize(secret: str, key: str | None, options: ListenOptions) -> None:

@@ -31,6 +31,11 @@ function wsUrl(path, token) {
   return `${scheme}//${location.host}${path}${query}`;
 }
 
+// With a secret set, /sessions and the timelines need the read token too.
+function readHeaders() {
+  return readToken ? { Authorization: `Bearer ${readToken}` } : {};
+}
+
 function cell(row, text) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -41,7 +46,11 @@ function cell(row, text) {
 async function refreshSessions() {
   let sessions;
   try {
-    const r = await fetch("/sessions", { cache: "no-store" });
+    const r = await fetch("/sessions", { cache: "no-store", headers: readHeaders() });
+    if (r.status === 401 || r.status === 403) {
+      $("status").textContent = "this gateway needs a read token: open it as /#token=<read token>";
+      return;
+    }
     sessions = await r.json();
     $("status").textContent = `${sessions.length} session${sessions.length === 1 ? "" : "s"}`;
   } catch (e) {
@@ -88,7 +97,9 @@ async function refreshTimeline() {
   if (!state.selected) return;
   let data;
   try {
-    const r = await fetch(`/sessions/${encodeURIComponent(state.selected)}/timeline`, { cache: "no-store" });
+    const r = await fetch(`/sessions/${encodeURIComponent(state.selected)}/timeline`, {
+      cache: "no-store", headers: readHeaders(),
+    });
     if (!r.ok) return;
     data = await r.json();
   } catch (e) { return; }
