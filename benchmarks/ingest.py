@@ -16,7 +16,10 @@ file) gets the same load. Reported per N:
 * frames lost: frames sent minus ``gateway_audio_frames_received`` after every bot has
   closed, cross-checked against each session's ``session.json``;
 * the generator's own lateness. Where it could not keep real time, the ingest lag is
-  not the gateway's and is reported under ``ingest_lag_ms_unattributed`` instead.
+  not the gateway's and is reported under ``ingest_lag_ms_unattributed`` instead;
+* with ``--pages K``, K clients each asking ``GET /sessions`` once a second through the
+  window, as K open live pages (or dashboards) do: how long each answer took
+  (``sessions_get_ms``), while the lags above say what they cost the meetings.
 
 One JSON object per N goes to stdout as it is measured, then a summary object; ``--out
 FILE`` also writes the summary JSON there and a human summary beside it (``FILE.md``).
@@ -74,6 +77,23 @@ async def scrape(port: int, attempts: int = 4) -> Scrape:
                 raise
             log(f"GET /metrics failed ({exc!r}); the gateway is stalled, asking again")
     raise AssertionError("unreachable")
+
+
+async def pages(port: int, count: int, taken: list[float]) -> None:
+    """``count`` pages polling ``GET /sessions`` every second, spread over the second,
+    until cancelled; each answer's time goes to ``taken``."""
+
+    async def page(offset: float) -> None:
+        await asyncio.sleep(offset)
+        while True:
+            asked = time.perf_counter()
+            status, _ = await common.http_get(HOST, port, "/sessions")
+            if status != 200:
+                raise RuntimeError(f"GET /sessions answered {status}")
+            taken.append(time.perf_counter() - asked)
+            await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - asked)))
+
+    await asyncio.gather(*(page(i / count) for i in range(count)))
 
 
 def niced(argv: list[str], opts: argparse.Namespace) -> list[str]:
@@ -143,9 +163,20 @@ async def run_gateway(n: int, opts: argparse.Namespace, frames: list[bytes], wor
         s0 = await scrape(port)
         gen.reset_lateness()
         window = common.CpuWindow(server.pid)
+        taken: list[float] = []
+        polling = asyncio.create_task(pages(port, opts.pages, taken)) if opts.pages else None
         await asyncio.sleep(opts.window)
         cpu = window.finish(n)
         s1 = await scrape(port)
+        if polling is not None and taken:
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
+            ms = np.array(taken) * 1000
+            result["sessions_get_ms"] = {
+                "n": len(ms),
+                **{f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 99)},
+                "max": round(float(ms.max()), 2),
+            }
         rss_live = common.rss_bytes(server.pid)
         gen_report = generator_report(gen, opts)
         await gen.stop_audio()
@@ -278,6 +309,7 @@ def summarize(points: list[dict[str, Any]], opts: argparse.Namespace) -> dict[st
                 "ingest_lag_p99_ms": lag.get("p99"),
                 "loop_lag_p99_ms": g["loop_lag_ms"]["p99"],
                 "frames_lost": g["frames_lost"],
+                "sessions_get_ms": g.get("sessions_get_ms"),
                 "rss_idle_per_session_mib": g["rss_idle_per_session_mib"],
                 "rss_live_beyond_ring_mib": g["rss_live_beyond_ring_mib"],
                 "generator_late_p99_ms": g["generator"]["late_ms"]["p99"],
@@ -440,6 +472,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_load_options(p)
     p.add_argument("--no-floor", action="store_true", help="skip the floor server")
     p.add_argument("--floor-no-uvloop", action="store_true", help="floor on stock asyncio")
+    p.add_argument(
+        "--pages", type=int, default=0, help="clients polling GET /sessions every second"
+    )
     add_output_options(p)
     opts = p.parse_args(argv)
     opts.counts = [int(x) for x in opts.n.split(",") if x.strip()]

@@ -55,16 +55,16 @@ def verify(secret: str, token: str | None, role: Role, key: str, now: float | No
 
 def scope(
     secret: str, token: str | None, role: Role, now: float | None = None
-) -> Callable[[str], bool]:
-    """Which keys ``token`` grants ``role`` on, for a request that spans sessions.
+) -> Callable[[str], bool] | None:
+    """Which keys ``token`` grants ``role`` on, for a request that spans sessions: None
+    for every key (a token bound to :data:`ANY_KEY`), else a test of one key (true for
+    the key the token was minted for, if it is for ``role``).
 
-    Raises :class:`AuthError` (401) for a missing, malformed or expired token. A token
-    bound to :data:`ANY_KEY` grants every key; any other grants the one it was minted for
-    (and nothing, if it is for another role).
+    Raises :class:`AuthError` (401) for a missing, malformed or expired token.
     """
     expiry, mac = _parse(token, now)
     if hmac.compare_digest(mac, _mac(secret, role, ANY_KEY, expiry)):
-        return lambda key: True
+        return None
     return lambda key: hmac.compare_digest(mac, _mac(secret, role, key, expiry))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway import http
 from gateway.simulator import SimulatedBot, read_wav
 
 from .conftest import (
@@ -193,3 +194,28 @@ async def test_operator_endpoints(start_gateway: GatewayFactory, librivox: list[
         # Never a session key or a speaker name in a label.
         assert "ops" not in text.replace("gateway_", "")
         assert "Alice" not in text
+
+
+async def test_one_listing_answers_every_page_for_a_moment(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open pages each ask for the sessions every second; with a thousand meetings a
+    listing costs the loop tens of milliseconds, so one serves them all for a moment."""
+    gw = await start_gateway()
+
+    async def listed() -> list[str]:
+        status, body = await fetch(gw.http + "/sessions")
+        assert status == 200
+        return [row["key"] for row in json.loads(body)]
+
+    monkeypatch.setattr(http, "LISTING_TTL", 3600.0)
+    async with connect(gw.url("/bots/first")) as first:
+        await first.send(json.dumps({"bot_id": "b1", "sample_rate": 16000}))
+        await wait_for(lambda: gw.gateway.sessions.get("first"))
+        assert await listed() == ["first"]
+        async with connect(gw.url("/bots/second")) as second:
+            await second.send(json.dumps({"bot_id": "b2", "sample_rate": 16000}))
+            await wait_for(lambda: gw.gateway.sessions.get("second"))
+            assert await listed() == ["first"]  # the listing of a moment ago
+            monkeypatch.setattr(http, "LISTING_TTL", 0.0)
+            assert await listed() == ["first", "second"]
