@@ -6,17 +6,20 @@
 ``GET /metrics``                   Prometheus text format
 ``GET /sessions``                  every session as JSON (:func:`gateway.reports.summary`)
 ``GET /sessions/{key}/timeline``   who spoke when in one session, session-clock seconds
+``GET /sessions/{key}/files``      the newest session of ``key``: its files on this node
+``GET /sessions/{key}/files/{f}``  one of them (recording, transcripts, captions, roster)
 ``GET /``                          the live page (``gateway/page/``, no build, no CDN)
 ``GET /page/{asset}``              its script and style; ``config.json`` says if it is open
 =================================  ==================================================
 
-Every answer is built from memory and is cheap; nothing here blocks the loop. In cluster
+Every answer is built from memory and is cheap; nothing here blocks the loop (files are
+looked up and read on the blocking pool, a few at a time). In cluster
 mode ``/sessions`` lists every node's sessions (one Redis round trip). A listing serves
 every request for :data:`LISTING_TTL`: each open page asks once a second, and with a
 thousand meetings a listing costs the loop tens of milliseconds.
 
-With a secret set, ``/sessions`` and the timelines name the people in every meeting, so
-they need a ``read`` token (``Authorization: Bearer <token>`` or ``?token=``): one bound
+With a secret set, ``/sessions``, the timelines and the files name the people in every
+meeting, so they need a ``read`` token (``Authorization: Bearer <token>`` or ``?token=``): one bound
 to ``*`` (or the secret itself) sees every session, one bound to a key sees that session.
 A request without one is refused with 401 before anything is looked up. Health, metrics
 (no session keys or names in them) and the page's static files stay open.
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -38,8 +43,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.http11 import Request, Response
 
 from . import reports, tokens
-from .errors import AuthError
+from .errors import AuthError, OverloadError
+from .keys import valid_key
 from .routes import response
+from .storage import journal, offload
 from .storage.files import disk_watch
 
 if TYPE_CHECKING:
@@ -115,7 +122,94 @@ async def answer(gateway: Gateway, request: Request) -> Response | None:
         if allowed is None:
             return response(200, JSON, listing.body)
         return _json([row for row in listing.rows if allowed(str(row.get("key")))])
+    parts = [unquote(p) for p in path.split("/") if p]
+    if len(parts) in (3, 4) and parts[0] == "sessions" and parts[2] == "files":
+        return await _files_answer(gateway, request, parts[1], parts[3:])
     return _answer(gateway, request, path)
+
+
+def _may_read(gateway: Gateway, request: Request, key: str) -> None:
+    allowed = readable(gateway, request)
+    if allowed is not None and not allowed(key):
+        raise AuthError("token does not grant read on this session", status=403)
+
+
+# -- a session's files ---------------------------------------------------------------------
+
+#: What ``/sessions/{key}/files`` serves, by suffix. Nothing else in a session's
+#: directory is served, and neither is the journal (the gateway's own bookkeeping).
+FILE_TYPES = {
+    ".wav": "audio/wav",
+    ".json": "application/json",
+    ".jsonl": "application/x-ndjson",
+    ".vtt": "text/vtt; charset=utf-8",
+}
+#: The largest file served: a response is built whole in memory. 64 MiB is 35 minutes of
+#: a 16 kHz recording; a longer one is refused with 413 and stays on the data volume.
+MAX_FILE_BYTES = 64 * 2**20
+#: Lookups and reads of session files at once per process; past it, 503 and Retry-After.
+FILE_READS = 4
+_reads = 0
+
+
+def _served(name: str) -> bool:
+    return (
+        name != journal.NAME
+        and not name.startswith(".")
+        and os.path.splitext(name)[1] in FILE_TYPES
+    )
+
+
+def _listing_of(root: Path, key: str) -> tuple[Path, list[dict[str, Any]]] | None:
+    """The newest directory of ``key`` and the files in it that are served. Blocking."""
+    directory = journal.latest(root, key)
+    if directory is None:
+        return None
+    rows = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if _served(entry.name) and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                rows.append(
+                    {"name": entry.name, "bytes": st.st_size, "modified": round(st.st_mtime, 3)}
+                )
+    return directory, sorted(rows, key=lambda row: str(row["name"]))
+
+
+def _read(path: Path) -> bytes | int:
+    """The file's bytes as they are now (a live recording grows), or its size if too big.
+    Blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return size if size > MAX_FILE_BYTES else f.read(size)
+
+
+async def _files_answer(gateway: Gateway, request: Request, key: str, name: list[str]) -> Response:
+    if not valid_key(key):
+        return response(404, "text/plain", b"no such session\n")
+    _may_read(gateway, request, key)
+    global _reads
+    if _reads >= FILE_READS:
+        raise OverloadError("session files: too many being read at once", retry_after=1)
+    _reads += 1
+    try:
+        found = await offload.blocking(_listing_of, gateway.sessions.root, key)
+        if found is None:
+            return response(404, "text/plain", b"no such session on this node\n")
+        directory, files = found
+        if not name:
+            return _json(files)
+        # Only a name the listing holds: never a path built from what the client sent.
+        if name[0] not in {row["name"] for row in files}:
+            return response(404, "text/plain", b"no such file\n")
+        data = await offload.blocking(_read, directory / name[0])
+    finally:
+        _reads -= 1
+    if isinstance(data, int):
+        text = f"{name[0]} is {data} bytes; files over {MAX_FILE_BYTES} are not served over HTTP\n"
+        return response(413, "text/plain", text.encode())
+    return response(200, FILE_TYPES[os.path.splitext(name[0])[1]], data)
 
 
 def _answer(gateway: Gateway, request: Request, path: str) -> Response | None:
@@ -135,9 +229,7 @@ def _answer(gateway: Gateway, request: Request, path: str) -> Response | None:
         return response(200, CONTENT_TYPE_LATEST, generate_latest(gateway.metrics.registry))
     parts = [unquote(p) for p in path.split("/") if p]
     if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "timeline":
-        allowed = readable(gateway, request)
-        if allowed is not None and not allowed(parts[1]):
-            raise AuthError("token does not grant read on this session", status=403)
+        _may_read(gateway, request, parts[1])
         session = gateway.sessions.get(parts[1])
         if session is None:
             return response(404, "text/plain", b"no such session\n")

@@ -144,11 +144,17 @@ def unfinished_in(directory: Path) -> Resume | None:
 
 
 def latest(root: Path, key: str) -> Path | None:
-    """The newest directory of ``key`` under ``root`` (``key``, ``key.2``, ...), if any."""
+    """The newest directory of ``key`` under ``root`` (``key``, ``key.2``, ...), if any.
+
+    Keys may hold dots, so ``a.2`` may be the second meeting of ``a`` or the first of the
+    key ``a.2``: a directory whose journal names another key is not this key's. One
+    without a readable journal (a disk that was full when it began) is taken as it is named.
+    """
     found: Path | None = None
     path, n = root / key, 1
     while path.is_dir():
-        found = path
+        if key_of(path) in (key, None):
+            found = path
         n += 1
         path = root / f"{key}.{n}"
     return found

@@ -1,0 +1,139 @@
+"""A session's files over HTTP: ``GET /sessions/{key}/files[/{name}]`` on a real gateway.
+
+The recording, the roster and the metadata a bot's meeting left on disk are fetched over
+127.0.0.1 and compared with the files themselves; the token rules, the newest meeting of
+a reused key, names that try to leave the directory, the size cap and the bound on reads
+at once are each checked on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from gateway import http, tokens
+
+from .conftest import GatewayFactory, RunningGateway, ended_metadata, session_dir, wait_for
+
+RATE = 16000
+SECRET = "files-secret"
+
+
+async def meeting(gw: RunningGateway, key: str, seconds: float, token: str = "") -> Path:
+    """A bot's meeting of ``seconds`` of audio with one speaker, run to its end."""
+    query = f"?token={token}" if token else ""
+    async with connect(gw.url(f"/bots/{key}{query}")) as ws:
+        await ws.send(json.dumps({"protocol_version": 1, "bot_id": key, "sample_rate": RATE}))
+        await ws.send(json.dumps([{"name": "Ada", "id": 1, "isSpeaking": True}]))
+        noise = np.random.default_rng(7).normal(0, 2000, int(seconds * RATE))
+        await ws.send(noise.astype("<i2").tobytes())
+    directory = session_dir(gw.data_dir, key)
+    return Path(await wait_for(lambda: _newest_ended(directory)))
+
+
+def _newest_ended(directory: Path) -> Path | None:
+    candidates = [directory, *sorted(directory.parent.glob(f"{directory.name}.*"))]
+    ended = [d for d in candidates if ended_metadata(d)]
+    return ended[-1] if ended else None
+
+
+async def get(gw: RunningGateway, path: str, token: str | None = None) -> tuple[int, bytes, str]:
+    """GET from a thread (the gateway runs on this loop): status, body, content type."""
+
+    def fetch() -> tuple[int, bytes, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(gw.http + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, r.read(), r.headers["Content-Type"]
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), exc.headers["Content-Type"]
+
+    return await asyncio.to_thread(fetch)
+
+
+async def test_a_finished_meetings_files_come_back_byte_for_byte(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = await start_gateway()
+    directory = await meeting(gw, "files-demo", 1.5)
+    status, body, kind = await get(gw, "/sessions/files-demo/files")
+    assert (status, kind) == (200, "application/json")
+    listing = {row["name"]: row for row in json.loads(body)}
+    assert {"audio.wav", "session.json", "speakers.jsonl"} <= set(listing)
+    assert "journal.jsonl" not in listing  # the gateway's own bookkeeping
+    for name, expected_type in (
+        ("audio.wav", "audio/wav"),
+        ("session.json", "application/json"),
+        ("speakers.jsonl", "application/x-ndjson"),
+    ):
+        status, body, kind = await get(gw, f"/sessions/files-demo/files/{name}")
+        assert (status, kind) == (200, expected_type)
+        assert body == (directory / name).read_bytes()
+        assert listing[name]["bytes"] == len(body)
+    for bad in ("journal.jsonl", "..%2Fsession.json", "nothing.json", "%2Fetc%2Fpasswd"):
+        assert (await get(gw, f"/sessions/files-demo/files/{bad}"))[0] == 404, bad
+    assert (await get(gw, "/sessions/nobody/files"))[0] == 404
+    assert (await get(gw, "/sessions/..%2F..%2Fetc/files"))[0] == 404
+
+
+async def test_the_newest_meeting_of_a_key_is_served_never_another_keys(
+    start_gateway: GatewayFactory,
+) -> None:
+    """``a.2`` is the directory of a second meeting of ``a`` or of the key ``a.2``."""
+    gw = await start_gateway()
+    await meeting(gw, "room", 0.5)
+    await meeting(gw, "room.2", 1.0)  # its own key, in the directory room.2
+
+    async def served(key: str) -> tuple[str, float]:
+        status, body, _ = await get(gw, f"/sessions/{key}/files/session.json")
+        assert status == 200
+        meta = json.loads(body)
+        return meta["key"], meta["audio_seconds"]
+
+    assert await served("room") == ("room", pytest.approx(0.5))
+    await meeting(gw, "room", 2.0)  # the second meeting of room: room.3
+    assert (gw.data_dir / "sessions" / "room.3").is_dir()
+    assert await served("room") == ("room", pytest.approx(2.0))
+    assert await served("room.2") == ("room.2", pytest.approx(1.0))
+
+
+async def test_with_a_secret_files_need_the_sessions_read_token(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = await start_gateway(secret=SECRET)
+    await meeting(gw, "private", 0.5, tokens.mint(SECRET, "output", "private", 60))
+    path = "/sessions/private/files/session.json"
+    assert (await get(gw, path))[0] == 401
+    assert (await get(gw, path, tokens.mint(SECRET, "read", "other", 60)))[0] == 403
+    assert (await get(gw, path, tokens.mint(SECRET, "control", "private", 60)))[0] == 403
+    assert (await get(gw, path, tokens.mint(SECRET, "read", "private", 60)))[0] == 200
+    assert (await get(gw, path, tokens.mint(SECRET, "read", "*", 60)))[0] == 200
+    query = f"?token={tokens.mint(SECRET, 'read', 'private', 60)}"
+    assert (await get(gw, "/sessions/private/files" + query))[0] == 200
+
+
+async def test_big_files_and_too_many_reads_are_refused_with_a_reason(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await start_gateway()
+    directory = await meeting(gw, "big", 1.0)
+    size = (directory / "audio.wav").stat().st_size
+    monkeypatch.setattr(http, "MAX_FILE_BYTES", size - 1)
+    status, body, _ = await get(gw, "/sessions/big/files/audio.wav")
+    assert status == 413 and f"{size} bytes".encode() in body
+    assert (await get(gw, "/sessions/big/files/session.json"))[0] == 200
+    monkeypatch.setattr(http, "FILE_READS", 0)
+    status, _, _ = await get(gw, "/sessions/big/files")
+    assert status == 503
+    refused = gw.gateway.metrics.registry.get_sample_value(
+        "gateway_connections_refused_total", {"reason": "overload"}
+    )
+    assert refused == 1
