@@ -134,6 +134,13 @@ async def test_with_a_secret_the_page_lists_sessions_only_for_its_read_token(
         await page.wait_for_function(
             "document.querySelectorAll('#timeline .bar').length > 0", timeout=scaled(10_000)
         )
+        # The session's files are links that carry the read token a link needs.
+        link = page.locator("#files a", has_text="audio.wav")
+        await link.wait_for(timeout=scaled(10_000))
+        href = await link.get_attribute("href")
+        assert href == f"/sessions/guarded/files/audio.wav?token={read}"
+        wav = await page.request.get(running.http + href)
+        assert wav.ok and (await wav.body())[:4] == b"RIFF"
         assert errors == []
     await playing
 

@@ -1,8 +1,8 @@
 // The live page: sessions from GET /sessions, one session's live transcript from its
 // subscriber socket, who speaks and the audio level from /sessions, who spoke when from
-// /sessions/{key}/timeline, and a say box on the control socket. Plain DOM, no
-// framework, no network beyond this gateway. Untrusted text (speaker names, words)
-// only ever goes through textContent.
+// /sessions/{key}/timeline, links to its files from /sessions/{key}/files, and a say box
+// on the control socket. Plain DOM, no framework, no network beyond this gateway.
+// Untrusted text (speaker names, words) only ever goes through textContent.
 "use strict";
 
 const params = new URLSearchParams(location.hash.slice(1));
@@ -126,6 +126,35 @@ async function refreshTimeline() {
   }
 }
 
+function size(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+async function refreshFiles() {
+  if (!state.selected) return;
+  const base = `/sessions/${encodeURIComponent(state.selected)}/files`;
+  let files;
+  try {
+    const r = await fetch(base, { cache: "no-store", headers: readHeaders() });
+    if (!r.ok) return;
+    files = await r.json();
+  } catch (e) { return; }
+  const box = $("files");
+  box.replaceChildren();
+  if (!files.length) box.textContent = "none yet";
+  // A link cannot carry a header: the read token goes in its query.
+  const query = readToken ? `?token=${encodeURIComponent(readToken)}` : "";
+  for (const f of files) {
+    const a = document.createElement("a");
+    a.href = `${base}/${encodeURIComponent(f.name)}${query}`;
+    a.textContent = f.name;
+    a.title = size(f.bytes);
+    box.appendChild(a);
+  }
+}
+
 function line(message) {
   const alt = message.channel.alternatives[0];
   const p = document.createElement("p");
@@ -209,6 +238,7 @@ function select(key) {
   follow(key);
   refreshSessions();
   refreshTimeline();
+  refreshFiles();
 }
 
 function say(event) {
@@ -233,6 +263,7 @@ async function start() {
   await refreshSessions();
   setInterval(refreshSessions, 1000);
   setInterval(refreshTimeline, 2000);
+  setInterval(refreshFiles, 5000);
 }
 
 start();
