@@ -27,6 +27,7 @@ A request without one is refused with 401 before anything is looked up. Health, 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -50,6 +51,8 @@ from .storage import journal, offload
 from .storage.files import disk_watch
 
 if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
+
     from .server import Gateway
 
 #: The page's files, by the name they are served under, and their types.
@@ -110,7 +113,9 @@ def readable(gateway: Gateway, request: Request) -> Callable[[str], bool] | None
     return tokens.scope(secret, token, "read")
 
 
-async def answer(gateway: Gateway, request: Request) -> Response | None:
+async def answer(
+    gateway: Gateway, connection: ServerConnection, request: Request
+) -> Response | None:
     """The response to a plain HTTP request, or None if it is not one of ours.
 
     Raises :class:`AuthError` for a session listing the request may not read.
@@ -124,7 +129,7 @@ async def answer(gateway: Gateway, request: Request) -> Response | None:
         return _json([row for row in listing.rows if allowed(str(row.get("key")))])
     parts = [unquote(p) for p in path.split("/") if p]
     if len(parts) in (3, 4) and parts[0] == "sessions" and parts[2] == "files":
-        return await _files_answer(gateway, request, parts[1], parts[3:])
+        return await _files_answer(gateway, connection, request, parts[1], parts[3:])
     return _answer(gateway, request, path)
 
 
@@ -144,12 +149,19 @@ FILE_TYPES = {
     ".jsonl": "application/x-ndjson",
     ".vtt": "text/vtt; charset=utf-8",
 }
-#: The largest file served: a response is built whole in memory. 64 MiB is 35 minutes of
-#: a 16 kHz recording; a longer one is refused with 413 and stays on the data volume.
-MAX_FILE_BYTES = 64 * 2**20
-#: Lookups and reads of session files at once per process; past it, 503 and Retry-After.
-FILE_READS = 4
+#: The largest file served: websockets sends a response whole, from memory, and cuts a
+#: client that has not read it within its handshake timeouts (half a minute or so). This
+#: is for transcripts, captions and short recordings (16 MiB is 8 minutes at 16 kHz); a
+#: larger file gets 413 and stays on the data volume.
+MAX_FILE_BYTES = 16 * 2**20
+#: Bytes of files being sent at once per process, each counted until its connection
+#: closes (a client that does not read holds its file that long); past it, 503.
+FILE_BYTES_IN_FLIGHT = 64 * 2**20
+#: Lookups and reads at once, on the blocking pool the sessions' own writes use; past it, 503.
+FILE_READS = 2
 _reads = 0
+_sending = 0
+_senders: set[asyncio.Future[None]] = set()
 
 
 def _served(name: str) -> bool:
@@ -176,16 +188,37 @@ def _listing_of(root: Path, key: str) -> tuple[Path, list[dict[str, Any]]] | Non
     return directory, sorted(rows, key=lambda row: str(row["name"]))
 
 
-def _read(path: Path) -> bytes | int:
-    """The file's bytes as they are now (a live recording grows), or its size if too big.
-    Blocking."""
+def _read(path: Path) -> bytes:
+    """The file as it is now (a live recording grows; metadata is replaced whole), up to
+    one byte past :data:`MAX_FILE_BYTES`. Blocking."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return size if size > MAX_FILE_BYTES else f.read(size)
+        return f.read(MAX_FILE_BYTES + 1)
 
 
-async def _files_answer(gateway: Gateway, request: Request, key: str, name: list[str]) -> Response:
+def _count_until_closed(connection: ServerConnection, size: int) -> None:
+    """Count ``size`` bytes as being sent until ``connection`` closes."""
+    global _sending
+    _sending += size
+    closed = asyncio.ensure_future(connection.wait_closed())
+    _senders.add(closed)
+
+    def release(future: asyncio.Future[None]) -> None:
+        global _sending
+        _sending -= size
+        _senders.discard(future)
+
+    closed.add_done_callback(release)
+
+
+def _too_big(name: str, size: int) -> Response:
+    text = f"{name} is {size} bytes; over {MAX_FILE_BYTES} it is not served over HTTP\n"
+    return response(413, "text/plain", text.encode())
+
+
+async def _files_answer(
+    gateway: Gateway, connection: ServerConnection, request: Request, key: str, name: list[str]
+) -> Response:
     if not valid_key(key):
         return response(404, "text/plain", b"no such session\n")
     _may_read(gateway, request, key)
@@ -201,14 +234,19 @@ async def _files_answer(gateway: Gateway, request: Request, key: str, name: list
         if not name:
             return _json(files)
         # Only a name the listing holds: never a path built from what the client sent.
-        if name[0] not in {row["name"] for row in files}:
+        size = next((int(row["bytes"]) for row in files if row["name"] == name[0]), None)
+        if size is None:
             return response(404, "text/plain", b"no such file\n")
+        if size > MAX_FILE_BYTES:
+            return _too_big(name[0], size)
+        if _sending + size > FILE_BYTES_IN_FLIGHT:
+            raise OverloadError("session files: too many bytes being sent", retry_after=1)
         data = await offload.blocking(_read, directory / name[0])
     finally:
         _reads -= 1
-    if isinstance(data, int):
-        text = f"{name[0]} is {data} bytes; files over {MAX_FILE_BYTES} are not served over HTTP\n"
-        return response(413, "text/plain", text.encode())
+    if len(data) > MAX_FILE_BYTES:  # it grew since it was listed
+        return _too_big(name[0], len(data))
+    _count_until_closed(connection, len(data))
     return response(200, FILE_TYPES[os.path.splitext(name[0])[1]], data)
 
 

@@ -171,7 +171,7 @@ class Gateway:
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         try:
-            plain = await http.answer(self, request)  # may refuse: a read token is missing
+            plain = await http.answer(self, ws, request)  # may refuse: no read token
             if plain is not None:
                 return plain
             route = parse_route(request.path)

@@ -137,3 +137,32 @@ async def test_big_files_and_too_many_reads_are_refused_with_a_reason(
         "gateway_connections_refused_total", {"reason": "overload"}
     )
     assert refused == 1
+
+
+async def test_a_client_that_does_not_read_holds_its_file_until_it_goes(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes being sent are bounded, and counted until the connection closes."""
+    gw = await start_gateway()
+    directory = await meeting(gw, "held", 1.0)
+    size = (directory / "session.json").stat().st_size
+    monkeypatch.setattr(http, "FILE_BYTES_IN_FLIGHT", size + 10)
+    path = "/sessions/held/files/session.json"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")  # answered, but never read to the end
+    assert head.startswith(b"HTTP/1.1 200")
+    assert (await get(gw, path))[0] == 503  # another copy would pass the budget
+    assert (await get(gw, "/sessions/held/files"))[0] == 200  # listings cost no budget
+    writer.close()
+    await writer.wait_closed()
+
+    async def served() -> bool:
+        return (await get(gw, path))[0] == 200
+
+    for _ in range(50):
+        if await served():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the file was not served again after the first client went")
