@@ -27,21 +27,27 @@ SECRET = "files-secret"
 
 
 async def meeting(gw: RunningGateway, key: str, seconds: float, token: str = "") -> Path:
-    """A bot's meeting of ``seconds`` of audio with one speaker, run to its end."""
+    """A bot's meeting of ``seconds`` of audio with one speaker, run to its end; the
+    directory it was recorded in."""
+    before = _ended(gw, key)
     query = f"?token={token}" if token else ""
     async with connect(gw.url(f"/bots/{key}{query}")) as ws:
         await ws.send(json.dumps({"protocol_version": 1, "bot_id": key, "sample_rate": RATE}))
         await ws.send(json.dumps([{"name": "Ada", "id": 1, "isSpeaking": True}]))
         noise = np.random.default_rng(7).normal(0, 2000, int(seconds * RATE))
         await ws.send(noise.astype("<i2").tobytes())
-    directory = session_dir(gw.data_dir, key)
-    return Path(await wait_for(lambda: _newest_ended(directory)))
+    (directory,) = await wait_for(lambda: _ended(gw, key) - before)
+    return Path(directory)
 
 
-def _newest_ended(directory: Path) -> Path | None:
-    candidates = [directory, *sorted(directory.parent.glob(f"{directory.name}.*"))]
-    ended = [d for d in candidates if ended_metadata(d)]
-    return ended[-1] if ended else None
+def _ended(gw: RunningGateway, key: str) -> set[Path]:
+    """The directories of ``key``'s meetings that have ended."""
+    root = session_dir(gw.data_dir, key).parent
+    return {
+        d
+        for d in root.glob(f"{key}*")
+        if (meta := ended_metadata(d)) is not None and meta["key"] == key
+    }
 
 
 async def get(gw: RunningGateway, path: str, token: str | None = None) -> tuple[int, bytes, str]:
