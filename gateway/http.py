@@ -189,12 +189,41 @@ def _listing_of(root: Path, key: str) -> tuple[Path, list[dict[str, Any]]] | Non
     return directory, sorted(rows, key=lambda row: str(row["name"]))
 
 
-def _read(path: Path) -> bytes:
-    """The file as it is now (a live recording grows; metadata is replaced whole), up to
-    one byte past :data:`MAX_FILE_BYTES`. Blocking."""
+def _read(path: Path, start: int, length: int) -> bytes:
+    """Up to ``length`` bytes from ``start``, as the file is now (a live recording grows;
+    metadata is replaced whole). Blocking."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(MAX_FILE_BYTES + 1)
+    try:
+        return os.pread(fd, length, start)
+    finally:
+        os.close(fd)
+
+
+class RangeNotSatisfiable(ValueError):
+    """A ``Range`` that starts past the end of the file."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The ``[start, stop)`` a ``Range`` header asks of a file of ``size`` bytes, or None
+    for the whole file: no header, or one this server ignores as RFC 9110 allows (another
+    unit, several ranges, malformed). Raises :class:`RangeNotSatisfiable`."""
+    if header is None or not header.startswith("bytes=") or "," in header:
+        return None
+    first, dash, last = header[6:].strip().partition("-")
+    digits = first + last
+    if not dash or not 0 < len(digits) <= 30 or not (digits.isascii() and digits.isdigit()):
+        return None
+    if not first:  # the last N bytes
+        if int(last) == 0 or size == 0:
+            raise RangeNotSatisfiable(header)
+        return max(0, size - int(last)), size
+    start = int(first)
+    stop = size if not last else min(size, int(last) + 1)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(header)
+    return start, stop
 
 
 def _count_until_closed(connection: ServerConnection, size: int) -> None:
@@ -213,8 +242,12 @@ def _count_until_closed(connection: ServerConnection, size: int) -> None:
 
 
 def _too_big(name: str, size: int) -> Response:
-    text = f"{name} is {size} bytes; over {MAX_FILE_BYTES} it is not served over HTTP\n"
-    return response(413, "text/plain", text.encode())
+    text = f"{name} is {size} bytes: ask for parts of at most {MAX_FILE_BYTES} with Range\n"
+    return response(413, "text/plain", text.encode(), [("Accept-Ranges", "bytes")])
+
+
+def _ranges(content_range: str) -> list[tuple[str, str]]:
+    return [("Accept-Ranges", "bytes"), ("Content-Range", f"bytes {content_range}")]
 
 
 async def _files_answer(
@@ -223,7 +256,7 @@ async def _files_answer(
     if not valid_key(key):
         return response(404, "text/plain", b"no such session\n")
     _may_read(gateway, request, key)
-    global _reads, _sending
+    global _reads
     if _reads >= FILE_READS:
         raise OverloadError("session files: too many being read at once", retry_after=1)
     _reads += 1
@@ -238,21 +271,42 @@ async def _files_answer(
         size = next((int(row["bytes"]) for row in files if row["name"] == name[0]), None)
         if size is None:
             return response(404, "text/plain", b"no such file\n")
-        if size > MAX_FILE_BYTES:
-            return _too_big(name[0], size)
-        if _sending + size > FILE_BYTES_IN_FLIGHT:
-            raise OverloadError("session files: too many bytes being sent", retry_after=1)
-        _sending += size  # held for it while it is read
-        try:
-            data = await offload.blocking(_read, directory / name[0])
-        finally:
-            _sending -= size
+        return await _file(connection, request, directory / name[0], size)
     finally:
         _reads -= 1
-    if len(data) > MAX_FILE_BYTES:  # it grew since it was listed
-        return _too_big(name[0], len(data))
+
+
+async def _file(connection: ServerConnection, request: Request, path: Path, size: int) -> Response:
+    """The file, whole or the part a ``Range`` asks for, its bytes held against
+    :data:`FILE_BYTES_IN_FLIGHT` until the connection closes."""
+    global _sending
+    try:
+        wanted = byte_range(request.headers.get("Range"), size)
+    except RangeNotSatisfiable:
+        return response(416, "text/plain", b"range not satisfiable\n", _ranges(f"*/{size}"))
+    if wanted is None:
+        if size > MAX_FILE_BYTES:
+            return _too_big(path.name, size)
+        start, length = 0, MAX_FILE_BYTES + 1  # as it is now: a live recording grows
+    else:
+        # At most MAX_FILE_BYTES of it: a client asking from an offset to the end gets
+        # the file in parts, as media players and download managers expect.
+        start, length = wanted[0], min(wanted[1] - wanted[0], MAX_FILE_BYTES)
+    held = min(size, length)
+    if _sending + held > FILE_BYTES_IN_FLIGHT:
+        raise OverloadError("session files: too many bytes being sent", retry_after=1)
+    _sending += held
+    try:
+        data = await offload.blocking(_read, path, start, length)
+    finally:
+        _sending -= held
+    if wanted is None and len(data) > MAX_FILE_BYTES:  # it grew since it was listed
+        return _too_big(path.name, len(data))
     _count_until_closed(connection, len(data))
-    return response(200, FILE_TYPES[os.path.splitext(name[0])[1]], data)
+    kind = FILE_TYPES[path.suffix]
+    if wanted is None:
+        return response(200, kind, data, [("Accept-Ranges", "bytes")])
+    return response(206, kind, data, _ranges(f"{start}-{start + len(data) - 1}/{size}"))
 
 
 def _answer(gateway: Gateway, request: Request, path: str) -> Response | None:

@@ -141,6 +141,13 @@ async def test_with_a_secret_the_page_lists_sessions_only_for_its_read_token(
         assert href == f"/sessions/guarded/files/audio.wav?token={read}"
         wav = await page.request.get(running.http + href)
         assert wav.ok and (await wav.body())[:4] == b"RIFF"
+        # The recording plays in the page: the browser's player reads it through the
+        # gateway (with Range requests) and knows its length.
+        await page.wait_for_function(
+            "(() => { const a = document.getElementById('recording');"
+            " return !a.hidden && a.readyState >= 1 && a.duration > 0; })()",
+            timeout=scaled(10_000),
+        )
         assert errors == []
     await playing
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
 from gateway import http, tokens
@@ -50,17 +52,26 @@ def _ended(gw: RunningGateway, key: str) -> set[Path]:
     }
 
 
-async def get(gw: RunningGateway, path: str, token: str | None = None) -> tuple[int, bytes, str]:
+async def get(
+    gw: RunningGateway, path: str, token: str | None = None, **headers: str
+) -> tuple[int, bytes, str]:
     """GET from a thread (the gateway runs on this loop): status, body, content type."""
+    status, body, answered = await get_with_headers(gw, path, token, **headers)
+    return status, body, answered["Content-Type"]
 
-    def fetch() -> tuple[int, bytes, str]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+async def get_with_headers(
+    gw: RunningGateway, path: str, token: str | None = None, **headers: str
+) -> tuple[int, bytes, dict[str, str]]:
+    def fetch() -> tuple[int, bytes, dict[str, str]]:
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(gw.http + path, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as r:
-                return r.status, r.read(), r.headers["Content-Type"]
+                return r.status, r.read(), dict(r.headers)
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read(), exc.headers["Content-Type"]
+            return exc.code, exc.read(), dict(exc.headers)
 
     return await asyncio.to_thread(fetch)
 
@@ -134,7 +145,7 @@ async def test_big_files_and_too_many_reads_are_refused_with_a_reason(
     size = (directory / "audio.wav").stat().st_size
     monkeypatch.setattr(http, "MAX_FILE_BYTES", size - 1)
     status, body, _ = await get(gw, "/sessions/big/files/audio.wav")
-    assert status == 413 and f"{size} bytes".encode() in body
+    assert status == 413 and f"{size} bytes".encode() in body and b"Range" in body
     assert (await get(gw, "/sessions/big/files/session.json"))[0] == 200
     monkeypatch.setattr(http, "FILE_READS", 0)
     status, _, _ = await get(gw, "/sessions/big/files")
@@ -172,3 +183,74 @@ async def test_a_client_that_does_not_read_holds_its_file_until_it_goes(
         await asyncio.sleep(0.1)
     else:
         pytest.fail("the file was not served again after the first client went")
+
+
+async def test_a_recording_too_big_for_one_answer_comes_in_ranges(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a media player or a download manager asks: from an offset to the end, in parts."""
+    gw = await start_gateway()
+    directory = await meeting(gw, "ranged", 2.0)
+    whole = (directory / "audio.wav").read_bytes()
+    monkeypatch.setattr(http, "MAX_FILE_BYTES", 20_000)
+    path = "/sessions/ranged/files/audio.wav"
+    parts, start = [], 0
+    while start < len(whole):
+        status, body, headers = await get_with_headers(gw, path, Range=f"bytes={start}-")
+        assert status == 206 and headers["Content-Type"] == "audio/wav"
+        assert headers["Content-Range"] == f"bytes {start}-{start + len(body) - 1}/{len(whole)}"
+        assert 0 < len(body) <= 20_000
+        parts.append(body)
+        start += len(body)
+    assert b"".join(parts) == whole and len(parts) == -(-len(whole) // 20_000)
+    status, body, headers = await get_with_headers(gw, path, Range="bytes=10-19")
+    assert (status, body) == (206, whole[10:20])
+    status, body, _ = await get_with_headers(gw, path, Range="bytes=-4")
+    assert (status, body) == (206, whole[-4:])
+    status, _, headers = await get_with_headers(gw, path, Range=f"bytes={len(whole)}-")
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(whole)}"
+    # A Range this server does not take is ignored, as RFC 9110 allows: the whole file,
+    # which here is over the limit of one answer.
+    assert (await get_with_headers(gw, path, Range="bytes=0-1,5-9"))[0] == 413
+    status, body, headers = await get_with_headers(
+        gw, "/sessions/ranged/files/session.json", Range="lines=1-2"
+    )
+    assert status == 200 and headers["Accept-Ranges"] == "bytes"
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        (None, 100, None),
+        ("bytes=0-", 100, (0, 100)),
+        ("bytes=10-19", 100, (10, 20)),
+        ("bytes=90-500", 100, (90, 100)),
+        ("bytes=-30", 100, (70, 100)),
+        ("bytes=-500", 100, (0, 100)),
+        ("bytes=19-10", 100, None),  # invalid: ignored
+        ("bytes=0-1,5-9", 100, None),  # several ranges: the whole file instead
+        ("items=0-9", 100, None),
+        ("bytes=x-9", 100, None),
+        ("bytes=\u00b2-", 100, None),  # a digit to str.isdigit, not to int
+        ("bytes=" + "9" * 5000 + "-", 100, None),  # too long for int(): not a crash
+        ("bytes=100-", 100, "unsatisfiable"),
+        ("bytes=-0", 100, "unsatisfiable"),
+        ("bytes=0-", 0, "unsatisfiable"),
+    ],
+)
+def test_range_headers(header: str | None, size: int, expected: object) -> None:
+    if expected == "unsatisfiable":
+        with pytest.raises(http.RangeNotSatisfiable):
+            http.byte_range(header, size)
+    else:
+        assert http.byte_range(header, size) == expected
+
+
+@given(st.text(max_size=40), st.integers(min_value=0, max_value=10**12))
+def test_any_range_header_is_a_part_of_the_file_or_none(header: str, size: int) -> None:
+    for text in (header, "bytes=" + header):
+        try:
+            wanted = http.byte_range(text, size)
+        except http.RangeNotSatisfiable:
+            continue
+        assert wanted is None or 0 <= wanted[0] < wanted[1] <= size

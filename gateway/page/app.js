@@ -153,6 +153,16 @@ async function refreshFiles() {
     a.title = size(f.bytes);
     box.appendChild(a);
   }
+  // The recording plays in the page; the gateway answers the player's Range requests.
+  // Set once per session, so playing is not cut by the next refresh.
+  const player = $("recording");
+  const wav = files.some((f) => f.name === "audio.wav");
+  const src = `${base}/audio.wav${query}`;
+  if (wav && player.dataset.src !== src) {
+    player.dataset.src = src;
+    player.src = src;
+  }
+  player.hidden = !wav;
 }
 
 function line(message) {
