@@ -107,6 +107,15 @@ def session_dir(data_dir: Path, key: str) -> Path:
     return data_dir / "sessions" / key
 
 
+def refusals(running: RunningGateway, reason: str) -> float | None:
+    """``gateway_connections_refused_total{reason}`` of a running gateway."""
+    registry = running.gateway.metrics.registry
+    value: float | None = registry.get_sample_value(
+        "gateway_connections_refused_total", {"reason": reason}
+    )
+    return value
+
+
 def ended_metadata(directory: Path) -> dict[str, Any] | None:
     """``session.json`` once the session has been finalized, else None."""
     path = directory / "session.json"

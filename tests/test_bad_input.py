@@ -21,6 +21,7 @@ from .conftest import (
     GatewayFactory,
     ended_metadata,
     read_recording,
+    refusals,
     refused_with,
     session_dir,
     wait_for,
@@ -133,10 +134,7 @@ async def test_connection_limits_refuse_before_the_upgrade(
     async with connect(gw.url("/bots/a")):
         status, headers = await refused_with(gw.url("/bots/b"))
         assert (status, headers["retry-after"]) == (503, "5")
-    refused = gw.gateway.metrics.registry.get_sample_value(
-        "gateway_connections_refused_total", {"reason": "overload"}
-    )
-    assert refused == 2
+    assert refusals(gw, "overload") == 2
 
 
 async def test_unknown_route_and_bad_key_refused_with_404(
@@ -145,10 +143,7 @@ async def test_unknown_route_and_bad_key_refused_with_404(
     gw = await start_gateway()
     for path in ("/bots/a/b/c", "/bots/..", "/nothing-here", "/nothing-here"):
         assert (await refused_with(gw.url(path)))[0] == 404
-    refused = gw.gateway.metrics.registry.get_sample_value(
-        "gateway_connections_refused_total", {"reason": "route"}
-    )
-    assert refused == 4
+    assert refusals(gw, "route") == 4
     # Logged once a minute per address, however often it retries.
     logged = [r for r in caplog.records if "refused a connection" in r.getMessage()]
     assert len(logged) == 1
@@ -179,10 +174,7 @@ class TestTokens:
             await wait_for(lambda: session.audio_seconds >= 1.0)
         async with connect(gw.url(f"/bots/k1/input?token={input_role}")) as ws:
             await wait_for(lambda: session.input is not None)
-        refused = gw.gateway.metrics.registry.get_sample_value(
-            "gateway_connections_refused_total", {"reason": "auth"}
-        )
-        assert refused == 7
+        assert refusals(gw, "auth") == 7
 
     async def test_bare_url_refused_when_a_secret_is_set(
         self, start_gateway: GatewayFactory
@@ -235,10 +227,7 @@ class TestTokens:
         assert (await get("/sessions/nobody/timeline", read("*")))[0] == 404
         for open_path in ("/healthz", "/readyz", "/metrics", "/page/config.json"):
             assert (await asyncio.to_thread(_get, gw.http + open_path, None))[0] == 200
-        refused = gw.gateway.metrics.registry.get_sample_value(
-            "gateway_connections_refused_total", {"reason": "auth"}
-        )
-        assert refused == 4  # missing, expired, missing, another key
+        assert refusals(gw, "auth") == 4  # missing, expired, missing, another key
         # The command line mints its own read token from the secret, as `watch` does.
         listing = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "gateway", "sessions", "--url", gw.http, "--json"),

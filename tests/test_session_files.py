@@ -22,7 +22,14 @@ from websockets.asyncio.client import connect
 
 from gateway import http, tokens
 
-from .conftest import GatewayFactory, RunningGateway, ended_metadata, session_dir, wait_for
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    ended_metadata,
+    refusals,
+    session_dir,
+    wait_for,
+)
 
 RATE = 16000
 SECRET = "files-secret"
@@ -150,10 +157,7 @@ async def test_big_files_and_too_many_reads_are_refused_with_a_reason(
     monkeypatch.setattr(http, "FILE_READS", 0)
     status, _, _ = await get(gw, "/sessions/big/files")
     assert status == 503
-    refused = gw.gateway.metrics.registry.get_sample_value(
-        "gateway_connections_refused_total", {"reason": "overload"}
-    )
-    assert refused == 1
+    assert refusals(gw, "overload") == 1
 
 
 async def test_a_client_that_does_not_read_holds_its_file_until_it_goes(
