@@ -251,6 +251,35 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_files(args: argparse.Namespace) -> int:
+    from .terminal import download, fetch_files, files_table
+
+    settings = Settings.from_sources(args)
+    token = args.token or (
+        tokens.mint(settings.secret, "read", args.key, 300) if settings.secret else None
+    )
+    try:
+        if args.name is None:
+            print(files_table(fetch_files(args.url, args.key, token)))
+            return 0
+        target = args.out or args.name
+        if target == "-":
+            download(args.url, args.key, args.name, sys.stdout.buffer, token)
+            return 0
+        # Written beside the target and renamed once whole: a failure leaves no half file.
+        part = Path(f"{target}.part")
+        try:
+            with part.open("wb") as out:
+                size = download(args.url, args.key, args.name, out, token)
+            part.replace(target)
+        finally:
+            part.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        raise GatewayError(f"cannot fetch from {args.url}: {exc}") from None
+    print(f"{target}: {size} bytes", file=sys.stderr)
+    return 0
+
+
 def _control_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(name, help=help)
     p.add_argument("--url", required=True, help="the gateway, ws://host:port (or a control URL)")
@@ -315,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--token", help="read token (default: minted from GATEWAY_SECRET if set)")
     Settings.add_arguments(listing, ["secret"])
     listing.set_defaults(func=cmd_sessions)
+    files = sub.add_parser("files", help="list a session's files, or download one")
+    files.add_argument("key", help="the session key")
+    files.add_argument("name", nargs="?", help="the file to download (default: list them)")
+    files.add_argument("--url", default="http://localhost:8080", help="the gateway")
+    files.add_argument("--out", help="where to write it (default: NAME here; - for stdout)")
+    files.add_argument("--token", help="read token (default: minted from GATEWAY_SECRET if set)")
+    Settings.add_arguments(files, ["secret"])
+    files.set_defaults(func=cmd_files)
     return parser
 
 

@@ -9,7 +9,8 @@ a file, it prints finals only, each line once it ends, and no escape codes, so `
 gateway restarts with the meeting on (close code 1012) or its connection is lost (1006: the
 gateway was killed), it reconnects and goes on without printing a final twice.
 
-``sessions`` prints ``GET /sessions`` as a table.
+``sessions`` prints ``GET /sessions`` as a table; ``files KEY [NAME]`` lists a session's
+files or downloads one (in ``Range`` parts, as the gateway sends a big file).
 
 :class:`Renderer` turns messages into text and is sans-I/O (tested without a terminal).
 """
@@ -22,11 +23,12 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 from urllib.parse import quote, urlsplit
 
 #: The close codes after which ``watch`` reconnects (a gateway restarting with the meeting
@@ -273,16 +275,79 @@ def sessions_table(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def fetch_sessions(
-    base: str, token: str | None = None, timeout: float = 10.0
-) -> list[dict[str, Any]]:
-    """``GET /sessions``, with a read token when the gateway has a secret."""
+def _request(
+    base: str, path: str, token: str | None, headers: Mapping[str, str] | None = None
+) -> urllib.request.Request:
+    """A GET of ``path`` on the gateway at ``base`` (http(s) or ws(s)), bearing ``token``."""
     parts = urlsplit(base)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme or "http")
     if scheme not in ("http", "https"):
         raise ValueError(f"not a gateway URL: {base!r}")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"{scheme}://{parts.netloc}/sessions", headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as r:
+    sent = {"Authorization": f"Bearer {token}"} if token else {}
+    sent.update(headers or {})
+    return urllib.request.Request(f"{scheme}://{parts.netloc}{path}", headers=sent)
+
+
+def fetch_sessions(
+    base: str, token: str | None = None, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """``GET /sessions``, with a read token when the gateway has a secret."""
+    with urllib.request.urlopen(_request(base, "/sessions", token), timeout=timeout) as r:
         rows: list[dict[str, Any]] = json.loads(r.read())
     return rows
+
+
+def fetch_files(
+    base: str, key: str, token: str | None = None, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """``GET /sessions/{key}/files``: the files of the key's newest meeting."""
+    path = f"/sessions/{quote(key, safe='')}/files"
+    with urllib.request.urlopen(_request(base, path, token), timeout=timeout) as r:
+        rows: list[dict[str, Any]] = json.loads(r.read())
+    return rows
+
+
+def files_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``GET /sessions/{key}/files`` as a table: name, bytes, when last written (UTC)."""
+    lines = [("NAME", "BYTES", "MODIFIED")] + [
+        (
+            str(r["name"]),
+            str(r["bytes"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(r["modified"]))),
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def download(
+    base: str, key: str, name: str, out: BinaryIO, token: str | None = None, timeout: float = 30.0
+) -> int:
+    """One of a session's files into ``out``, in the parts the gateway answers ``Range``
+    requests with (an answer carries at most 16 MiB), as the file was when the first part
+    came (a live recording grows). Returns the bytes written."""
+    path = f"/sessions/{quote(key, safe='')}/files/{quote(name, safe='')}"
+    start, total = 0, None
+    while total is None or start < total:
+        request = _request(base, path, token, {"Range": f"bytes={start}-"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                body = r.read()
+                span = r.headers.get("Content-Range") if r.status == 206 else None
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and start == 0:
+                return 0  # an empty file: there is no first byte to ask for
+            raise
+        if span is None:  # the whole file at once
+            out.write(body)
+            return len(body)
+        total = int(span.rsplit("/", 1)[1]) if total is None else total
+        if not body:
+            raise ValueError(f"the gateway sent an empty part at byte {start}")
+        body = body[: total - start]
+        out.write(body)
+        start += len(body)
+    return start

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -258,3 +260,39 @@ def test_any_range_header_is_a_part_of_the_file_or_none(header: str, size: int) 
         except http.RangeNotSatisfiable:
             continue
         assert wanted is None or 0 <= wanted[0] < wanted[1] <= size
+
+
+async def test_the_files_command_lists_and_downloads_a_big_recording_in_parts(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``meeting-gateway files KEY [NAME]``, minting its read token from the secret."""
+    gw = await start_gateway(secret=SECRET)
+    directory = await meeting(gw, "cli", 2.0, tokens.mint(SECRET, "output", "cli", 60))
+    monkeypatch.setattr(http, "MAX_FILE_BYTES", 20_000)  # the gateway runs in this process
+    here = tmp_path / "cli"
+    os.mkdir(here)
+
+    async def files(*argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway", "files", "cli", *argv, "--url", gw.http),
+            *("--secret", SECRET),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=here,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    code, table, _ = await files()
+    assert code == 0
+    header, *rows = table.splitlines()
+    assert header.split() == ["NAME", "BYTES", "MODIFIED"]
+    sizes = {row.split()[0]: int(row.split()[1]) for row in rows}
+    assert sizes["audio.wav"] == (directory / "audio.wav").stat().st_size > 3 * 20_000
+    code, _, said = await files("audio.wav")
+    assert code == 0 and said.strip() == f"audio.wav: {sizes['audio.wav']} bytes"
+    assert (here / "audio.wav").read_bytes() == (directory / "audio.wav").read_bytes()
+    code, _, said = await files("nothing.wav", "--out", "x.wav")
+    assert code != 0 and "404" in said
+    assert os.listdir(here) == ["audio.wav"]  # no half file
