@@ -175,6 +175,15 @@ def cmd_bot_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(
+    args: argparse.Namespace, settings: Settings, role: tokens.Role, key: str, ttl: float
+) -> str | None:
+    """The client commands' token: ``--token``, else one minted from the secret, if set."""
+    if args.token:
+        return str(args.token)
+    return tokens.mint(settings.secret, role, key, ttl) if settings.secret else None
+
+
 def _control(args: argparse.Namespace, request: dict[str, Any] | bytes) -> int:
     """Send one control request and print every event it brings back, one JSON a line."""
     from websockets.exceptions import InvalidHandshake, InvalidURI
@@ -182,9 +191,7 @@ def _control(args: argparse.Namespace, request: dict[str, Any] | bytes) -> int:
     from .speech.control import command, control_url
 
     settings = Settings.from_sources(args)
-    token = args.token or (
-        tokens.mint(settings.secret, "control", args.key, 300) if settings.secret else None
-    )
+    token = _token(args, settings, "control", args.key, 300)
     url = control_url(args.url, args.key, token)
 
     async def run() -> int:
@@ -225,11 +232,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from .terminal import transcripts_url, watch
 
     settings = Settings.from_sources(args)
-    token = args.token or (
-        tokens.mint(settings.secret, "read", args.key or tokens.ANY_KEY, 3600)
-        if settings.secret
-        else None
-    )
+    token = _token(args, settings, "read", args.key or tokens.ANY_KEY, 3600)
     try:
         return asyncio.run(watch(transcripts_url(args.url, args.key, token), sessions=not args.key))
     except (OSError, InvalidURI, InvalidHandshake) as exc:
@@ -240,9 +243,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from .terminal import fetch_sessions, sessions_table
 
     settings = Settings.from_sources(args)
-    token = args.token or (
-        tokens.mint(settings.secret, "read", tokens.ANY_KEY, 300) if settings.secret else None
-    )
+    token = _token(args, settings, "read", tokens.ANY_KEY, 300)
     try:
         rows = fetch_sessions(args.url, token)
     except (OSError, ValueError) as exc:
@@ -255,9 +256,7 @@ def cmd_files(args: argparse.Namespace) -> int:
     from .terminal import download, fetch_files, files_table
 
     settings = Settings.from_sources(args)
-    token = args.token or (
-        tokens.mint(settings.secret, "read", args.key, 300) if settings.secret else None
-    )
+    token = _token(args, settings, "read", args.key, 300)
     try:
         if args.name is None:
             print(files_table(fetch_files(args.url, args.key, token)))
