@@ -27,6 +27,9 @@ Recipes (all deterministic; ``recipe_hash`` names one exactly):
 ``standup``    four people (piper, three espeak voices) in a team's stand-up, about
                115 s, with the dialogue's turn-taking shape and five hand-off pauses
                of 1.0-1.8 s (endpoints in mid-meeting).
+``names``      four people (piper, three espeak voices) planning, about 60 s, who call
+               each other by names Whisper does not know (Siobhan, Joaquin) and name
+               their tools (Postgres, Kubernetes): for the meeting's ``keywords``.
 ``read``       the LibriVox utterances once each, 0.8 s apart (benchmarks/transcription.py).
 
 Built conversations are cached as ``<cache>/<name>-<hash>.wav`` and ``.json``.
@@ -68,7 +71,7 @@ Floats = npt.NDArray[np.float32]
 SCHEMA = 1
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 DEFAULT_CACHE = Path.home() / ".cache" / "meeting-gateway" / "conversations"
-RECIPES = ("dialogue", "monologue", "meeting", "standup", "read")
+RECIPES = ("dialogue", "monologue", "meeting", "standup", "names", "read")
 
 FRAME = 0.010  # seconds per energy frame
 #: Speech level every clip is brought to: the 95th percentile of its 10 ms frame RMS.
@@ -427,6 +430,64 @@ STANDUP: tuple[tuple[str, str, How], ...] = (
     ("Priya", "You too, bye.", "overlap"),
 )
 
+#: A planning call in which people call each other by names Whisper does not know, and
+#: name the tools they use: the words a meeting's ``keywords`` are for.
+NAMES: tuple[tuple[str, str, How], ...] = (
+    (
+        "Siobhan",
+        "Hi all, thanks for joining. Joaquin, can you start with the Postgres migration?",
+        "next",
+    ),
+    (
+        "Joaquin",
+        "Sure, Siobhan. The migration scripts are ready, and the staging copy of Postgres"
+        " already runs the new version.",
+        "pause",
+    ),
+    ("Priyanka", "Nice.", "after"),
+    (
+        "Joaquin",
+        "The only worry is the Grafana dashboards. Some of the panels still read the old tables.",
+        "next",
+    ),
+    ("Dmitri", "I can move those panels today, Joaquin.", "overlap"),
+    ("Joaquin", "Thanks, Dmitri, that would be great.", "next"),
+    (
+        "Siobhan",
+        "Priyanka, how are the Figma mockups for the settings page coming along?",
+        "next",
+    ),
+    (
+        "Priyanka",
+        "They are almost done. I shared a first version with Siobhan and Dmitri yesterday,"
+        " and I will add the dark theme this afternoon.",
+        "pause",
+    ),
+    ("Dmitri", "Right.", "inside"),
+    (
+        "Siobhan",
+        "And the Kubernetes cluster, Dmitri? Did the Terraform change go through?",
+        "next",
+    ),
+    (
+        "Dmitri",
+        "It did. Terraform created the new node pool last night, and Kubernetes moved the"
+        " workers over without any downtime.",
+        "next",
+    ),
+    ("Priyanka", "That is good news.", "after"),
+    (
+        "Siobhan",
+        "Great work, everyone. Joaquin, please send the migration plan to Priyanka before"
+        " Thursday.",
+        "next",
+    ),
+    ("Joaquin", "Will do, Siobhan.", "next"),
+)
+#: The terms of :data:`NAMES` a meeting would be told to expect: its tools. The people's
+#: names come from the roster (``GATEWAY_ROSTER_KEYWORDS``).
+NAMES_TERMS = ("Postgres", "Grafana", "Figma", "Kubernetes", "Terraform")
+
 
 def reader_lines() -> dict[str, tuple[str, str]]:
     """LibriVox utterances: short id (``0870``) -> (full id, transcript)."""
@@ -502,6 +563,14 @@ def recipe(name: str, rate: int = 24000) -> Recipe:
             "Lena": Speaker("Lena", 4, Voice("espeak", "en-us-nyc+f2", 175)),
         }
         return Recipe(name, rate, tuple(people.values()), _plan(STANDUP, people, rng), True)
+    if name == "names":
+        people = {
+            "Siobhan": Speaker("Siobhan", 1, PIPER),
+            "Joaquin": Speaker("Joaquin", 2, Voice("espeak", "en-us+m3", 165)),
+            "Priyanka": Speaker("Priyanka", 3, Voice("espeak", "en-us+f4", 170)),
+            "Dmitri": Speaker("Dmitri", 4, Voice("espeak", "en-gb+m4", 160)),
+        }
+        return Recipe(name, rate, tuple(people.values()), _plan(NAMES, people, rng), True)
     if name == "read":
         people = {"Morgan": Speaker("Morgan", 1, READER)}
         lines = tuple(
@@ -572,7 +641,8 @@ def frame_db(x: Floats, rate: int) -> Floats:
     return np.asarray(20 * np.log10(np.maximum(rms, 1e-6)), dtype=np.float32)
 
 
-def _piper(text: str, length_scale: float) -> tuple[Floats, int]:
+def piper_speech(text: str, length_scale: float = 1.0) -> tuple[Floats, int]:
+    """``text`` in the piper voice, the same samples every time; and their rate."""
     from piper.config import SynthesisConfig
 
     from gateway.speech.voice import load_voice
@@ -651,7 +721,7 @@ def shape(x: Floats, rate: int, shorten_pauses: bool) -> Floats:
 def _clip(plan: Recipe, line: Line) -> Floats:
     voice = plan.speaker(line.speaker).voice
     if voice.kind == "piper":
-        audio, native = _piper(line.text, line.rate)
+        audio, native = piper_speech(line.text, line.rate)
     elif voice.kind == "espeak":
         audio, native = _espeak(line.text, voice.name, round(line.rate))
     else:
@@ -828,13 +898,14 @@ def windows(samples: Samples, rate: int, limit: float = WINDOW) -> list[tuple[in
     return out
 
 
-def recognize(conversation: Conversation, engine: Any) -> list[str]:
-    """Normalized words an offline recognizer (``Engine.transcribe``) hears, in order."""
+def recognize(conversation: Conversation, engine: Any, prompt: str | None = None) -> list[str]:
+    """Normalized words an offline recognizer (``Engine.transcribe``) hears, in order,
+    each window prompted with ``prompt`` (a meeting's terms to expect) if given."""
     pcm = conversation.at_rate(16000)
     audio = floats(pcm)
     said: list[str] = []
     for a, b in windows(pcm, 16000):
-        hyp = engine.transcribe(audio[a:b], a / 16000, compact=False)
+        hyp = engine.transcribe(audio[a:b], a / 16000, prompt, compact=False)
         said += norm_words(" ".join(w.text for w in hyp.words))
     return said
 
