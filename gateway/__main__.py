@@ -14,13 +14,13 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from . import __version__, logs, memory, tokens
-from .config import SUPPORTED_RATES, Settings
+from . import __version__, keywords, logs, memory, tokens
+from .config import SUPPORTED_RATES, Settings, language_code_ok
 from .errors import ConfigError, GatewayError
 
 SERVE_FLAGS = [f.name for f in dataclasses.fields(Settings)]
@@ -122,14 +122,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def bot_config(
-    public_url: str, rate: int, secret: str, ttl: float, dual: bool, key: str | None = None
+    public_url: str,
+    rate: int,
+    secret: str,
+    ttl: float,
+    dual: bool,
+    key: str | None = None,
+    session: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The streaming objects to paste into a Meeting BaaS bot request."""
+    """The streaming objects to paste into a Meeting BaaS bot request; ``session``
+    holds the output URL's own parameters (``keywords``, ``language``)."""
     key = key or uuid.uuid4().hex
     base = public_url.rstrip("/")
 
     def url(path: str, role: tokens.Role) -> str:
         query: dict[str, str] = {"rate": str(rate)} if role in ("output", "input") else {}
+        if role == "output":
+            query |= session or {}
         if secret:
             query["token"] = tokens.mint(secret, role, key, ttl)
         return f"{base}{path}?{urlencode(query)}" if query else f"{base}{path}"
@@ -170,7 +179,18 @@ def cmd_bot_config(args: argparse.Namespace) -> int:
     rate = int(args.rate)
     if rate not in SUPPORTED_RATES:
         raise GatewayError(f"--rate {rate}: must be one of {SUPPORTED_RATES}")
-    config = bot_config(public, rate, settings.secret, settings.token_ttl, args.dual, args.key)
+    language, terms = args.meeting_language, args.meeting_keywords
+    if language and not language_code_ok(language):
+        raise GatewayError(f"--language {language[:12]!r}: an ISO 639-1 code, or auto")
+    session = {"language": language} if language else {}
+    if terms:
+        try:
+            session["keywords"] = ",".join(keywords.parse(terms, "--keywords"))
+        except ValueError as exc:
+            raise GatewayError(str(exc)) from None
+    config = bot_config(
+        public, rate, settings.secret, settings.token_ttl, args.dual, args.key, session
+    )
     print(json.dumps(config, indent=2))
     return 0
 
@@ -320,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--rate", default="24000", help="audio_frequency: 16000/24000/32000/48000")
     cfg.add_argument("--dual", action="store_true", help="one socket for output and input")
     cfg.add_argument("--key", help="session key (default: a new random key)")
+    # The meeting's own, on its URL: not the settings of the same names.
+    terms = "names and terms the meeting's transcript should expect, comma-separated"
+    cfg.add_argument("--keywords", dest="meeting_keywords", help=terms)
+    language = "the language spoken in the meeting, or auto"
+    cfg.add_argument("--language", dest="meeting_language", help=language)
     cfg.set_defaults(func=cmd_bot_config)
 
     say = _control_parser(sub, "say", "make a session's bot say a text; prints its events")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import keywords
 from .errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
@@ -134,6 +135,14 @@ class Settings:
     device: str = _setting(
         "cpu", "where the model runs: cpu, or cuda (a GPU worker)", choices=("cpu", "cuda")
     )
+    keywords: str = _setting(
+        "",
+        "terms every meeting's transcript should expect, comma-separated (names, products);"
+        " a bot URL's ?keywords= adds its own",
+    )
+    roster_keywords: bool = _setting(
+        False, "expect the names of the people on each meeting's roster (the first 16)"
+    )
     partial_interval: float = _setting(0.5, "seconds between partial results while speaking")
     max_utterance: float = _setting(15.0, "longest utterance before a final is forced, seconds")
     bot_speech: str = _setting(
@@ -186,6 +195,10 @@ class Settings:
             raise bad("language", "must be an ISO 639-1 code such as en, es, de, or auto")
         if self.language != "en" and self.model.endswith(".en"):
             raise bad("language", f"{self.model} knows only English: use --model base")
+        try:
+            keywords.parse(self.keywords, "keywords")
+        except ValueError as exc:
+            raise bad("keywords", str(exc).partition(": ")[2]) from None
         for name in (
             "max_connections",
             "max_connections_per_ip",

@@ -9,6 +9,7 @@
         ├── AuthError           missing, forged, expired or misbound token   401/403  1008
         ├── OverloadError       a connection limit was reached               429/503  1013
         ├── UnsupportedRate     a handshake asked for a rate we cannot take           1003
+        ├── BadRequest          a query parameter the gateway cannot use     400      1003
         └── RouteError          no such endpoint                             404      1008
 
 Every :class:`ProtocolError` carries the HTTP status that refuses it before the
@@ -79,6 +80,13 @@ class UnsupportedRate(ProtocolError):
     close_code = 1003
     reason = "unsupported sample rate"
     metric_reason = "unsupported_rate"
+
+
+class BadRequest(ProtocolError):
+    close_code = 1003
+    reason = "bad request"
+    metric_reason = "bad_request"
+    status = 400
 
 
 class RouteError(ProtocolError):

@@ -14,14 +14,19 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 from websockets.typing import Subprotocol
 
+from . import keywords
 from .config import SUPPORTED_RATES
-from .errors import RouteError
+from .errors import BadRequest, ProtocolError, RouteError
 from .keys import valid_key
 
 #: Close codes of a draining gateway: the meetings go on in the next process (come
 #: back), or the gateway is going away.
 RESTART = (1012, "service restart")
 GOING_AWAY = (1001, "")
+
+
+#: Query parameters that list a meeting's terms, each repeatable; read as one ``keywords``.
+TERM_PARAMS = ("keywords", "keyterm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +37,17 @@ class Route:
 
 
 def parse_route(target: str) -> Route:
-    """Map a request target to a route; raise :class:`RouteError` for anything else."""
+    """Map a request target to a route; raise :class:`RouteError` for anything else, and
+    :class:`BadRequest` for terms a meeting cannot take (:mod:`gateway.keywords`)."""
     url = urlsplit(target)
-    params = dict(parse_qsl(url.query, keep_blank_values=True))
+    pairs = parse_qsl(url.query, keep_blank_values=True)
+    params = dict(pairs)
+    # Deepgram's SDKs repeat keywords= and keyterm= once per term (gateway.keywords).
+    if terms := [v for k, v in pairs if k in TERM_PARAMS]:
+        try:
+            params["keywords"] = ",".join(keywords.parse(",".join(terms), "keywords"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
     parts = [p for p in url.path.split("/") if p]
     if not parts:
         return Route("output", None, params)
@@ -88,7 +101,7 @@ def reads(ws: Any, routes: Mapping[str, tuple[str, Any]]) -> bool:
     a Deepgram client (``/v1/listen``: its transcript comes back on the same socket)."""
     try:
         kind = parse_route(ws.request.path).kind if ws.request is not None else ""
-    except RouteError:
+    except ProtocolError:
         return False
     return kind == "listen" or (kind in routes and routes[kind][0] == "read")
 

@@ -103,6 +103,18 @@ class TestBotConfig:
         assert "token=" not in v2["output_url"]  # open gateway: no secret, no token
         assert "v1" not in config  # API v1 only knows 16 kHz and 24 kHz
 
+    def test_a_meetings_language_and_keywords_ride_on_its_output_url(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = self.run(capsys, "--keywords", "Siobhan, Postgres:2,siobhan", "--language", "auto")
+        v2 = config["v2"]["streaming_config"]  # type: ignore[index]
+        query = parse_qs(urlsplit(v2["output_url"]).query)
+        assert (query["keywords"], query["language"]) == (["Siobhan,Postgres"], ["auto"])
+        assert "keywords" not in v2["input_url"]
+        assert main(["bot-config", "--keywords", "x" * 65]) == 2
+        assert "--keywords" in capsys.readouterr().err
+        assert main(["bot-config", "--language", "klingon"]) == 2
+
     def test_fresh_key_each_time(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert self.run(capsys)["key"] != self.run(capsys)["key"]
 

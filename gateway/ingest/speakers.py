@@ -115,6 +115,17 @@ class SpeakerTimeline:
         return self._speakers.get(key)
 
     @property
+    def names(self) -> list[str]:
+        """The resolved names of everyone the rosters listed, listening or not, but the
+        bot's; oldest first (bounded as the names kept are)."""
+        bot = self.bot
+        return [
+            name
+            for key, name in self._names.items()
+            if (bot is None or key != bot.key) and name.casefold() != self._bot_name
+        ]
+
+    @property
     def speaking_now(self) -> list[Speaker]:
         """Who the roster marks speaking now."""
         return [self._speakers[k] for k in self._speaking if k in self._speakers]

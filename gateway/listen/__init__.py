@@ -19,9 +19,10 @@ Query parameters the SDKs send are accepted; ``interim_results`` (default false,
 Deepgram), ``vad_events`` and ``utterance_end_ms`` choose which messages are sent,
 ``sample_rate`` and ``encoding`` describe the audio (linear16 mono only: anything else
 is refused with 400 before the upgrade, like ``channels`` other than 1), ``extra``
-(``key:value``) is echoed in each result's ``metadata.extra``; the others (model,
-language, punctuate, smart_format, diarize, keywords ...) are ignored: the gateway's
-model, punctuation and roster speakers apply. Speaker names: every result carries the
+(``key:value``) is echoed in each result's ``metadata.extra``, ``keywords`` and
+``keyterm`` are terms the transcript should expect (:mod:`gateway.keywords`); the others
+(model, language, punctuate, smart_format, diarize ...) are ignored: the gateway's model,
+punctuation and roster speakers apply. Speaker names: every result carries the
 gateway's ``speaker_name`` fields, and, for SDKs that drop fields they do not know
 (deepgram-sdk 3.x and 4.x), ``metadata.extra["speaker_name"]`` (the result's speaker)
 and ``metadata.extra["speaker_names"]`` (``id=name`` pairs for its words).
@@ -31,10 +32,10 @@ Credentials: the deployment's secret, or a token from ``bot-config``, as
 ``Sec-WebSocket-Protocol: token, <key>``, or ``?token=<key>``.
 """
 
+from ..errors import BadRequest
 from .endpoint import ListenEndpoint, Outlet
 from .messages import (
     LISTEN_RATES,
-    BadRequest,
     ListenOptions,
     ResultsFilter,
     authorize,

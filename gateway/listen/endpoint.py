@@ -16,15 +16,19 @@ from websockets.typing import Data
 
 from ..audio.resample import Resampler
 from ..config import SUPPORTED_RATES
+from ..errors import BadRequest
 from ..ingest.protocol import OutputDecoder
 from ..reports import ConnectionRecord
 from ..routes import RESTART
-from .messages import RESAMPLED_RATE, BadRequest, ListenOptions, ResultsFilter, control_type
+from .messages import RESAMPLED_RATE, ListenOptions, ResultsFilter, control_type
 
 logger = logging.getLogger("gateway.listen")
 
 #: How long the last messages (``Metadata``) may take to reach a client, seconds.
 SEND_WAIT = 5.0
+#: What a Deepgram client's query may choose for its session, as a bot's URL may: the
+#: pipelines, and the terms to expect (``keywords`` and ``keyterm``, read as one).
+SESSION_PARAMS = ("pipelines", "keywords")
 
 
 class Outlet:
@@ -150,7 +154,7 @@ class ListenEndpoint:
         key = f"listen-{uuid.uuid4().hex[:16]}"
         rate = options.rate if options.rate in SUPPORTED_RATES else RESAMPLED_RATE
         converter = Resampler(options.rate, rate) if rate != options.rate else None
-        session = gw.sessions.open(key, {k: v for k, v in params.items() if k == "pipelines"})
+        session = gw.sessions.open(key, {k: v for k, v in params.items() if k in SESSION_PARAMS})
         record = ConnectionRecord("output", str(ws.remote_address[0]), time.time())
         session.start(rate)
         session.attach_output(ws, record)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .. import tokens
-from ..errors import AuthError, ProtocolError
+from ..errors import AuthError, BadRequest
 from ..keys import valid_key
 
 #: Rates accepted from Deepgram clients; those a session cannot run at are resampled.
@@ -25,13 +25,6 @@ def model_uuid(model: str) -> str:
     """The ``model_uuid`` Deepgram messages carry: derived from the model's name, so it
     is stable across restarts and the same in ``Results`` and ``Metadata``."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meeting-gateway:model:{model}"))
-
-
-class BadRequest(ProtocolError):
-    close_code = 1003
-    reason = "bad request"
-    metric_reason = "bad_request"
-    status = 400
 
 
 def _flag(params: Mapping[str, str], name: str, default: bool) -> bool:

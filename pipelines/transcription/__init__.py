@@ -15,6 +15,8 @@ import os
 import socket
 from collections.abc import Mapping
 
+from gateway import keywords
+from gateway.keywords import Vocabulary
 from gateway.pipeline import Environment, Pipeline, PipelineFactory, RouteHandler, SessionContext
 
 from .engine import Engine, shared_engine
@@ -95,4 +97,5 @@ class TranscriptionFactory(PipelineFactory):
             max_utterance=s.max_utterance,
             bot_speech=s.bot_speech,
             language=s.language,
+            vocabulary=Vocabulary(keywords.parse(s.keywords, "keywords"), s.roster_keywords),
         )

@@ -67,8 +67,10 @@ def first_windows(
     language: str,
     margin: int,
     max_new_tokens: int,
+    initial_prompt: str | None = None,
 ) -> list[Window]:
-    """The first window of each of ``audios`` (16 kHz, each at most 30 s), as a batch."""
+    """The first window of each of ``audios`` (16 kHz, each at most 30 s), as a batch,
+    each prompted with ``initial_prompt`` as faster-whisper's option of that name does."""
     tokenizer = Tokenizer(
         model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language
     )
@@ -77,7 +79,8 @@ def first_windows(
     window = min(FULL_WINDOW, -(-(max(frames) + margin) // 100) * 100)
     batch = np.stack([pad_or_trim(f[:, :n], window) for f, n in zip(features, frames, strict=True)])
     encoded = model.encode(batch)
-    prompt = model.get_prompt(tokenizer, [], without_timestamps=False)
+    previous = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
+    prompt = model.get_prompt(tokenizer, previous, without_timestamps=False)
     results = model.model.generate(
         encoded,
         [prompt] * len(audios),

@@ -11,6 +11,7 @@ worker, never on the event loop).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,23 +26,11 @@ import numpy.typing as npt
 from gateway.config import Settings
 from gateway.errors import ModelError
 
-from .compact import FULL_WINDOW, WINDOW_MARGIN, install_compact_window, padding, retries
+from .compact import FULL_WINDOW, WINDOW_MARGIN, install_compact_window, padding
 from .lanes import asr_threads, in_lane_thread, single_threaded_blas
 from .models import resolve_model
-from .verdicts import (
-    CONTINUATIONS,
-    CONTINUE_BACK,
-    CONTINUE_BACKS,
-    LATE_VOICE,
-    RETRY,
-    SHORT_VOICE,
-    STUCK_VOICE,
-    started_late,
-    stopped_short,
-    token_limit,
-    verdict,
-    voiced,
-)
+from .settle import settle
+from .verdicts import token_limit, verdict
 
 # Re-exported from where they live, for code that imported them from here.
 from .words import ASR_RATE as ASR_RATE
@@ -183,23 +172,23 @@ class Engine:
         lane: int = 0,
         ready: Callable[[int, Hypothesis], None] | None = None,
     ) -> list[Hypothesis]:
-        """:meth:`transcribe` each of ``requests`` (compact windows, no prompt), the
-        first decodes of those in one language as one batch (:mod:`.batch`). Each
+        """:meth:`transcribe` each of ``requests`` (compact windows), the first decodes
+        of those in one language with one prompt as one batch (:mod:`.batch`). Each
         hypothesis goes to ``ready(index, hypothesis)`` as soon as it is settled, so one
         item's retries delay no other's, and counts its share of the batch in its
         ``compute_seconds``."""
         began = time.perf_counter()
         model = self.models[lane]
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str | None], list[int]] = {}
         for i, r in enumerate(requests):
             language = r.language if self.multilingual else "en"
             if language is not None and len(r.audio) <= MAX_BATCHED and self.compact:
-                groups.setdefault(language, []).append(i)
+                groups.setdefault((language, r.prompt), []).append(i)
         first: dict[int, tuple[list[HypWord], list[str], Any]] = {}
         with self._locks[lane]:
-            for language, members in groups.items():
+            for (language, prompt), members in groups.items():
                 if len(members) > 1:
-                    first.update(self._batch(model, requests, members, language))
+                    first.update(self._batch(model, requests, members, language, prompt))
         shared = (time.perf_counter() - began) / max(1, len(first))
         out = []
         for i, r in enumerate(requests):
@@ -207,12 +196,12 @@ class Engine:
             if i in first:
                 with self._locks[lane]:
                     found = self._settle(
-                        model, r.audio, r.offset, None, r.language, r.whole, first[i]
+                        model, r.audio, r.offset, r.prompt, r.language, r.whole, first[i]
                     )
                 hyp = _hypothesis(r.audio, found, r.language, shared + time.perf_counter() - began)
             else:
                 hyp = self.transcribe(
-                    r.audio, r.offset, lane=lane, language=r.language, whole=r.whole
+                    r.audio, r.offset, r.prompt, lane=lane, language=r.language, whole=r.whole
                 )
             out.append(hyp)
             if ready is not None:
@@ -220,14 +209,19 @@ class Engine:
         return out
 
     def _batch(
-        self, model: Any, requests: Sequence[Request], members: list[int], language: str
+        self,
+        model: Any,
+        requests: Sequence[Request],
+        members: list[int],
+        language: str,
+        prompt: str | None,
     ) -> dict[int, tuple[list[HypWord], list[str], Any]]:
         """The first decode of each of ``members``, as :meth:`_decode` would return it."""
         from .batch import first_windows  # imports faster-whisper, as loading does
 
         limits = [token_limit(requests[i].audio) for i in members]
         audios = [requests[i].audio for i in members]
-        windows = first_windows(model, audios, language, WINDOW_MARGIN, max(limits))
+        windows = first_windows(model, audios, language, WINDOW_MARGIN, max(limits), prompt)
         out = {}
         for i, window, limit in zip(members, windows, limits, strict=True):
             r = requests[i]
@@ -235,7 +229,7 @@ class Engine:
             if window.seek < window.frames:  # faster-whisper's loop would decode on from there
                 at = window.seek / model.frames_per_second
                 rest = r.audio[round(at * ASR_RATE) :]
-                segments, _ = self._segments(model, rest, None, WINDOW_MARGIN, language, limit)
+                segments, _ = self._segments(model, rest, prompt, WINDOW_MARGIN, language, limit)
                 parts.append((segments, r.offset + at))
             out[i] = (*verdict(parts, limit), None)
         return out
@@ -250,29 +244,9 @@ class Engine:
         whole: bool,
         decoded: tuple[list[HypWord], list[str], Any],
     ) -> tuple[list[HypWord], list[str], Any]:
-        """A compact decode's failures answered: retried in wider windows, continued
-        where it stopped short, its head decoded where it started late."""
-        words, rejected, info = decoded
-        voice = SHORT_VOICE if whole else STUCK_VOICE
-        frames = voiced(audio)
-        # The compact window occasionally loops, or rejects the first segment and with
-        # it the rest, where a wider one, or the standard one, does not.
-        for margin in retries(len(audio), ASR_RATE):
-            if not RETRY.intersection(rejected) and (
-                words or not stopped_short(frames, offset, words, voice)
-            ):
-                break
-            words, rejected, info = self._decode(model, audio, offset, prompt, margin, language)
-        for _ in range(CONTINUATIONS):
-            if not words or not stopped_short(frames, offset, words, voice):
-                break
-            more = self._continue(model, audio, offset, words[-1].end, language)
-            if not more:
-                break
-            words.extend(more)
-        if started_late(frames, offset, words, LATE_VOICE if whole else STUCK_VOICE):
-            words[:0] = self._head(model, audio, offset, words, language)
-        return words, rejected, info
+        """A compact decode's failures answered (:mod:`.settle`), on ``model``'s lane."""
+        decode = functools.partial(self._decode, model)
+        return settle(decode, audio, offset, prompt, language, whole, decoded)
 
     @property
     def multilingual(self) -> bool:
@@ -281,43 +255,6 @@ class Engine:
 
     def supported_languages(self) -> list[str]:
         return list(getattr(self.models[0], "supported_languages", ["en"]))
-
-    def _continue(
-        self,
-        model: Any,
-        audio: npt.NDArray[np.float32],
-        offset: float,
-        after: float,
-        language: str | None,
-    ) -> list[HypWord]:
-        """The words after ``after`` (session clock): ``audio`` decoded again from a little
-        before it, not to cut the first word, or further back if that hears none."""
-        for back in CONTINUE_BACKS:
-            start = max(0.0, after - offset - back)
-            rest = audio[round(start * ASR_RATE) :]
-            words, _, _ = self._decode(model, rest, offset + start, None, WINDOW_MARGIN, language)
-            if more := [w for w in words if w.start >= after - 0.02]:
-                return more
-        return []
-
-    def _head(
-        self,
-        model: Any,
-        audio: npt.NDArray[np.float32],
-        offset: float,
-        after: Sequence[HypWord],
-        language: str | None,
-    ) -> list[HypWord]:
-        """The words before ``after`` (a decode's words, session clock): the audio up to
-        a little after the first of them decoded on its own, so the last word heard is
-        not cut."""
-        before = after[0].start
-        end = round((before - offset + CONTINUE_BACK) * ASR_RATE)
-        words, _, _ = self._decode(model, audio[:end], offset, None, WINDOW_MARGIN, language)
-        head = [w for w in words if w.end <= before + 0.02]
-        if head and head[-1].norm == after[0].norm:
-            head.pop()  # the first word of the decode, heard twice at the join
-        return head
 
     def _decode(
         self,
@@ -368,6 +305,8 @@ class Request:
     offset: float
     language: str | None = "en"
     whole: bool = False
+    prompt: str | None = None
+    """The meeting's terms to expect (:func:`gateway.keywords.prompt`)."""
 
 
 def _hypothesis(

@@ -74,6 +74,8 @@ class JobSpec:
     """Wall time the node submitted it (``time.time()``)."""
     urgent: bool = False
     """A partial that would bring an utterance's first text (runs with the finals)."""
+    prompt: str = ""
+    """The meeting's terms to expect; a node of an earlier release sends none."""
 
 
 def encode_job(job: JobSpec) -> dict[str, bytes | str]:
@@ -87,6 +89,7 @@ def encode_job(job: JobSpec) -> dict[str, bytes | str]:
         "language": job.language or "",
         "submitted": repr(job.submitted),
         "urgent": "1" if job.urgent else "",
+        "prompt": job.prompt,
         "audio": pcm,
     }
 
@@ -109,6 +112,7 @@ def decode_job(fields: dict[Any, Any]) -> JobSpec:
         _text(f["language"]) or None,
         float(_text(f["submitted"])),
         bool(_text(f.get("urgent", ""))),
+        _text(f.get("prompt", "")),
     )
 
 

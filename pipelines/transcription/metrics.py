@@ -6,6 +6,8 @@ session key or a speaker name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -105,3 +107,15 @@ class TranscriptionMetrics:
             registry=r,
         )
         self.errors = Counter("gateway_asr_errors", "Recognition jobs that raised", registry=r)
+
+    def recognized(
+        self, kind: str, audio_seconds: float, compute_seconds: float, rejected: Sequence[str]
+    ) -> None:
+        """A recognition of ``kind`` heard ``audio_seconds`` in ``compute_seconds``, and
+        left out the segments ``rejected`` names (a reason each)."""
+        for reason in rejected:
+            self.rejected.labels(reason).inc()
+        self.audio_seconds.inc(audio_seconds)
+        self.busy_seconds.inc(compute_seconds)
+        if audio_seconds > 0:
+            self.rtf.labels(kind).observe(compute_seconds / audio_seconds)

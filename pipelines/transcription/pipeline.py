@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from gateway.audio.resample import Resampler
 from gateway.ingest.speakers import Speaker
+from gateway.keywords import Vocabulary
 from gateway.pipeline import (
     Disconnected,
     Gap,
@@ -90,9 +91,11 @@ class TranscriptionPipeline(Pipeline):
         max_utterance: float,
         bot_speech: str,
         language: str = "en",
+        vocabulary: Vocabulary | None = None,
     ) -> None:
         self._engine = engine
         self._default_language = language
+        self._vocabulary = vocabulary or Vocabulary()  # the deployment's terms to expect
         self._recognizer = recognizer
         self._hub = outputs
         self._metrics = metrics
@@ -122,6 +125,10 @@ class TranscriptionPipeline(Pipeline):
         self._language = LanguageChoice.checked(asked, self._engine)
         self._annotated = self._language.current
         ctx.annotate("language", self._annotated)
+        self._vocabulary = self._vocabulary.joined(ctx.params)
+        self._vocabulary.people(ctx.speakers.names)  # those known before a restart
+        if self._vocabulary.left_out:
+            ctx.log.warning("%d terms past the bounds not expected", self._vocabulary.left_out)
         with contextlib.suppress(KeyError, ValueError):  # learnt before a restart
             self._turns.lag.resume(float(ctx.annotations[LAG_NOTE]))
         self._rate = ctx.sample_rate
@@ -145,6 +152,7 @@ class TranscriptionPipeline(Pipeline):
             self._turns.voice_started(t, wall, event.quiet / self._rate)
         elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
             self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
+            self._vocabulary.people(self._ctx.speakers.names)  # who joined since
             if event.speaking:
                 self._language.speaker(event.speaker.key)
         elif isinstance(event, SpeechPaused):
@@ -232,9 +240,11 @@ class TranscriptionPipeline(Pipeline):
         audio, at = self._window.floats(
             round(request.start * ASR_RATE), round(request.end * ASR_RATE)
         )
-        urgent = request.kind == "partial" and request.first
-        kind, key = request.kind, self._ctx.key
-        return self._recognizer.recognize(key, kind, audio, at / ASR_RATE, language, urgent=urgent)
+        kind, offset = request.kind, at / ASR_RATE
+        urgent, prompt = kind == "partial" and request.first, self._vocabulary.prompt
+        return self._recognizer.recognize(
+            self._ctx.key, kind, audio, offset, language, urgent=urgent, prompt=prompt
+        )
 
     def _submit(self, request: Request) -> None:
         pending = _Pending(request)
@@ -265,15 +275,9 @@ class TranscriptionPipeline(Pipeline):
             words: tuple[HypWord, ...] = ()
             sure = True
         else:
-            m = self._metrics
-            m.audio_seconds.inc(hypothesis.audio_seconds)
-            m.busy_seconds.inc(hypothesis.compute_seconds)
             h = hypothesis
-            if h.audio_seconds > 0:
-                m.rtf.labels(request.kind).observe(h.compute_seconds / h.audio_seconds)
+            self._metrics.recognized(request.kind, h.audio_seconds, h.compute_seconds, h.rejected)
             self._language.heard(h.language, h.language_probability, h.audio_seconds)
-            for reason in hypothesis.rejected:
-                m.rejected.labels(reason).inc()
             words = tuple(dataclasses.replace(w, language=h.language) for w in h.words)
             sure = self._language.trusts(h.language)
         if request.kind == "final":
@@ -338,11 +342,7 @@ class TranscriptionPipeline(Pipeline):
         utterance = request.utterance if request is not None else self._policy.utterance
         if not draft.is_final:
             if words:
-                self._out.publish(
-                    results.Result(
-                        words[0].start, words[-1].end, words, False, False, words[0].language
-                    )
-                )
+                self._out.publish(results.Result.of(words, is_final=False, speech_final=False))
                 self._metrics.results.labels("partial").inc()
                 if request is not None and utterance not in self._first_partial:
                     self._first_partial.add(utterance)
@@ -356,11 +356,7 @@ class TranscriptionPipeline(Pipeline):
             self._out.publish(results.Result(end, end, (), True, True, lang))
         for i, group in enumerate(groups):
             speech_final = draft.speech_final and i == len(groups) - 1
-            self._out.publish(
-                results.Result(
-                    group[0].start, group[-1].end, group, True, speech_final, group[0].language
-                )
-            )
+            self._out.publish(results.Result.of(group, is_final=True, speech_final=speech_final))
             self._metrics.results.labels("final").inc()
         if words:
             self._words_in_utterance[utterance] = words[-1].end

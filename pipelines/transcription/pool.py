@@ -109,12 +109,24 @@ class PoolRecognizer:
         language: str | None,
         *,
         urgent: bool = False,
+        prompt: str | None = None,
     ) -> asyncio.Future[Hypothesis | None]:
         if not self.workers:
-            return self.local.recognize(session, kind, audio, offset, language, urgent=urgent)
+            return self.local.recognize(
+                session, kind, audio, offset, language, urgent=urgent, prompt=prompt
+            )
         future: asyncio.Future[Hypothesis | None] = asyncio.get_running_loop().create_future()
         spec = jobs.JobSpec(
-            uuid.uuid4().hex, self.node, session, kind, audio, offset, language, time.time(), urgent
+            uuid.uuid4().hex,
+            self.node,
+            session,
+            kind,
+            audio,
+            offset,
+            language,
+            time.time(),
+            urgent,
+            prompt or "",
         )
         job = Job(session, kind, time.monotonic(), _Remote(spec, future, urgent), urgent)
         self._dropped(self._queue.push(job))
@@ -174,7 +186,13 @@ class PoolRecognizer:
         r = job.payload
         s = r.spec
         inner = self.local.recognize(
-            s.session, s.kind, s.audio, s.offset, s.language, urgent=r.urgent
+            s.session,
+            s.kind,
+            s.audio,
+            s.offset,
+            s.language,
+            urgent=r.urgent,
+            prompt=s.prompt or None,
         )
 
         def done(f: asyncio.Future[Hypothesis | None]) -> None:

@@ -34,8 +34,10 @@ class Recognizer(Protocol):
         language: str | None,
         *,
         urgent: bool = False,
+        prompt: str | None = None,
     ) -> asyncio.Future[Hypothesis | None]:
-        """Recognize 16 kHz ``audio`` that starts ``offset`` s into the session."""
+        """Recognize 16 kHz ``audio`` that starts ``offset`` s into the session,
+        expecting the terms of ``prompt`` (:func:`gateway.keywords.prompt`)."""
         ...
 
     def forget(self, session: str) -> None:
@@ -62,8 +64,9 @@ class LocalRecognizer:
         language: str | None,
         *,
         urgent: bool = False,
+        prompt: str | None = None,
     ) -> asyncio.Future[Hypothesis | None]:
-        request = Request(audio, offset, language, whole=kind == FINAL)
+        request = Request(audio, offset, language, whole=kind == FINAL, prompt=prompt)
         job = Batchable(self.engine.transcribe_many, request)
         return self.scheduler.submit(session, kind, job, urgent=urgent)
 

@@ -41,6 +41,12 @@ class Result:
     speech_final: bool
     language: str = "en"
 
+    @classmethod
+    def of(cls, words: tuple[Word, ...], *, is_final: bool, speech_final: bool) -> Result:
+        """The result of ``words`` (at least one), over their span, in the first's language."""
+        first, last = words[0], words[-1]
+        return cls(first.start, last.end, words, is_final, speech_final, first.language)
+
     @property
     def transcript(self) -> str:
         return " ".join(w.punctuated for w in self.words)

@@ -195,7 +195,13 @@ class Worker:
         if job.kind != FINAL and time.time() - job.submitted > self.stale_after:
             hypothesis = None
         else:
-            request = Request(job.audio, job.offset, job.language, whole=job.kind == FINAL)
+            request = Request(
+                job.audio,
+                job.offset,
+                job.language,
+                whole=job.kind == FINAL,
+                prompt=job.prompt or None,
+            )
             # The same lanes as a node's own: finals first, then first-text partials.
             # A worker takes only as many jobs as it has lanes, so its jobs never wait
             # for a lane and are never batched; the pool spreads them instead.
