@@ -35,7 +35,7 @@ import heapq
 import itertools
 import json
 import sys
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,13 @@ from benchmarks.conversations import build, recognize
 from benchmarks.noise import mix
 from benchmarks.noise import parse as parse_noise
 from benchmarks.transcription import meeting_audio
+from gateway import keywords
 from gateway.audio.vad import SpeechEnded, SpeechPaused, SpeechStarted, VoiceActivity
 from gateway.config import Settings
 from gateway.ingest.clock import AudioClock
 from gateway.ingest.protocol import Roster, parse_roster
 from gateway.ingest.speakers import SpeakerTimeline
+from gateway.keywords import Vocabulary
 from pipelines.transcription import formats, policy, results
 from pipelines.transcription.drafts import Draft, Request
 from pipelines.transcription.early import serves
@@ -60,6 +62,7 @@ from pipelines.transcription.finals import FinalWords
 from pipelines.transcription.policy import StreamingPolicy
 from pipelines.transcription.scheduler import LaneUse
 from pipelines.transcription.scoring import wer
+from pipelines.transcription.scoring import words as norm_words
 from pipelines.transcription.turns import Turns
 from pipelines.transcription.words import ASR_RATE, HypWord, as_written
 
@@ -79,7 +82,9 @@ class Replay:
     max_utterance: float = Settings().max_utterance
     load: float = 1.0
     phase: float = 0.0
-    heard: dict[tuple[int, int, bool], tuple[HypWord, ...]] = field(default_factory=dict)
+    heard: dict[tuple[int, int, bool, str | None], tuple[HypWord, ...]] = field(
+        default_factory=dict
+    )
     roster: list[dict[str, Any]] | None = None
     """A roster script (:meth:`~benchmarks.conversations.Conversation.roster_script`):
     attribute words as the pipeline does; without one, words have no speaker."""
@@ -89,6 +94,10 @@ class Replay:
     lanes: int = LANES
     vad: str = Settings().vad
     """The voice activity model (``--vad``)."""
+    vocabulary: Vocabulary = field(default_factory=Vocabulary)
+    """The terms recognitions expect (``--keywords``), and with ``--roster-keywords`` the
+    names of the people on the roster, from the change that brings them on, as the
+    pipeline adds them."""
 
     def __post_init__(self) -> None:
         self.policy = StreamingPolicy(self.partial_interval, self.max_utterance)
@@ -120,16 +129,23 @@ class Replay:
         self.early_used = self.early_wasted = 0
         self.spoke = False  # a final of the current utterance carried words
         self.said = ""  # the last final word
+        # The engine's seconds over the recognitions this run made (not found in
+        # ``heard``), and the seconds of audio they heard.
+        self.compute = self.audio_heard = 0.0
 
     # -- the lanes ----------------------------------------------------------------------
 
     def _recognize(self, request: Request) -> tuple[HypWord, ...]:
         a, b = round(request.start * ASR_RATE), round(request.end * ASR_RATE)
         whole = request.kind != "partial"
-        key = (max(0, a), b, whole)
+        prompt = self.vocabulary.prompt
+        key = (max(0, a), b, whole, prompt)
         if key not in self.heard:
-            hyp = self.engine.transcribe(self.audio[key[0] : b], key[0] / ASR_RATE, whole=whole)
+            start = key[0]
+            hyp = self.engine.transcribe(self.audio[start:b], start / ASR_RATE, prompt, whole=whole)
             self.heard[key] = hyp.words
+            self.compute += hyp.compute_seconds
+            self.audio_heard += hyp.audio_seconds
         return self.heard[key]
 
     def _start_next(self) -> None:
@@ -277,7 +293,10 @@ class Replay:
                 self._done(heapq.heappop(self.running)[2])
             elif kind == 1:
                 at, roster = self.rosters.popleft()
-                for change in self.timeline.update(roster, at):
+                changes = self.timeline.update(roster, at)
+                if changes:  # as the pipeline learns who joined: at a change
+                    self.vocabulary.people(self.timeline.names)
+                for change in changes:
                     if not change.speaker.is_bot:
                         self.turns.lag.roster_changed(
                             change.time, change.speaker.key, change.speaking
@@ -328,14 +347,38 @@ def _row(scores: list[Any], offline: float, attributed: bool) -> dict[str, Any]:
     return row
 
 
+def term_recall(reference: list[str], said: list[str], terms: list[str]) -> dict[str, Any]:
+    """How many times the reference says one of ``terms``, and how many of those the
+    transcript writes (each term's count, at most the reference's)."""
+    wanted = Counter(w for t in terms for w in norm_words(t))
+    ref = Counter(w for w in reference if w in wanted)
+    got = Counter(w for w in said if w in wanted)
+    written = sum(min(n, got[w]) for w, n in ref.items())
+    return {"terms_said": sum(ref.values()), "terms_written": written}
+
+
+def cost(replays: list[Replay]) -> dict[str, Any]:
+    """What the recognitions the replays made cost the engine: seconds, and seconds per
+    second of audio they heard (the real cost, beside the modelled clock's)."""
+    seconds = sum(r.compute for r in replays)
+    heard = sum(r.audio_heard for r in replays)
+    return {
+        "compute_seconds": round(seconds, 2),
+        "compute_rtf": round(seconds / max(heard, 1e-9), 4),
+    }
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = shared_engine(Settings(model=args.model))
+    terms = list(keywords.parse(args.keywords, "--keywords"))
     out: dict[str, Any] = {
         "policy": args.policy,
+        "keywords": terms,
+        "roster_keywords": args.roster_keywords,
         "lanes": args.lanes,
         "vad": args.vad,
         "noise": args.noise,
@@ -350,10 +393,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if noise := parse_noise(args.noise):
             conv = mix(conv, *noise)
         reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
-        offline = wer(reference, recognize(conv, engine))
-        heard: dict[tuple[int, int, bool], tuple[HypWord, ...]] = {}
+        heard: dict[tuple[int, int, bool, str | None], tuple[HypWord, ...]] = {}
+        # Offline hears the whole meeting: every name on its roster from the start.
+        everyone = Vocabulary(terms, args.roster_keywords)
+        everyone.people(p for p, _ in conv.speakers)
+        offline = wer(reference, recognize(conv, engine, everyone.prompt))
+        # Whether or not they were given: how many of them each run writes as said.
+        expected = [*terms, *(person for person, _ in conv.speakers), *args.score_terms]
         for lag in lags:
-            scores = []
+            scores, replays = [], []
             for load, phase in itertools.product(args.loads, args.phases):
                 replay = Replay(
                     engine,
@@ -368,6 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.rtf,
                     args.lanes,
                     args.vad,
+                    Vocabulary(terms, args.roster_keywords),
                 )
                 scores.append(tm.score(conv.turns, replay.run(), lambda t: t))
                 row = {"conversation": name, "load": load, "phase": phase, "policy": args.policy}
@@ -375,12 +424,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row |= {"lag": lag, "lag_learnt": round(replay.turns.lag.seconds, 3)}
                 row |= _row(scores[-1:], offline, lag is not None)
                 row |= {"early_finals": {"used": replay.early_used, "wasted": replay.early_wasted}}
+                row |= cost([replay])
+                replays.append(replay)
+                row |= term_recall(reference, scores[-1]["said"], expected)
                 out["runs"].append(row)
                 print(json.dumps(row), file=sys.stderr)
             # Every timing's words together: the figure to compare policies by.
             lagged = {} if lag is None else {"lag": lag}
             pooled = {"conversation": name, "runs": len(scores), **lagged}
-            pooled |= _row(scores, offline, lag is not None)
+            pooled |= _row(scores, offline, lag is not None) | cost(replays)
+            pooled |= term_recall(reference * len(scores), tm.pool(scores)["said"], expected)
             out["pooled"].append(pooled)
             print("pooled", json.dumps(pooled), file=sys.stderr)
     return out
@@ -408,6 +461,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", default="", help="background noise, KIND:SNR (typing:20)")
     parser.add_argument("--overhead", type=float, default=OVERHEAD, help="seconds per call")
     parser.add_argument("--rtf", type=float, default=RTF, help="seconds per second of audio")
+    parser.add_argument("--keywords", default="", help="terms to expect, comma-separated")
+    parser.add_argument(
+        "--roster-keywords", action="store_true", help="expect the names the roster marks"
+    )
+    parser.add_argument(
+        "--score-terms",
+        type=lambda text: keywords.split(text),
+        default=[],
+        help="terms to count as written or not, besides the keywords and the speakers' names",
+    )
     parser.add_argument(
         "--policy",
         default="",
