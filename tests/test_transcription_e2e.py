@@ -283,7 +283,11 @@ async def test_no_text_for_silence_noise_or_music(
     if kind in ("typing", "music"):  # the VAD let them through: Whisper heard them
         registry = gw.gateway.metrics.registry
         jobs = registry.get_sample_value("gateway_asr_jobs_total", {"kind": "partial"})
-        assert (jobs or 0) > 10
+        heard = registry.get_sample_value("gateway_asr_audio_seconds_total")
+        # At 4x real time most partials are superseded before they run, and how many run
+        # depends on the machine's load (7 to 29 of typing on the same machine): what
+        # matters is that a good part of the minute was recognized and wrote nothing.
+        assert (jobs or 0) >= 3 and (heard or 0) >= 15, (jobs, heard)
 
 
 async def test_no_text_for_music_after_speech(
