@@ -53,14 +53,14 @@ def checked(terms: Iterable[str], source: str) -> tuple[str, ...]:
     ``source`` and the term for one that is not printable or too long, or too many."""
     out: dict[str, str] = {}
     for term in terms:
-        if not term.isprintable() or len(term) > MAX_TERM_CHARS:
+        if not _valid(term):
             raise ValueError(
                 f"{source}: {term[:MAX_TERM_CHARS]!r} is not a term"
                 f" (printable, at most {MAX_TERM_CHARS} characters)"
             )
         out.setdefault(term.casefold(), term)
     kept = tuple(out.values())
-    if len(kept) > MAX_TERMS or len(prompt(kept) or "") > MAX_CHARS:
+    if not _within(kept):
         raise ValueError(
             f"{source}: {len(kept)} terms; at most {MAX_TERMS} and {MAX_CHARS} characters in all"
         )
@@ -70,6 +70,14 @@ def checked(terms: Iterable[str], source: str) -> tuple[str, ...]:
 def parse(text: str, source: str) -> tuple[str, ...]:
     """:func:`split`, then :func:`checked`."""
     return checked(split(text), source)
+
+
+def _valid(term: str) -> bool:
+    return term.isprintable() and len(term) <= MAX_TERM_CHARS
+
+
+def _within(terms: tuple[str, ...]) -> bool:
+    return len(terms) <= MAX_TERMS and len(prompt(terms) or "") <= MAX_CHARS
 
 
 def prompt(terms: Iterable[str]) -> str | None:
@@ -128,14 +136,8 @@ class Vocabulary:
         if not term or term.casefold() in self._terms:
             return None
         grown = (*self._terms.values(), term)
-        text = prompt(grown) or ""
-        if (
-            not term.isprintable()
-            or len(term) > MAX_TERM_CHARS
-            or len(grown) > MAX_TERMS
-            or len(text) > MAX_CHARS
-        ):
+        if not (_valid(term) and _within(grown)):
             return False
         self._terms[term.casefold()] = term
-        self._prompt = text
+        self._prompt = prompt(grown)
         return True

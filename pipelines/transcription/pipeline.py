@@ -152,7 +152,8 @@ class TranscriptionPipeline(Pipeline):
             self._turns.voice_started(t, wall, event.quiet / self._rate)
         elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
             self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
-            self._vocabulary.people(self._ctx.speakers.names)  # who joined since
+            if self._vocabulary.roster:  # who joined since
+                self._vocabulary.people(self._ctx.speakers.names)
             if event.speaking:
                 self._language.speaker(event.speaker.key)
         elif isinstance(event, SpeechPaused):
