@@ -138,6 +138,7 @@ class Replay:
     def _recognize(self, request: Request) -> tuple[HypWord, ...]:
         a, b = round(request.start * ASR_RATE), round(request.end * ASR_RATE)
         whole = request.kind != "partial"
+        self.vocabulary.people(self.timeline.names)  # as the pipeline: at each recognition
         prompt = self.vocabulary.prompt
         key = (max(0, a), b, whole, prompt)
         if key not in self.heard:
@@ -293,10 +294,7 @@ class Replay:
                 self._done(heapq.heappop(self.running)[2])
             elif kind == 1:
                 at, roster = self.rosters.popleft()
-                changes = self.timeline.update(roster, at)
-                if changes:  # as the pipeline learns who joined: at a change
-                    self.vocabulary.people(self.timeline.names)
-                for change in changes:
+                for change in self.timeline.update(roster, at):
                     if not change.speaker.is_bot:
                         self.turns.lag.roster_changed(
                             change.time, change.speaker.key, change.speaking

@@ -181,13 +181,16 @@ async def test_a_bot_urls_keywords_and_the_rosters_names_reach_its_transcript(
     gw = await start_gateway(pipelines="transcription", roster_keywords=True)
     plain = await meeting(gw, "plain")
     told = await meeting(gw, "told", "?keywords=Joaquin,Siobhan,Grafana")
-    # The roster lists the people listening as well as the one speaking: their names.
+    # The roster lists the people listening as well as the one speaking: their names,
+    # also of those who join while nobody starts or stops speaking.
+    speaker = {"name": "Priyanka", "id": 3, "isSpeaking": True}
     people = [
         {"name": "Joaquin Ruiz", "id": 1, "isSpeaking": False},
         {"name": "Siobhan Kelly", "id": 2, "isSpeaking": False},
-        {"name": "Priyanka", "id": 3, "isSpeaking": True},
+        speaker,
     ]
-    named = await meeting(gw, "named", "?keywords=Grafana", roster=[{"at": 0.0, "roster": people}])
+    rosters = [{"at": 0.0, "roster": [speaker]}, {"at": 0.2, "roster": people}]
+    named = await meeting(gw, "named", "?keywords=Grafana", roster=rosters)
     assert len(expected(plain)) < len(expected(told)) == len(TERMS), (plain, told)
     assert expected(named) == {t.casefold() for t in TERMS}, named
     # A bot URL with more terms than a meeting takes is refused before the upgrade.

@@ -152,8 +152,6 @@ class TranscriptionPipeline(Pipeline):
             self._turns.voice_started(t, wall, event.quiet / self._rate)
         elif isinstance(event, SpeakerChange) and not event.speaker.is_bot:
             self._turns.lag.roster_changed(event.time, event.speaker.key, event.speaking)
-            if self._vocabulary.roster:  # who joined since
-                self._vocabulary.people(self._ctx.speakers.names)
             if event.speaking:
                 self._language.speaker(event.speaker.key)
         elif isinstance(event, SpeechPaused):
@@ -242,6 +240,8 @@ class TranscriptionPipeline(Pipeline):
             round(request.start * ASR_RATE), round(request.end * ASR_RATE)
         )
         kind, offset = request.kind, at / ASR_RATE
+        if self._vocabulary.roster:  # whoever the rosters listed by now, speaking or not
+            self._vocabulary.people(self._ctx.speakers.names)
         urgent, prompt = kind == "partial" and request.first, self._vocabulary.prompt
         return self._recognizer.recognize(
             self._ctx.key, kind, audio, offset, language, urgent=urgent, prompt=prompt
