@@ -40,14 +40,22 @@ worker`` processes of ``--asr-threads`` lanes each are started, and the gateway 
 jobs there (its one local lane is only the fallback). Compare with the same command
 without the flag, e.g. the read workload at 4 and 8 meetings::
 
-    .venv/bin/python benchmarks/transcription.py --workload read --sessions 4,8 \
+    .venv/bin/python benchmarks/transcription.py --workload read --sessions 4,8 \\
         --recognition pool --pool-workers 1 --asr-threads 2
 
 The conversations under background noise (``benchmarks/noise.py``: somebody typing, or
 voices in the room), with the voice activity model to compare::
 
-    .venv/bin/python benchmarks/transcription.py --workload conversation --sessions "" \
+    .venv/bin/python benchmarks/transcription.py --workload conversation --sessions "" \\
         --lags 0 --noise typing:20 --vad silero
+
+Meetings that expect names and terms (``--keywords``, ``--roster-keywords``: what they cost
+a node), e.g. the names conversation at 4 and 8 meetings; the offline reference is not
+prompted::
+
+    .venv/bin/python benchmarks/transcription.py --workload conversation --load-only \\
+        --conversations names --sessions 4,8 --roster-keywords \\
+        --keywords Postgres,Grafana,Figma,Kubernetes,Terraform
 
 A short one while developing:
 
@@ -89,6 +97,7 @@ from benchmarks.conversations import (
 from benchmarks.noise import mix
 from benchmarks.noise import parse as parse_noise
 from gateway.config import Settings
+from gateway.errors import ConfigError
 from gateway.server import Gateway
 from gateway.simulator import SimulatedBot, read_wav
 from pipelines.transcription.engine import shared_engine
@@ -645,8 +654,14 @@ async def main() -> None:
         ("--pool-workers", 1, "worker processes with --recognition pool"),
         ("--noise", "", "background noise under the conversations, KIND:SNR (typing:20)"),
         ("--vad", Settings().vad, "the gateway's voice activity model: webrtc or silero"),
+        ("--keywords", "", "terms every meeting expects (GATEWAY_KEYWORDS), comma-separated"),
     ):
         parser.add_argument(flag, type=type(default), default=default, help=help)
+    parser.add_argument(
+        "--roster-keywords",
+        action="store_true",
+        help="every meeting expects the names on its roster (GATEWAY_ROSTER_KEYWORDS)",
+    )
     parser.add_argument("--load-only", action="store_true", help="only the load sweeps")
     parser.add_argument("--summary", type=Path, help="write the human summary here too")
     parser.add_argument(
@@ -667,6 +682,12 @@ async def main() -> None:
     except ValueError as exc:
         parser.error(str(exc))
     settings = {"model": args.model, "asr_threads": args.asr_threads, "vad": args.vad}
+    if args.keywords or args.roster_keywords:  # the offline reference is not prompted
+        settings.update(keywords=args.keywords, roster_keywords=args.roster_keywords)
+    try:
+        Settings(**settings).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
     shared_engine(Settings(**settings))  # load before timing anything
 
     result: dict[str, Any] = {
@@ -679,6 +700,8 @@ async def main() -> None:
         "workloads": workloads,
         "noise": args.noise,
         "vad": args.vad,
+        "keywords": args.keywords,
+        "roster_keywords": args.roster_keywords,
     }
     result["recognition"] = args.recognition
     pool: Any = contextlib.nullcontext({})
