@@ -159,6 +159,36 @@ def test_the_model_writes_the_terms_it_is_told_to_expect(whisper_model: Any) -> 
         assert whisper_model.transcribe(quiet, 0.0, prompt).words == ()
 
 
+class CountingDecoder:
+    """A loaded CTranslate2 model that counts its ``generate`` calls (decoder passes)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.passes = inner, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self.passes += 1
+        return self.inner.generate(*args, **kwargs)
+
+
+@pytest.mark.model
+def test_a_prompted_decode_is_one_pass_over_its_window(whisper_model: Any) -> None:
+    # Given a prompt, Whisper ends this text without a closing timestamp, and
+    # faster-whisper's own loop would decode the 1.5 s of silence after it again.
+    audio = (speech() / 32768).astype(np.float32)
+    model = whisper_model.models[0]
+    decoder = model.model = CountingDecoder(model.model)
+    try:
+        heard = whisper_model.transcribe(audio, 0.0, keywords.prompt(TERMS))
+    finally:
+        model.model = decoder.inner
+    assert expected([w.text for w in heard.words]) == {t.casefold() for t in TERMS}, heard
+    assert decoder.passes == 1
+    assert heard.words[-1].end < len(audio) / RATE - 1.0
+
+
 async def meeting(gw: Any, key: str, query: str = "", **bot: Any) -> list[str]:
     """The words of every final a subscriber saw of a meeting ``key`` in which a bot
     (at ``/bots/{key}{query}``) streams :func:`speech`."""

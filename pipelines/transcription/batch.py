@@ -14,7 +14,8 @@ options the engine's single decodes use: the same prompt, suppressed tokens, ini
 timestamp limit, no-speech skip, segment split and word alignment. Every audio is
 padded to the longest one's compact window, which only widens its margin. Where that
 loop would go on (the text did not end at a timestamp before the end of the audio), the
-rest of the audio is left to the caller: :attr:`Window.seek` says where it starts.
+rest of the audio is left to the caller: :attr:`Window.seek` says where it starts, and
+:attr:`Window.untimed` whether the text ended with no timestamp at all.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class Window:
     seek: int
     """Where the loop would go on, in frames (10 ms); at or past the audio's end: done."""
     frames: int
+    untimed: bool = False
+    """The text ended with no timestamp after its first, as Whisper mostly ends a
+    prompted one: the loop goes on from its last word whatever follows."""
 
 
 def first_windows(
@@ -127,6 +131,7 @@ def _window(model: Any, tokenizer: Tokenizer, result: Any, row: Any, frames: int
         APPEND,
         last_speech_timestamp=0.0,
     )
+    untimed = sum(t >= tokenizer.timestamp_begin for t in tokens) < 2
     if not single_ending:
         last = get_end(parts)
         if last is not None and last > 0.0:
@@ -151,4 +156,4 @@ def _window(model: Any, tokenizer: Tokenizer, result: Any, row: Any, frames: int
                 temperature=0.0,
             )
         )
-    return Window(segments, seek, frames)
+    return Window(segments, seek, frames, untimed)

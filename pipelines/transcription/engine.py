@@ -30,7 +30,7 @@ from .compact import FULL_WINDOW, WINDOW_MARGIN, install_compact_window, padding
 from .lanes import asr_threads, in_lane_thread, single_threaded_blas
 from .models import resolve_model
 from .settle import settle
-from .verdicts import token_limit, verdict
+from .verdicts import token_limit, verdict, voice_after, voiced
 
 # Re-exported from where they live, for code that imported them from here.
 from .words import ASR_RATE as ASR_RATE
@@ -215,21 +215,27 @@ class Engine:
         members: list[int],
         language: str,
         prompt: str | None,
+        margin: int = WINDOW_MARGIN,
     ) -> dict[int, tuple[list[HypWord], list[str], Any]]:
         """The first decode of each of ``members``, as :meth:`_decode` would return it."""
         from .batch import first_windows  # imports faster-whisper, as loading does
 
         limits = [token_limit(requests[i].audio) for i in members]
         audios = [requests[i].audio for i in members]
-        windows = first_windows(model, audios, language, WINDOW_MARGIN, max(limits), prompt)
+        windows = first_windows(model, audios, language, margin, max(limits), prompt)
         out = {}
         for i, window, limit in zip(members, windows, limits, strict=True):
             r = requests[i]
             parts = [(window.segments, r.offset)]
-            if window.seek < window.frames:  # faster-whisper's loop would decode on from there
-                at = window.seek / model.frames_per_second
+            at = window.seek / model.frames_per_second
+            # Given a prompt, Whisper mostly ends its text with no timestamp, and
+            # faster-whisper's loop decodes the audio after the last word again: on 48
+            # 4 s excerpts, 2.1 decodes a job against 1.15, most writing nothing, some
+            # " Thank you." Decoded on only where voice follows, as a decode stopped short.
+            untimed = prompt and window.untimed
+            if window.seek < window.frames and (not untimed or voice_after(voiced(r.audio), at)):
                 rest = r.audio[round(at * ASR_RATE) :]
-                segments, _ = self._segments(model, rest, prompt, WINDOW_MARGIN, language, limit)
+                segments, _ = self._segments(model, rest, prompt, margin, language, limit)
                 parts.append((segments, r.offset + at))
             out[i] = (*verdict(parts, limit), None)
         return out
@@ -267,6 +273,10 @@ class Engine:
     ) -> tuple[list[HypWord], list[str], Any]:
         """One faster-whisper decode, in a window of the audio plus ``margin`` frames
         (``None``: the standard 30 s window)."""
+        if prompt and margin is not None and language and len(audio) <= MAX_BATCHED:
+            # A batch of one: :meth:`_batch` knows what to do where a prompted text ends.
+            alone = [Request(audio, offset, language)]
+            return self._batch(model, alone, [0], language, prompt, margin)[0]
         limit = token_limit(audio)
         decoded, info = self._segments(model, audio, prompt, margin, language, limit)
         return (*verdict([(decoded, offset)], limit), info)

@@ -190,7 +190,12 @@ def stopped_short(
 ) -> bool:
     """Whether voice goes on for ``voice`` seconds after the last of ``words``, in audio
     whose :func:`voiced` frames are ``frames`` and which starts at ``offset`` seconds."""
-    last = (words[-1].end - offset) if words else 0.0
+    return voice_after(frames, (words[-1].end - offset) if words else 0.0, voice)
+
+
+def voice_after(frames: npt.NDArray[np.bool_], last: float, voice: float = SHORT_VOICE) -> bool:
+    """Whether voice goes on for ``voice`` seconds after a word that ends ``last``
+    seconds into audio whose :func:`voiced` frames are ``frames``."""
     first = max(0, int((last + AFTER_WORD) / FRAME))
     return bool(np.count_nonzero(frames[first:]) * FRAME >= voice)
 
