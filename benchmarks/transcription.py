@@ -72,6 +72,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -213,10 +214,16 @@ def meeting_audio(
 
 
 async def stream(
-    port: int, key: str, samples: Any, rate: int, roster: list[dict[str, Any]] | None = None
+    port: int,
+    key: str,
+    samples: Any,
+    rate: int,
+    roster: list[dict[str, Any]] | None = None,
+    query: str = "",
 ) -> tuple[list[tuple[float, dict[str, Any]]], list[float]]:
-    """Play ``samples`` as a bot at real time while subscribed to the session's transcripts:
-    every message with its arrival time, and the send time of every frame."""
+    """Play ``samples`` as a bot at real time (its URL ending in ``query``) while
+    subscribed to the session's transcripts: every message with its arrival time, and the
+    send time of every frame."""
     received: list[tuple[float, dict[str, Any]]] = []
     ready = asyncio.Event()
     from websockets.asyncio.client import connect
@@ -229,7 +236,7 @@ async def stream(
     reader = asyncio.create_task(subscribe())
     await ready.wait()
     bot = SimulatedBot(
-        f"ws://127.0.0.1:{port}/bots/{key}",
+        f"ws://127.0.0.1:{port}/bots/{key}{query}",
         samples,
         rate,
         frame_ms=FRAME_MS,
@@ -317,8 +324,10 @@ def clients(port: int, specs: list[dict[str, Any]], out: Any) -> None:
     async def main() -> list[Any]:
         got = await asyncio.gather(
             *(
-                stream(port, f"bench{i}", samples, rate, roster)
-                for i, (samples, rate, roster, _) in enumerate(meetings)
+                stream(port, f"bench{i}", samples, rate, roster, spec.get("query", ""))
+                for i, ((samples, rate, roster, _), spec) in enumerate(
+                    zip(meetings, specs, strict=True)
+                )
             )
         )
         return list(got)
@@ -618,6 +627,7 @@ async def conversation_workload(args: Any, settings: dict[str, Any]) -> dict[str
                 seconds=args.duration,
                 offset=(i // len(names) * GOLDEN) % 1.0,
                 lead=(i * GOLDEN) % 1.0 * args.stagger,
+                query=own_terms(args, i),
             )
             for i in range(n)
         ]
@@ -630,6 +640,18 @@ async def conversation_workload(args: Any, settings: dict[str, Any]) -> dict[str
     result["max_sessions"] = max((r["sessions"] for r in load if r["ok"]), default=0)
     result["targets"] = tm.targets(result)
     return result
+
+
+def own_terms(args: Any, i: int) -> str:
+    """With ``--own-keywords``, meeting ``i``'s bot URL query: the ``--keywords`` in an
+    order of its own, so that no two meetings have one prompt (and share a model call)."""
+    if not args.own_keywords:
+        return ""
+    terms = [t.strip() for t in args.keywords.split(",") if t.strip()]
+    order = next(
+        itertools.islice(itertools.permutations(terms), i % math.factorial(len(terms)), None)
+    )
+    return "?keywords=" + ",".join(order)
 
 
 def _floats(text: str) -> list[float]:
@@ -658,6 +680,12 @@ async def main() -> None:
     ):
         parser.add_argument(flag, type=type(default), default=default, help=help)
     parser.add_argument(
+        "--own-keywords",
+        action="store_true",
+        help="each meeting's bot URL names the --keywords in an order of its own (no two"
+        " meetings share a prompt) instead of the deployment's GATEWAY_KEYWORDS",
+    )
+    parser.add_argument(
         "--roster-keywords",
         action="store_true",
         help="every meeting expects the names on its roster (GATEWAY_ROSTER_KEYWORDS)",
@@ -683,7 +711,10 @@ async def main() -> None:
         parser.error(str(exc))
     settings = {"model": args.model, "asr_threads": args.asr_threads, "vad": args.vad}
     if args.keywords or args.roster_keywords:  # the offline reference is not prompted
-        settings.update(keywords=args.keywords, roster_keywords=args.roster_keywords)
+        deployment = "" if args.own_keywords else args.keywords
+        settings.update(keywords=deployment, roster_keywords=args.roster_keywords)
+    if args.own_keywords and not args.keywords:
+        parser.error("--own-keywords needs --keywords")
     try:
         Settings(**settings).validate()
     except ConfigError as exc:
@@ -702,6 +733,7 @@ async def main() -> None:
         "vad": args.vad,
         "keywords": args.keywords,
         "roster_keywords": args.roster_keywords,
+        "own_keywords": args.own_keywords,
     }
     result["recognition"] = args.recognition
     pool: Any = contextlib.nullcontext({})
