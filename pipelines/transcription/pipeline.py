@@ -125,8 +125,7 @@ class TranscriptionPipeline(Pipeline):
         self._language = LanguageChoice.checked(asked, self._engine)
         self._annotated = self._language.current
         ctx.annotate("language", self._annotated)
-        self._vocabulary = self._vocabulary.joined(ctx.params)
-        self._vocabulary.people(ctx.speakers.names)  # those known before a restart
+        self._vocabulary = self._vocabulary.joined(ctx.params)  # roster names: _recognize
         if self._vocabulary.left_out:
             ctx.log.warning("%d terms past the bounds not expected", self._vocabulary.left_out)
         with contextlib.suppress(KeyError, ValueError):  # learnt before a restart
