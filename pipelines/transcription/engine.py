@@ -26,7 +26,7 @@ import numpy.typing as npt
 from gateway.config import Settings
 from gateway.errors import ModelError
 
-from .compact import FULL_WINDOW, WINDOW_MARGIN, install_compact_window, padding
+from .compact import FULL_WINDOW, install_compact_window, margin_for, padding
 from .lanes import asr_threads, in_lane_thread, single_threaded_blas
 from .models import resolve_model
 from .settle import settle
@@ -159,11 +159,14 @@ class Engine:
         began = time.perf_counter()
         model = self.models[lane]
         with self._locks[lane]:
-            use_compact = compact and self.compact
-            margin = WINDOW_MARGIN if use_compact else None
-            decoded = self._decode(model, audio, offset, prompt, margin, language)
-            if use_compact:
-                decoded = self._settle(model, audio, offset, prompt, language, whole, decoded)
+            if not (compact and self.compact):
+                decoded = self._decode(model, audio, offset, prompt, None, language)
+            else:
+                margin = margin_for(whole, self.multilingual)
+                decoded = self._decode(model, audio, offset, prompt, margin, language)
+                decoded = self._settle(
+                    model, audio, offset, prompt, language, whole, decoded, margin
+                )
         return _hypothesis(audio, decoded, language, time.perf_counter() - began)
 
     def transcribe_many(
@@ -179,24 +182,26 @@ class Engine:
         ``compute_seconds``."""
         began = time.perf_counter()
         model = self.models[lane]
-        groups: dict[tuple[str, str | None], list[int]] = {}
+        groups: dict[tuple[str, str | None, bool], list[int]] = {}
         for i, r in enumerate(requests):
             language = r.language if self.multilingual else "en"
             if language is not None and len(r.audio) <= MAX_BATCHED and self.compact:
-                groups.setdefault((language, r.prompt), []).append(i)
+                groups.setdefault((language, r.prompt, r.whole), []).append(i)
         first: dict[int, tuple[list[HypWord], list[str], Any]] = {}
         with self._locks[lane]:
-            for (language, prompt), members in groups.items():
+            for (language, prompt, whole), members in groups.items():
                 if len(members) > 1:
-                    first.update(self._batch(model, requests, members, language, prompt))
+                    margin = margin_for(whole, self.multilingual)
+                    first.update(self._batch(model, requests, members, language, prompt, margin))
         shared = (time.perf_counter() - began) / max(1, len(first))
         out = []
         for i, r in enumerate(requests):
             began = time.perf_counter()
             if i in first:
                 with self._locks[lane]:
+                    margin = margin_for(r.whole, self.multilingual)
                     found = self._settle(
-                        model, r.audio, r.offset, r.prompt, r.language, r.whole, first[i]
+                        model, r.audio, r.offset, r.prompt, r.language, r.whole, first[i], margin
                     )
                 hyp = _hypothesis(r.audio, found, r.language, shared + time.perf_counter() - began)
             else:
@@ -215,7 +220,7 @@ class Engine:
         members: list[int],
         language: str,
         prompt: str | None,
-        margin: int = WINDOW_MARGIN,
+        margin: int,
     ) -> dict[int, tuple[list[HypWord], list[str], Any]]:
         """The first decode of each of ``members``, as :meth:`_decode` would return it."""
         from .batch import first_windows  # imports faster-whisper, as loading does
@@ -249,10 +254,11 @@ class Engine:
         language: str | None,
         whole: bool,
         decoded: tuple[list[HypWord], list[str], Any],
+        margin: int,
     ) -> tuple[list[HypWord], list[str], Any]:
         """A compact decode's failures answered (:mod:`.settle`), on ``model``'s lane."""
         decode = functools.partial(self._decode, model)
-        return settle(decode, audio, offset, prompt, language, whole, decoded)
+        return settle(decode, audio, offset, prompt, language, whole, decoded, margin)
 
     @property
     def multilingual(self) -> bool:
