@@ -97,6 +97,7 @@ from benchmarks.conversations import (
 )
 from benchmarks.noise import mix
 from benchmarks.noise import parse as parse_noise
+from gateway import keywords
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.server import Gateway
@@ -647,7 +648,7 @@ def own_terms(args: Any, i: int) -> str:
     order of its own, so that no two meetings have one prompt (and share a model call)."""
     if not args.own_keywords:
         return ""
-    terms = [t.strip() for t in args.keywords.split(",") if t.strip()]
+    terms = keywords.split(args.keywords)
     order = next(
         itertools.islice(itertools.permutations(terms), i % math.factorial(len(terms)), None)
     )

@@ -182,16 +182,16 @@ class Engine:
         ``compute_seconds``."""
         began = time.perf_counter()
         model = self.models[lane]
-        groups: dict[tuple[str, str | None, bool], list[int]] = {}
+        groups: dict[tuple[str, str | None, int], list[int]] = {}
+        margins = [margin_for(r.whole, self.multilingual) for r in requests]
         for i, r in enumerate(requests):
             language = r.language if self.multilingual else "en"
             if language is not None and len(r.audio) <= MAX_BATCHED and self.compact:
-                groups.setdefault((language, r.prompt, r.whole), []).append(i)
+                groups.setdefault((language, r.prompt, margins[i]), []).append(i)
         first: dict[int, tuple[list[HypWord], list[str], Any]] = {}
         with self._locks[lane]:
-            for (language, prompt, whole), members in groups.items():
+            for (language, prompt, margin), members in groups.items():
                 if len(members) > 1:
-                    margin = margin_for(whole, self.multilingual)
                     first.update(self._batch(model, requests, members, language, prompt, margin))
         shared = (time.perf_counter() - began) / max(1, len(first))
         out = []
@@ -199,9 +199,15 @@ class Engine:
             began = time.perf_counter()
             if i in first:
                 with self._locks[lane]:
-                    margin = margin_for(r.whole, self.multilingual)
                     found = self._settle(
-                        model, r.audio, r.offset, r.prompt, r.language, r.whole, first[i], margin
+                        model,
+                        r.audio,
+                        r.offset,
+                        r.prompt,
+                        r.language,
+                        r.whole,
+                        first[i],
+                        margins[i],
                     )
                 hyp = _hypothesis(r.audio, found, r.language, shared + time.perf_counter() - began)
             else:
