@@ -910,6 +910,27 @@ def recognize(conversation: Conversation, engine: Any, prompt: str | None = None
     return said
 
 
+def recognize_whole(
+    conversation: Conversation, engine: Any, prompt: str | None = None
+) -> list[str]:
+    """Normalized words faster-whisper's own loop (``WhisperModel.transcribe``) hears
+    over the whole audio at once: the same model offline as a user would run it on the
+    recording, greedy as the engine decodes, each 30 s window conditioned on the text
+    before it and placed where the last one stopped. :func:`recognize` cuts its windows
+    at pauses instead; which of them hears more depends on the conversation."""
+    audio = floats(conversation.at_rate(16000))
+    segments, _ = engine.models[0].transcribe(
+        audio,
+        language="en",
+        beam_size=1,
+        temperature=0.0,
+        initial_prompt=prompt,
+        word_timestamps=True,  # as the engine: its loop then seeks from the last word
+        vad_filter=False,
+    )
+    return norm_words(" ".join(s.text for s in segments))
+
+
 # -- command line ---------------------------------------------------------------------
 
 

@@ -335,21 +335,42 @@ LAG_FIELDS = (
 )
 
 
-def single_session(runs: dict[str, Any], offline: dict[str, float]) -> dict[str, Any]:
-    """One meeting at a time, roster on time: latencies and WER, pooled and per recipe."""
+def _ratio(streaming: float | None, offline: float) -> float | None:
+    return None if not offline or streaming is None else round(streaming / offline, 3)
+
+
+def against_offline(streaming: float | None, offline: float, whole: float) -> dict[str, Any]:
+    """Streaming WER against both offline references of the same model: ``offline``
+    over windows cut at pauses, ``whole`` by faster-whisper's own loop over the whole
+    audio. Where the windows fall moves the offline WER of tiny.en by more than the
+    1.05x target, so each is a fair reference and neither is the only one."""
+    return {
+        "offline_wer": round(offline, 4),
+        "wer_ratio": _ratio(streaming, offline),
+        "offline_whole_wer": round(whole, 4),
+        "wer_ratio_whole": _ratio(streaming, whole),
+    }
+
+
+def single_session(runs: dict[str, Any], offline: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """One meeting at a time, roster on time: latencies and WER, pooled and per recipe,
+    against both offline references (:func:`against_offline`) of each recipe."""
     summary = summarize(runs.values())
     per = {n: summarize([s]) for n, s in runs.items()}
     size = {n: s["reference_words"] for n, s in runs.items()}
-    off = sum(offline[n] * size[n] for n in runs) / max(1, sum(size.values()))
+    total = max(1, sum(size.values()))
+    cut, whole = (sum(offline[n][i] * size[n] for n in runs) / total for i in (0, 1))
     streaming = summary["streaming_wer"]
     return {
         "single_session": {**summary, "per_conversation": per},
         "accuracy": {
-            "offline_wer": round(off, 4),
             "streaming_wer": streaming,
-            "ratio": None if not off or streaming is None else round(streaming / off, 3),
+            **against_offline(streaming, cut, whole),
             "per_conversation": {
-                n: {"offline_wer": round(offline[n], 4), "streaming_wer": per[n]["streaming_wer"]}
+                n: {
+                    "streaming_wer": per[n]["streaming_wer"],
+                    **against_offline(per[n]["streaming_wer"], *offline[n]),
+                }
                 for n in runs
             },
         },
@@ -398,7 +419,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         worst = [r["attribution"] for r in result["attribution"]]
         lowest = None if not worst or None in worst else min(worst)
         add("attribution_min", lowest, LIMITS["attribution_min"], at_most=False)
-        add("wer_ratio", result["accuracy"]["ratio"], LIMITS["wer_ratio"])
+        # Against the stricter reference on these recipes: windows cut at pauses.
+        add("wer_ratio", result["accuracy"]["wer_ratio"], LIMITS["wer_ratio"])
     if result["load"]:
         add("max_sessions", result["max_sessions"], LIMITS["max_sessions"], at_most=False)
     return out
@@ -411,7 +433,7 @@ def render(r: dict[str, Any], duration: float) -> list[str]:
     if one is not None:
         a = r["accuracy"]
         per = ", ".join(
-            f"{n} {x['streaming_wer']} vs {x['offline_wer']}"
+            f"{n} {x['streaming_wer']} vs {x['offline_wer']} / {x['offline_whole_wer']}"
             for n, x in a["per_conversation"].items()
         )
         lines += [
@@ -425,8 +447,10 @@ def render(r: dict[str, Any], duration: float) -> list[str]:
             f"- first partial from a turn's start p95 {one['first_partial_p95']} s"
             f" ({one['turns_timed']} turns starting in the clear,"
             f" {one['turns_without_partial']} without any)",
-            f"- WER streaming {a['streaming_wer']} vs offline {a['offline_wer']}"
-            f" (ratio {a['ratio']}; {per})",
+            f"- WER streaming {a['streaming_wer']} vs offline {a['offline_wer']} over"
+            f" windows cut at pauses (ratio {a['wer_ratio']}), {a['offline_whole_wer']}"
+            f" by faster-whisper's loop over the whole audio (ratio"
+            f" {a['wer_ratio_whole']}); {per}",
             "",
             "| roster lag s | attribution | no speaker | errors at turn edges | matched/expected"
             " | WER | duplicates | repeats |",

@@ -239,7 +239,9 @@ def test_transcription_benchmark_scores_a_conversation(tmp_path: Path) -> None:
     assert one["per_conversation"]["dialogue"]["words_expected"] == one["words_expected"]
     accuracy = conv["accuracy"]
     assert 0 <= accuracy["offline_wer"] < 1 and 0 <= accuracy["streaming_wer"] < 1
-    assert accuracy["ratio"] is None or accuracy["ratio"] >= 0
+    assert 0 <= accuracy["offline_whole_wer"] < 1
+    for ratio in ("wer_ratio", "wer_ratio_whole"):
+        assert accuracy[ratio] is None or accuracy[ratio] >= 0
     # Attribution at every roster timing asked for.
     assert [row["lag"] for row in conv["attribution"]] == [0.0, 1.0]
     for row in conv["attribution"]:

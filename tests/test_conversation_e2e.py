@@ -235,6 +235,11 @@ def test_the_replay_is_deterministic_and_load_only_delays_finals(
     assert pooled["words_expected"] == 2 * s1["words_expected"]
     assert 0 < pooled["word_final_p50"] <= pooled["word_final_p95"]
     assert 0 <= pooled["offline_wer"] <= pooled["streaming_wer"] + 0.05
+    # The second reference: faster-whisper's own loop over the whole monologue.
+    assert 0 <= pooled["offline_whole_wer"] <= pooled["streaming_wer"] + 0.05
+    if pooled["offline_whole_wer"]:  # a ratio of the unrounded rates
+        ratio = pooled["streaming_wer"] / pooled["offline_whole_wer"]
+        assert pooled["wer_ratio_whole"] == pytest.approx(ratio, abs=0.01)
 
 
 def test_the_replay_sends_no_result_for_noise_as_the_pipeline_does(whisper_model: Any) -> None:
