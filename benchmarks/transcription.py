@@ -10,7 +10,9 @@ with the roster the bot would send):
 (i)   one meeting at a time, roster on time: per-word final latency (when each
       reference word's end was streamed to the final carrying it, p50/p95),
       speech_final latency (end of its last word to its arrival), first partial from
-      a turn's start (p95), and WER streaming vs offline (same model, standard window);
+      a turn's start (p95), and WER streaming vs offline with the same model, over
+      windows of at most 28 s cut at pauses and by faster-whisper's own loop over the
+      whole audio;
 (ii)  for each roster timing (``--lags``, seconds late; negative: early): speaker
       attribution of the matched final words, duplicated words and repeated phrases;
 (iii) for each number of concurrent meetings (the recipes looped, each meeting starting
