@@ -62,6 +62,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from pipelines.transcription.scoring import wer
 from pipelines.transcription.scoring import words as norm_words
 
 Samples = npt.NDArray[np.int16]
@@ -931,6 +932,14 @@ def recognize_whole(
     return norm_words(" ".join(s.text for s in segments))
 
 
+def offline_wers(
+    conversation: Conversation, engine: Any, prompt: str | None = None
+) -> tuple[float, float]:
+    """WER of the two offline references: :func:`recognize` and :func:`recognize_whole`."""
+    said = recognize(conversation, engine, prompt), recognize_whole(conversation, engine, prompt)
+    return wer(conversation.text(), said[0]), wer(conversation.text(), said[1])
+
+
 # -- command line ---------------------------------------------------------------------
 
 
@@ -961,7 +970,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.wer:
         from gateway.config import Settings
         from pipelines.transcription.engine import shared_engine
-        from pipelines.transcription.scoring import wer
 
         engine = shared_engine(Settings())
         began = time.perf_counter()

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import transcript_metrics as tm
-from benchmarks.conversations import build, recognize, recognize_whole
+from benchmarks.conversations import build, offline_wers
 from benchmarks.noise import mix
 from benchmarks.noise import parse as parse_noise
 from benchmarks.transcription import meeting_audio
@@ -61,7 +61,6 @@ from pipelines.transcription.engine import Engine, shared_engine
 from pipelines.transcription.finals import FinalWords
 from pipelines.transcription.policy import StreamingPolicy
 from pipelines.transcription.scheduler import LaneUse
-from pipelines.transcription.scoring import wer
 from pipelines.transcription.scoring import words as norm_words
 from pipelines.transcription.turns import Turns
 from pipelines.transcription.words import ASR_RATE, HypWord, as_written
@@ -389,15 +388,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             conv = meeting_audio(conv, args.seconds, args.offset, args.lead)
         if noise := parse_noise(args.noise):
             conv = mix(conv, *noise)
-        reference = [w for t in sorted(conv.turns, key=lambda t: t.start) for w in t.words]
+        reference = conv.text()
         heard: dict[tuple[int, int, bool, str | None], tuple[HypWord, ...]] = {}
         # Offline hears the whole meeting: every name on its roster from the start.
         everyone = Vocabulary(terms, args.roster_keywords)
         everyone.people(p for p, _ in conv.speakers)
-        offline = (
-            wer(reference, recognize(conv, engine, everyone.prompt)),
-            wer(reference, recognize_whole(conv, engine, everyone.prompt)),
-        )
+        offline = offline_wers(conv, engine, everyone.prompt)
         # Whether or not they were given: how many of them each run writes as said.
         expected = [*terms, *(person for person, _ in conv.speakers), *args.score_terms]
         for lag in lags:

@@ -94,9 +94,8 @@ from benchmarks.conversations import (
     Conversation,
     Turn,
     build,
+    offline_wers,
     reader_lines,
-    recognize,
-    recognize_whole,
 )
 from benchmarks.noise import mix
 from benchmarks.noise import parse as parse_noise
@@ -611,8 +610,7 @@ async def conversation_workload(args: Any, settings: dict[str, Any]) -> dict[str
             audio = meeting_audio(convs[n], excerpt=args.excerpt)
             if noise := parse_noise(args.noise):
                 audio = mix(audio, *noise)  # the same audio the meeting plays
-            said = recognize(audio, engine), recognize_whole(audio, engine)
-            offline[n] = (wer(audio.text(), said[0]), wer(audio.text(), said[1]))
+            offline[n] = offline_wers(audio, engine)
         runs: dict[float, dict[str, Any]] = {}
         for lag in dict.fromkeys([0.0, *args.lags]):
             runs[lag] = {}

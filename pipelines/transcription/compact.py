@@ -4,9 +4,8 @@ faster-whisper pads every window to Whisper's 30 s, so the encoder costs ~0.4 s 
 core even for a one-second partial. CTranslate2's encoder takes shorter inputs: padding
 only to the audio plus ``WINDOW_MARGIN`` frames (then whole seconds) ran ~5x faster on
 the LibriVox utterances with no loss of accuracy and the same silence and noise
-rejection. The window is chosen per
-call, in the calling thread (:func:`padding`), so other users of faster-whisper in the
-process keep the standard 30 s window.
+rejection. The window is chosen per call, in the calling thread (:func:`padding`), so
+other users of faster-whisper in the process keep the standard 30 s window.
 """
 
 from __future__ import annotations
